@@ -1,0 +1,824 @@
+"""LoRA files: read them safely, recognise their key format, apply the alpha rules, export them.
+
+The one home of LoRA key mapping in this project. Flash LoRAs are published in several formats:
+
+  * kohya / ComfyUI native: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+    (``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for text encoders). ``<path>`` is either an LDM path
+    (``input_blocks_1_1_...``) or a diffusers path (``down_blocks_0_attentions_0_...``, the converted
+    ``comfy/FlashSDXL.safetensors``).
+  * ComfyUI generic: ``diffusion_model.<ldm path>.lora_down.weight`` ...
+  * diffusers (flash-sd, flash-sdxl ``pytorch_lora_weights.safetensors``): ``unet.<diffusers path>.lora_A.weight``
+    / ``.lora_B.weight`` or ``.lora.down.weight`` / ``.lora.up.weight``; ``text_encoder.`` / ``text_encoder_2.``;
+    alpha = rank unless the file's ``lora_adapter_metadata`` says otherwise.
+  * PEFT (flash-pixart, flash-sd3 ``adapter_model.safetensors``): ``base_model.model.<module>.lora_A.weight``;
+    alpha comes from ``adapter_config.json`` (``lora_alpha``, ``r``, ``alpha_pattern``, ``use_rslora``) or from
+    the file's metadata. The files carry no alpha tensors: without the config they would be applied at
+    alpha/rank = 1 instead of 8/64.
+
+Everything is normalised to :class:`LoraModule` (down = A, up = B, alpha, and where the module lives).
+Mapping onto a concrete model needs that model's key map (LoRA key prefix -> model weight key). The caller
+builds it (the ComfyUI node uses ``comfy.lora.model_lora_keys_unet`` / ``model_lora_keys_clip``, which
+already contain the diffusers -> LDM UNet mapping for SD1.x/SDXL via ``comfy.utils.unet_to_diffusers``);
+this module never imports ComfyUI. :func:`map_lora` then maps every module or raises
+:class:`LoraMappingError` saying which keys did not map and the likely reason.
+
+Files are only read as ``.safetensors``; pickle-based files (.ckpt/.pt/.pth/.bin) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import torch
+
+UNET = "unet"  # the denoiser (UNet or DiT transformer)
+TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
+COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights writes the LoraConfig here
+
+# Key suffixes of a plain LoRA pair (and its alpha), every naming we know. Order: longest first.
+_PAIR_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    ("_lora.down.weight", "down"),  # old diffusers attention processors: ...processor.to_q_lora.down.weight
+    ("_lora.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+# Parts of LoRA variants this loader does not apply (ComfyUI's own LoraLoader handles several of them).
+_UNSUPPORTED_SUFFIXES = (
+    ".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_mid.weight", ".diff",
+    ".diff_b", ".w_norm", ".b_norm", ".set_weight", ".lora_B.bias", ".reshape_weight",
+)
+_UNSUPPORTED_PARTS = (".hada_", ".lokr_", ".oft_", ".glora_")
+
+# File-format labels.
+KOHYA = "kohya"
+COMFYUI = "comfyui"
+DIFFUSERS = "diffusers"
+PEFT = "peft"
+BARE = "bare"
+
+
+class LoraFormatError(ValueError):
+    """The file cannot be read as a LoRA (wrong container, corrupt, unknown keys)."""
+
+
+class LoraMappingError(ValueError):
+    """The LoRA is readable but (some of) its modules do not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank update W <- W + (alpha / rank) * up @ down of one weight.
+
+    component: UNET (the denoiser, UNet or DiT), TEXT_ENCODER or TEXT_ENCODER_2.
+    path: the module path inside the component. Dotted (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``
+        for diffusers/PEFT files, an LDM path for ``diffusion_model.*`` files) unless ``flat`` is set; kohya files
+        flatten dots to ``_``, which cannot be undone without the model, so their path stays flat.
+    down: A, shape (rank, in_features[, kh, kw]).  up: B, shape (out_features, rank[, 1, 1]).
+    alpha: the trained alpha; the trained scale is alpha / rank.
+    source_keys: the file keys this module was read from (for error messages).
+    source_prefix: the key prefix in the file (``unet.down_blocks...``, ``lora_unet_...``).
+    """
+
+    component: str
+    path: str
+    flat: bool
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    source_keys: tuple[str, ...] = ()
+    source_prefix: str = ""
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank  # LoRA scale alpha / r (Hu et al. 2021, Sec. 4.1)
+
+    def delta(self) -> torch.Tensor:
+        """The weight update this module adds at strength 1, shaped like the down/up product (float32)."""
+        up = self.up.float().flatten(start_dim=1)
+        down = self.down.float().flatten(start_dim=1)
+        return self.scale * (up @ down)  # ΔW = (alpha / r) · B A
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file normalised: its modules, which formats its keys used, and warnings for the user."""
+
+    name: str
+    modules: list[LoraModule]
+    formats: tuple[str, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_keys(self) -> int:
+        return sum(len(m.source_keys) for m in self.modules)
+
+
+@dataclass(frozen=True)
+class MappedModule:
+    """A module matched to one model weight: `lora_key` is the key-map prefix that matched, `target` its value."""
+
+    module: LoraModule
+    lora_key: str
+    target: Any  # a model weight key, or whatever the key map holds (ComfyUI: (key, offset) tuples too)
+
+
+@dataclass
+class LoraPlan:
+    """Every module of a LoRA file mapped: the ones for the denoiser and the ones for the text encoder(s)."""
+
+    unet: list[MappedModule]
+    text_encoder: list[MappedModule]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def refuse_pickle(path: Union[str, os.PathLike]) -> None:
+    """Raise LoraFormatError for pickle-based checkpoints (never unpickled: they can run arbitrary code)."""
+    name = os.path.basename(os.fspath(path))
+    raise LoraFormatError(
+        f"'{name}' is a pickle-based checkpoint (.ckpt/.pt/.pth/.bin). Flash LoRA Loader never unpickles files "
+        "because loading a pickle can run arbitrary code. Convert it to .safetensors first (for example with "
+        "the `safetensors` convert tool or by re-downloading the .safetensors release) and load that file."
+    )
+
+
+def load_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a .safetensors file; refuse anything else.
+
+    Raises LoraFormatError for pickle files, missing files and truncated / corrupt safetensors.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        refuse_pickle(path)
+    if not os.path.isfile(path):
+        raise LoraFormatError(f"LoRA file '{path}' does not exist.")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch zip archive or a raw pickle stream
+        refuse_pickle(path)
+    if not path.lower().endswith(".safetensors"):
+        raise LoraFormatError(f"'{name}' is not a .safetensors file; Flash LoRA Loader only reads .safetensors.")
+
+    from safetensors import safe_open
+
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except Exception as error:  # safetensors raises its own error types (and OSError) for damaged files
+        raise LoraFormatError(
+            f"'{name}' is not a valid .safetensors file (truncated or corrupt): re-download it. ({error})"
+        ) from error
+    return tensors, metadata
+
+
+def find_adapter_config(path: Union[str, os.PathLike]) -> dict | None:
+    """The PEFT adapter config that belongs to a LoRA file, or None.
+
+    Looked for next to the file: ``<stem>.adapter_config.json`` (several adapters in one folder), then
+    ``adapter_config.json`` (the layout PEFT's save_pretrained writes and the flash-pixart/sd3 releases use).
+    """
+    path = Path(path)
+    for candidate in (path.with_name(f"{path.stem}.{ADAPTER_CONFIG_NAME}"), path.with_name(ADAPTER_CONFIG_NAME)):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise LoraFormatError(f"'{candidate}' is not valid JSON: {error}") from error
+            if not isinstance(config, dict):
+                raise LoraFormatError(f"'{candidate}' does not hold a PEFT LoraConfig (a JSON object).")
+            return config
+    return None
+
+
+def read_lora(path: Union[str, os.PathLike], adapter_config: dict | None = None) -> LoraFile:
+    """Read a LoRA .safetensors file (and its adapter_config.json when there is one) into a LoraFile."""
+    tensors, metadata = load_safetensors(path)
+    if adapter_config is None:
+        adapter_config = find_adapter_config(path)
+    return parse_lora_state_dict(tensors, metadata, adapter_config, name=os.path.basename(os.fspath(path)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key formats
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _split_suffix(key: str) -> tuple[str, str] | None:
+    """('prefix', 'down'|'up'|'alpha') for a LoRA key, None for anything else."""
+    for suffix, part in _PAIR_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], part
+    return None
+
+
+def _locate(prefix: str) -> tuple[str, str, bool, str]:
+    """(component, path, flat, format) of a LoRA key prefix."""
+    for kohya_prefix, component in (
+        ("lora_unet_", UNET),
+        ("lora_transformer_", UNET),
+        ("lora_te1_", TEXT_ENCODER),
+        ("lora_te2_", TEXT_ENCODER_2),
+        ("lora_te_", TEXT_ENCODER),
+    ):
+        if prefix.startswith(kohya_prefix):
+            return component, prefix[len(kohya_prefix):], True, KOHYA
+    if prefix.startswith("diffusion_model."):
+        return UNET, prefix[len("diffusion_model."):], False, COMFYUI
+    for peft_prefix in ("unet.base_model.model.", "base_model.model."):
+        if prefix.startswith(peft_prefix):
+            path = prefix[len(peft_prefix):]
+            component = TEXT_ENCODER if path.startswith("text_model.") else UNET
+            return component, path, False, PEFT
+    for diffusers_prefix, component in (
+        ("unet.", UNET),
+        ("transformer.", UNET),
+        ("text_encoder_2.", TEXT_ENCODER_2),
+        ("text_encoder.", TEXT_ENCODER),
+    ):
+        if prefix.startswith(diffusers_prefix):
+            return component, prefix[len(diffusers_prefix):], False, DIFFUSERS
+    return UNET, prefix, False, BARE
+
+
+def _normalise_processor_path(path: str) -> str:
+    """Old diffusers attention-processor names -> module paths (``attn1.processor.to_out`` -> ``attn1.to_out.0``)."""
+    if ".processor." not in path:
+        return path
+    path = path.replace(".processor.", ".")
+    return path + ".0" if path.endswith(".to_out") else path
+
+
+def detect_format(keys: Iterable[str]) -> tuple[str, ...]:
+    """The key formats (KOHYA, COMFYUI, DIFFUSERS, PEFT, BARE) used by a LoRA state dict's keys, sorted."""
+    found = set()
+    for key in keys:
+        split = _split_suffix(key)
+        if split is not None:
+            found.add(_locate(split[0])[3])
+    return tuple(sorted(found))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Alpha rules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _json_dict(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def alpha_configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """LoraConfig-like dicts (``lora_alpha``, ``r``, patterns) found in safetensors metadata, per component.
+
+    Understands diffusers' ``lora_adapter_metadata`` (keys ``unet.lora_alpha``, ``text_encoder.r``, ...),
+    any metadata entry holding a JSON object with ``lora_alpha`` (an embedded adapter config, for all
+    components, key ``"*"``), and plain ``lora_alpha`` / ``r`` entries.
+    """
+    configs: dict[str, dict] = {}
+    packed = _json_dict(metadata.get(DIFFUSERS_METADATA_KEY, ""))
+    if packed:
+        for key, value in packed.items():
+            component, _, field_name = key.partition(".")
+            if field_name:
+                configs.setdefault(component, {})[field_name] = value
+    for key, value in metadata.items():
+        if key == DIFFUSERS_METADATA_KEY:
+            continue
+        embedded = _json_dict(value)
+        if embedded and "lora_alpha" in embedded:
+            configs.setdefault("*", {}).update(embedded)
+    if "lora_alpha" in metadata:
+        plain = {"lora_alpha": float(metadata["lora_alpha"])}
+        if "r" in metadata:
+            plain["r"] = int(float(metadata["r"]))
+        configs.setdefault("*", {}).update(plain)
+    return configs
+
+
+def _config_for(component: str, configs: Mapping[str, dict]) -> dict | None:
+    names = {UNET: ("unet", "transformer"), TEXT_ENCODER: ("text_encoder",), TEXT_ENCODER_2: ("text_encoder_2",)}
+    for name in names[component]:
+        if name in configs:
+            return configs[name]
+    return configs.get("*")
+
+
+def peft_alpha(config: Mapping[str, Any], module_path: str, rank: int) -> float:
+    """The alpha that gives PEFT's scale for one module: alpha_pattern/lora_alpha, rsLoRA aware.
+
+    PEFT scales by lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; returned as an alpha for the
+    plain alpha / rank rule.
+    """
+    alpha = float(config.get("lora_alpha", rank))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if alpha_pattern:
+        from peft.utils.other import get_pattern_key  # PEFT's own pattern matching, not a re-implementation
+
+        pattern = get_pattern_key(list(alpha_pattern), module_path)
+        alpha = float(alpha_pattern.get(pattern, alpha))
+    if config.get("use_rslora"):
+        return alpha * math.sqrt(rank)  # rsLoRA scale alpha / sqrt(r) = (alpha·sqrt(r)) / r
+    return alpha
+
+
+def _config_rank_mismatch(config: Mapping[str, Any], modules: Sequence[LoraModule]) -> bool:
+    """True when the config's r (and rank_pattern) matches none of the tensors' ranks."""
+    ranks = {m.rank for m in modules}
+    config_ranks = {int(config["r"])} if "r" in config else set()
+    config_ranks |= {int(r) for r in (config.get("rank_pattern") or {}).values()}
+    return bool(config_ranks) and not (config_ranks & ranks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Normalising a state dict
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_lora_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    adapter_config: Mapping[str, Any] | None = None,
+    name: str = "<state dict>",
+) -> LoraFile:
+    """Normalise a LoRA state dict of any supported format into LoraModules, applying the alpha rules.
+
+    Alpha, per module: its ``.alpha`` tensor; else the adapter config (argument, e.g. adapter_config.json);
+    else a config in the metadata; else alpha = rank (the diffusers convention), with a warning for PEFT
+    files, whose published alphas differ from their ranks.
+    Raises LoraFormatError for keys that are not plain LoRA keys or pairs missing a half.
+    """
+    metadata = dict(metadata or {})
+    if not tensors:
+        raise LoraFormatError(f"'{name}' holds no tensors: it is not a LoRA.")
+    unsupported = sorted(
+        k for k in tensors if k.endswith(_UNSUPPORTED_SUFFIXES) or any(part in k for part in _UNSUPPORTED_PARTS)
+    )
+    if unsupported:
+        raise LoraFormatError(
+            f"'{name}' is not a plain LoRA: it has {len(unsupported)} keys of another adapter type "
+            f"(DoRA/LoHa/LoKr/LoCon-mid/diff), e.g. {', '.join(unsupported[:3])}. "
+            "Flash LoRA Loader applies plain LoRAs only; use ComfyUI's LoraLoader for this file."
+        )
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        split = _split_suffix(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        prefix, part = split
+        parts.setdefault(prefix, {})[part] = (key, tensor)
+    if unknown:
+        raise LoraFormatError(
+            f"'{name}' has {len(unknown)} keys that are not LoRA keys, e.g. {', '.join(sorted(unknown)[:3])}: "
+            "it is not a LoRA file (a full checkpoint or another adapter type?)."
+        )
+    incomplete = sorted(p for p, found in parts.items() if "down" not in found or "up" not in found)
+    if incomplete:
+        raise LoraFormatError(
+            f"'{name}' has {len(incomplete)} LoRA modules without both down (A) and up (B) weights, "
+            f"e.g. {', '.join(incomplete[:3])}: the file is incomplete; re-download or re-export it."
+        )
+
+    metadata_configs = alpha_configs_from_metadata(metadata)
+    modules: list[LoraModule] = []
+    formats: set[str] = set()
+    peft_without_alpha = 0
+    for prefix in sorted(parts):
+        found = parts[prefix]
+        component, path, flat, fmt = _locate(prefix)
+        formats.add(fmt)
+        if not flat:
+            path = _normalise_processor_path(path)
+        down_key, down = found["down"]
+        up_key, up = found["up"]
+        if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise LoraFormatError(
+                f"'{name}': LoRA pair '{prefix}' has inconsistent shapes down {tuple(down.shape)} / "
+                f"up {tuple(up.shape)}: the file is damaged."
+            )
+        rank = int(down.shape[0])
+        source_keys = [down_key, up_key]
+        if "alpha" in found:
+            alpha_key, alpha_tensor = found["alpha"]
+            source_keys.append(alpha_key)
+            alpha = float(alpha_tensor.float().reshape(-1)[0])  # stored alpha (kohya convention)
+        else:
+            # a PEFT adapter_config.json describes the whole file; otherwise the metadata's config per component
+            config = adapter_config if adapter_config is not None else _config_for(component, metadata_configs)
+            if config is not None and "lora_alpha" in config:
+                alpha = peft_alpha(config, path, rank)
+            else:
+                alpha = float(rank)  # diffusers convention: no alpha means alpha = rank (scale 1)
+                peft_without_alpha += fmt == PEFT
+        modules.append(
+            LoraModule(component, path, flat, down, up, alpha, tuple(source_keys), prefix)
+        )
+
+    warnings: list[str] = []
+    if peft_without_alpha:
+        warnings.append(
+            f"'{name}' is a PEFT LoRA ({peft_without_alpha} modules) without alpha: no adapter_config.json next "
+            "to it and no lora_alpha in its metadata, so alpha = rank (scale 1.0) is used. Published PEFT Flash "
+            "LoRAs (flash-pixart, flash-sd3: r 64, lora_alpha 8) need scale 0.125: put their adapter_config.json "
+            f"next to the file (or name it '<file name without .safetensors>.{ADAPTER_CONFIG_NAME}')."
+        )
+    if adapter_config is not None and _config_rank_mismatch(adapter_config, modules):
+        warnings.append(
+            f"'{name}': the adapter config's r ({adapter_config.get('r')}) matches none of the file's ranks "
+            f"({sorted({m.rank for m in modules})}); it may belong to another LoRA."
+        )
+    return LoraFile(name, modules, tuple(sorted(formats)), metadata, warnings)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mapping onto a model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def flatten(path: str) -> str:
+    """kohya flattening of a module path: dots become underscores."""
+    return path.replace(".", "_")
+
+
+def candidate_lora_keys(module: LoraModule) -> list[str]:
+    """Key-map prefixes under which a model's key map may list this module, most specific first.
+
+    Covers the names ComfyUI's key maps use: kohya (``lora_unet_`` + LDM or diffusers path, ``lora_te*_``),
+    ``diffusion_model.<ldm path>``, diffusers ``transformer.`` / ``text_encoder.`` and PEFT ``base_model.model.``.
+    """
+    p = module.path
+    if module.component == UNET:
+        if module.flat:
+            keys = ["lora_unet_" + p, "lora_transformer_" + p]
+        else:
+            keys = [
+                "diffusion_model." + p,
+                "lora_unet_" + flatten(p),
+                "transformer." + p,
+                "base_model.model." + p,
+                "lora_transformer_" + flatten(p),
+            ]
+    elif module.component == TEXT_ENCODER:
+        keys = ["lora_te_" + p, "lora_te1_" + p] if module.flat else [
+            "text_encoder." + p, "lora_te_" + flatten(p), "lora_te1_" + flatten(p)]
+    else:
+        keys = ["lora_te2_" + p] if module.flat else ["text_encoder_2." + p, "lora_te2_" + flatten(p)]
+    if module.source_prefix and module.source_prefix not in keys:
+        keys.insert(0, module.source_prefix)
+    return keys
+
+
+def _target_shape_ok(module: LoraModule, shape: Sequence[int]) -> bool:
+    """Does up @ down produce a tensor of the weight's shape (linear, or conv with flattened kernel)?"""
+    if len(shape) < 2:
+        return False
+    return int(module.up.shape[0]) == int(shape[0]) and module.down[0].numel() == math.prod(shape[1:])
+
+
+def _cross_attention_width(modules: Iterable[LoraModule]) -> int | None:
+    for m in modules:
+        if m.component == UNET and re.search(r"attn2[._]to_[kv]$", m.path):
+            return int(m.down.shape[1])
+    return None
+
+
+def lora_base_evidence(modules: Sequence[LoraModule]) -> tuple[str | None, list[str]]:
+    """Guess which base model family a LoRA was trained for: ('SDXL' | 'SD1.x' | 'SD2.x' | None, reasons)."""
+    reasons: list[str] = []
+    if any(m.component == TEXT_ENCODER_2 for m in modules):
+        reasons.append("it has keys for SDXL's second text encoder (text_encoder_2 / lora_te2)")
+    unet_paths = [m.path for m in modules if m.component == UNET]
+    sdxl_patterns = (
+        (r"transformer_blocks[._][1-9]", "transformer depth > 1 (transformer_blocks.1 and up)"),
+        (r"(^|[._])(add_embedding|label_emb)([._]|$)", "SDXL's add_embedding / label_emb"),
+        (r"(^|[._])up_blocks[._]0[._]attentions", "attentions in up_blocks.0"),
+        (r"(^|[._])output_blocks[._][012][._]1[._]", "attentions in output_blocks.0-2"),
+    )
+    for pattern, reason in sdxl_patterns:
+        if any(re.search(pattern, p) for p in unet_paths):
+            reasons.append(reason)
+    width = _cross_attention_width(modules)
+    if width == 2048:
+        reasons.append("2048-wide cross-attention (SDXL's text embedding)")
+    if reasons:
+        return "SDXL", reasons
+    if width == 768:
+        return "SD1.x", ["768-wide cross-attention (SD1.x's CLIP-L embedding)"]
+    if width == 1024:
+        return "SD2.x", ["1024-wide cross-attention (SD2.x's OpenCLIP-H embedding)"]
+    return None, []
+
+
+def _model_base(model_family: str | None) -> str | None:
+    """'SDXL' / 'SD1.x' / 'SD2.x' for ComfyUI model-config names (SD15, SD20, SDXL, SSD1B, ...), else None."""
+    if not model_family:
+        return None
+    name = model_family.upper()
+    if "XL" in name or name in ("SSD1B", "SEGMIND_VEGA", "KOALA_700M", "KOALA_1B"):
+        return "SDXL"
+    if name.startswith(("SD15", "SD1")):
+        return "SD1.x"
+    if name.startswith(("SD20", "SD21", "SD2")):
+        return "SD2.x"
+    return None
+
+
+def _a(word: str) -> str:
+    """'an SDXL', 'a Flux': the article as the name is spoken (letters S, F, H, ... start with a vowel sound)."""
+    return f"{'an' if word[:1].upper() in 'AEFHILMNORSX' else 'a'} {word}"
+
+
+def _likely_cause(lora: LoraFile, model_family: str | None) -> str:
+    base, reasons = lora_base_evidence(lora.modules)
+    model_base = _model_base(model_family)
+    if base is not None and model_base is not None and base != model_base:
+        return (f"this looks like {_a(base)} LoRA ({'; '.join(reasons)}) on {_a(model_family)} model: "
+                f"load it with {_a(base)} checkpoint, or pick the LoRA made for your base model.")
+    return "wrong base model, or the LoRA targets layers this model does not have."
+
+
+def map_lora(
+    lora: LoraFile,
+    unet_keys: Mapping[str, Any],
+    text_encoder_keys: Mapping[str, Any] | None = None,
+    weight_shapes: Mapping[str, Sequence[int]] | None = None,
+    model_family: str | None = None,
+) -> LoraPlan:
+    """Map every module of a LoRA onto a model, or raise LoraMappingError.
+
+    unet_keys / text_encoder_keys: the model's key maps, LoRA key prefix -> model weight key (as built by
+        ``comfy.lora.model_lora_keys_unet`` / ``model_lora_keys_clip``); text_encoder_keys None means no
+        text encoder was given.
+    weight_shapes: model weight key -> shape, to refuse modules whose names match but whose shapes do not.
+    model_family: a name for the model in messages (e.g. ComfyUI's model config class, "SD15").
+    """
+    family = f"{model_family} " if model_family else ""
+    te_modules = [m for m in lora.modules if m.component != UNET]
+    if te_modules and text_encoder_keys is None:
+        raise LoraMappingError(
+            f"'{lora.name}' has {len(te_modules)} text-encoder LoRA modules (e.g. {te_modules[0].source_keys[0]}) "
+            "but no CLIP was given: connect the CLIP input of Flash LoRA Loader."
+        )
+    mapped: list[MappedModule] = []
+    unmapped: list[LoraModule] = []
+    misshaped: list[tuple[LoraModule, Any]] = []
+    for module in lora.modules:
+        key_map = unet_keys if module.component == UNET else text_encoder_keys
+        hit = next((k for k in candidate_lora_keys(module) if k in key_map), None)
+        if hit is None:
+            unmapped.append(module)
+            continue
+        target = key_map[hit]
+        if weight_shapes is not None and isinstance(target, str) and target in weight_shapes:
+            if not _target_shape_ok(module, weight_shapes[target]):
+                misshaped.append((module, weight_shapes[target]))
+                continue
+        mapped.append(MappedModule(module, hit, target))
+
+    total_keys = lora.num_keys
+    if not mapped:
+        raise LoraMappingError(
+            f"None of the {total_keys} keys of '{lora.name}' match this {family}model: wrong base model or not "
+            f"a LoRA for it. Likely cause: {_likely_cause(lora, model_family)}"
+        )
+    if unmapped:
+        bad_keys = [k for m in unmapped for k in m.source_keys]
+        raise LoraMappingError(
+            f"{len(bad_keys)} of the {total_keys} keys of '{lora.name}' ({len(unmapped)} of {len(lora.modules)} "
+            f"LoRA modules) do not map onto this {family}model, e.g. {', '.join(bad_keys[:5])}. "
+            f"Likely cause: {_likely_cause(lora, model_family)}"
+        )
+    if misshaped:
+        module, shape = misshaped[0]
+        raise LoraMappingError(
+            f"{len(misshaped)} LoRA modules of '{lora.name}' match this {family}model by name but not by shape, "
+            f"e.g. {module.source_keys[0]}: LoRA update {int(module.up.shape[0])}x{module.down[0].numel()} vs "
+            f"model weight {tuple(shape)}. Likely cause: {_likely_cause(lora, model_family)}"
+        )
+    return LoraPlan(
+        unet=[m for m in mapped if m.module.component == UNET],
+        text_encoder=[m for m in mapped if m.module.component != UNET],
+    )
+
+
+def comfy_lora_inputs(mapped: Sequence[MappedModule]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, to_load) in the kohya form ComfyUI's ``comfy.lora.load_lora`` reads, one entry per module.
+
+    The alpha tensor carries the trained alpha, so load_lora applies alpha / rank exactly.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    to_load: dict[str, Any] = {}
+    for m in mapped:
+        tensors[f"{m.lora_key}.lora_up.weight"] = m.module.up
+        tensors[f"{m.lora_key}.lora_down.weight"] = m.module.down
+        tensors[f"{m.lora_key}.alpha"] = torch.tensor(float(m.module.alpha))
+        to_load[m.lora_key] = m.target
+    return tensors, to_load
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _kohya_prefix(component: str, has_te2: bool) -> str:
+    if component == UNET:
+        return "lora_unet_"
+    if component == TEXT_ENCODER_2:
+        return "lora_te2_"
+    return "lora_te1_" if has_te2 else "lora_te_"
+
+
+def to_kohya_state_dict(modules: Sequence[LoraModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """kohya / ComfyUI-native tensors: ``lora_unet_<path>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``.
+
+    Stock ComfyUI's LoraLoader maps these for UNet modules named by diffusers or LDM paths.
+    """
+    has_te2 = any(m.component == TEXT_ENCODER_2 for m in modules)
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        name = _kohya_prefix(m.component, has_te2) + (m.path if m.flat else flatten(m.path))
+        out[f"{name}.lora_down.weight"] = m.down if dtype is None else m.down.to(dtype)
+        out[f"{name}.lora_up.weight"] = m.up if dtype is None else m.up.to(dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha))
+    return out
+
+
+def _dotted(module: LoraModule, target_format: str) -> str:
+    if module.flat:
+        raise ValueError(
+            f"cannot export module '{module.source_prefix or module.path}' to {target_format}: its path is kohya-"
+            "flattened; export from modules with dotted paths (as the trainer produces) instead."
+        )
+    return module.path
+
+
+def _lora_config_fields(modules: Sequence[LoraModule]) -> dict[str, Any]:
+    """r / lora_alpha for the most common values, rank_pattern / alpha_pattern for the exceptions (PEFT)."""
+    r = Counter(m.rank for m in modules).most_common(1)[0][0]
+    lora_alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
+    rank_pattern = {f"^{re.escape(m.path)}$": m.rank for m in modules if m.rank != r}
+    alpha_pattern = {f"^{re.escape(m.path)}$": m.alpha for m in modules if m.alpha != lora_alpha}
+    return {"r": r, "lora_alpha": lora_alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "target_modules": sorted({m.path for m in modules})}
+
+
+def to_diffusers_state_dict(
+    modules: Sequence[LoraModule], dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers tensors (``unet.<path>.lora_A.weight`` / ``lora_B``) and metadata carrying the alphas.
+
+    The metadata is diffusers' ``lora_adapter_metadata`` (what ``save_lora_weights`` writes), so diffusers and
+    this module read the same alphas back.
+    """
+    prefixes = {UNET: "unet", TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder_2"}
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, Any] = {}
+    for component in COMPONENTS:
+        group = [m for m in modules if m.component == component]
+        if not group:
+            continue
+        for m in group:
+            base = f"{prefixes[component]}.{_dotted(m, 'diffusers')}"
+            tensors[f"{base}.lora_A.weight"] = m.down if dtype is None else m.down.to(dtype)
+            tensors[f"{base}.lora_B.weight"] = m.up if dtype is None else m.up.to(dtype)
+        for key, value in _lora_config_fields(group).items():
+            packed[f"{prefixes[component]}.{key}"] = value
+    metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def to_peft_state_dict(
+    modules: Sequence[LoraModule], dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT tensors (``base_model.model.<path>.lora_A.weight``) and the adapter_config.json dict for them.
+
+    Only one component per PEFT adapter (PEFT wraps one model).
+    """
+    components = {m.component for m in modules}
+    if len(components) != 1:
+        raise ValueError(f"a PEFT adapter wraps one model; got modules of {sorted(components)}: export them apart.")
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        base = f"base_model.model.{_dotted(m, 'PEFT')}"
+        tensors[f"{base}.lora_A.weight"] = m.down if dtype is None else m.down.to(dtype)
+        tensors[f"{base}.lora_B.weight"] = m.up if dtype is None else m.up.to(dtype)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **_lora_config_fields(modules),
+    }
+    return tensors, config
+
+
+def save_lora(path: Union[str, os.PathLike], tensors: Mapping[str, torch.Tensor],
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write a .safetensors file atomically (temporary file in the same folder, then os.replace)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"LoRA files are written as .safetensors; got '{path}'.")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(handle)
+    try:
+        save_file(contiguous, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_peft_adapter(directory: Union[str, os.PathLike], modules: Sequence[LoraModule],
+                      dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT layout) atomically; return both paths."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors, config = to_peft_state_dict(modules, dtype)
+    weights_path = os.path.join(directory, "adapter_model.safetensors")
+    config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    save_lora(weights_path, tensors, {"format": "pt"})
+    _write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
+    return weights_path, config_path
+
+
+def modules_from_peft_state_dict(
+    state_dict: Mapping[str, torch.Tensor], lora_alpha: float | Mapping[str, Any], component: str = UNET
+) -> list[LoraModule]:
+    """LoraModules from a trained model's PEFT state dict (``peft.get_peft_model_state_dict`` keys).
+
+    lora_alpha: one alpha for all modules, or a LoraConfig-like dict (``lora_alpha``, ``alpha_pattern``, ...).
+    Keys may be bare module paths (``down_blocks.0....to_q.lora_A.weight``) or PEFT-prefixed.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    config = dict(lora_alpha) if isinstance(lora_alpha, Mapping) else {"lora_alpha": float(lora_alpha)}
+    bare = {k[len("base_model.model."):] if k.startswith("base_model.model.") else k: v for k, v in state_dict.items()}
+    parsed = parse_lora_state_dict(bare, adapter_config=config, name="<trained LoRA>")
+    return [
+        LoraModule(component, m.path, m.flat, m.down, m.up, m.alpha, m.source_keys, "")
+        for m in parsed.modules
+    ]

@@ -1,0 +1,212 @@
+"""The Flash few-step sampler: LCM-style "predict x0, re-noise to the next level with fresh noise".
+
+One loop (`few_step_loop`) serves every path. It only knows four callables:
+
+  * ``denoise_fn(x, level) -> x0``: the student's (boundary-conditioned) clean prediction at `level`,
+  * ``noise_fn(level, next_level) -> eps``: fresh standard Gaussian noise for the re-noise step,
+  * ``renoise_fn(x0, eps, next_level) -> x``: put x0 back at the noise level `next_level`,
+  * ``callback(i, x, x0)``: optional progress / preview hook.
+
+A "level" is whatever the caller's model is indexed by: an integer DDPM timestep for diffusers UNets,
+a flow sigma for SD3, a ComfyUI sigma for the ComfyUI KSAMPLER shell (nodes/sampling.py), where the
+model wrapper already returns x0 and `model_sampling.noise_scaling` re-noises.
+
+The step maths (x0 from eps / v / flow velocity, the LCM boundary condition, the VP and flow re-noise)
+are small functions here so that every shell uses the same lines. Grids come from schedules.py.
+Never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from flash_core.schedules import (
+    NUM_TRAIN_TIMESTEPS,
+    SD3_FLOW_SHIFT,
+    check_sampling_steps,
+    flow_sigmas,
+    lcm_boundary_scalings,
+)
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+
+DenoiseFn = Callable[[torch.Tensor, Any], torch.Tensor]
+NoiseFn = Callable[[Any, Any], torch.Tensor]
+RenoiseFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def few_step_loop(
+    x: torch.Tensor,
+    levels: Sequence[Any],
+    denoise_fn: DenoiseFn,
+    renoise_fn: RenoiseFn,
+    noise_fn: NoiseFn,
+    callback: StepCallback | None = None,
+    end_level: Any = None,
+) -> torch.Tensor:
+    """Run the LCM-style few-step chain and return the final sample.
+
+    `x` is the sample at ``levels[0]`` (pure noise for text-to-image). For each level: x0 = denoise(x, level);
+    then, unless this was the last level, x = renoise(x0, fresh noise, next level). After the last level the
+    result is x0 itself, or x0 re-noised to `end_level` when one is given (a partial ComfyUI schedule whose
+    last sigma is not 0).
+    """
+    if len(levels) == 0:
+        return x
+    for i, level in enumerate(levels):
+        x0 = denoise_fn(x, level)  # the student's jump to the clean sample (paper: one NFE per step)
+        if callback is not None:
+            callback(i, x, x0)
+        next_level = levels[i + 1] if i + 1 < len(levels) else end_level
+        if next_level is None:
+            x = x0  # last step: return the clean prediction
+        else:
+            x = renoise_fn(x0, noise_fn(level, next_level), next_level)  # fresh noise to the next level
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Step maths shared by every shell
+# --------------------------------------------------------------------------------------------------
+
+
+def predicted_x0(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float, prediction_type: PredictionType = "epsilon"
+) -> torch.Tensor:
+    """x0 from a discrete VP model's output at noise level abar_t (sample is z_t)."""
+    if prediction_type == "epsilon":
+        # x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        return (sample - (1.0 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
+    if prediction_type == "v_prediction":
+        # x0 = sqrt(abar_t) z_t - sqrt(1 - abar_t) v
+        return alpha_bar**0.5 * sample - (1.0 - alpha_bar) ** 0.5 * model_output
+    if prediction_type == "sample":
+        return model_output  # the model predicts x0 directly
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def flow_x0(velocity: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
+    """Flow matching (SD3): x0 = x_sigma - sigma * v."""
+    return sample - sigma * velocity  # x_sigma = sigma*eps + (1-sigma)*x0, v = eps - x0
+
+
+def lcm_boundary_x0(x0_pred: torch.Tensor, z_t: torch.Tensor, timestep) -> torch.Tensor:
+    """LCM boundary condition on the student's output: x0' = c_skip(t) z_t + c_out(t) x0_pred.
+
+    `timestep` is the DDPM timestep (0..999); a float, a 0-dim tensor, or one per batch element.
+    """
+    if isinstance(timestep, torch.Tensor):
+        timestep = timestep.to(torch.float64 if x0_pred.dtype == torch.float64 else torch.float32)
+        if timestep.ndim == 1:
+            timestep = timestep.view(-1, *([1] * (x0_pred.ndim - 1)))  # one timestep per batch element
+        timestep = timestep.to(x0_pred.device)
+    c_skip, c_out = lcm_boundary_scalings(timestep)  # c_skip = sd^2/((10t)^2+sd^2), c_out = 10t/sqrt(...)
+    return c_skip * z_t + c_out * x0_pred  # x0' = c_skip z_t + c_out x0_pred
+
+
+def discrete_renoise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_next: float) -> torch.Tensor:
+    """VP forward process to the next timestep: z = sqrt(abar_next) x0 + sqrt(1 - abar_next) eps."""
+    return alpha_bar_next**0.5 * x0 + (1.0 - alpha_bar_next) ** 0.5 * noise
+
+
+def flow_renoise(x0: torch.Tensor, noise: torch.Tensor, sigma_next) -> torch.Tensor:
+    """Flow forward process to the next sigma: x = s_next eps + (1 - s_next) x0."""
+    return sigma_next * noise + (1.0 - sigma_next) * x0
+
+
+def vp_sample_from_ve(x: torch.Tensor, sigma) -> torch.Tensor:
+    """z_t of a VE sample x = x0 + sigma eps (ComfyUI's space): z_t = x sqrt(abar_t), abar_t = 1/(1+sigma^2)."""
+    return x / (1.0 + sigma**2) ** 0.5  # sqrt(abar) = 1/sqrt(1+sigma^2)
+
+
+def flow_denoise_sigmas(
+    num_steps: int, denoise: float = 1.0, shift: float = SD3_FLOW_SHIFT
+) -> list[float]:
+    """Flow (SD3) few-step sigmas at strength `denoise`: the grid for int(steps/denoise) steps, last `steps`.
+
+    The same truncation rule as schedules.denoise_timesteps (and ComfyUI's KSampler), on schedules.flow_sigmas.
+    """
+    check_sampling_steps(num_steps)
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    total = max(num_steps, int(num_steps / denoise))  # ComfyUI's KSampler: int(steps / denoise) steps
+    return flow_sigmas(total, shift)[-num_steps:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Convenience shells for diffusers-style models
+# --------------------------------------------------------------------------------------------------
+
+
+def _gaussian_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn on the generator's device (as diffusers' randn_tensor)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def sample_discrete(
+    model_fn: Callable[[torch.Tensor, int], torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType = "epsilon",
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Few-step sampling of a discrete VP model (SD1.5 / SDXL / PixArt students).
+
+    model_fn(z_t, t) returns the model's raw output (eps or v) for integer timestep t; `latents` is z at
+    ``timesteps[0]`` (pure Gaussian noise at t=999); `timesteps` e.g. schedules.trailing_timesteps(4).
+    Re-noise noise is drawn from `generator` once per intermediate step, in order.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    timesteps = [int(t) for t in timesteps]
+
+    def alpha_bar(t: int) -> float:
+        return float(alphas_cumprod[t])  # abar_t of the training noise schedule
+
+    def denoise_fn(z_t: torch.Tensor, t: int) -> torch.Tensor:
+        x0 = predicted_x0(model_fn(z_t, t), z_t, alpha_bar(t), prediction_type)
+        return lcm_boundary_x0(x0, z_t, float(t))
+
+    def renoise_fn(x0: torch.Tensor, noise: torch.Tensor, t_next: int) -> torch.Tensor:
+        return discrete_renoise(x0, noise, alpha_bar(t_next))
+
+    def noise_fn(t: int, t_next: int) -> torch.Tensor:
+        return _gaussian_noise(latents, generator)
+
+    return few_step_loop(latents, timesteps, denoise_fn, renoise_fn, noise_fn, callback)
+
+
+def sample_flow(
+    model_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    latents: torch.Tensor,
+    sigmas: Sequence[float],
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> torch.Tensor:
+    """Few-step sampling of a flow-matching model (SD3 students).
+
+    model_fn(x, timestep) returns the velocity v for diffusers' timestep convention timestep = sigma * T;
+    `latents` is x at ``sigmas[0]`` (pure noise at sigma 1); `sigmas` e.g. schedules.flow_sigmas(4).
+    """
+    sigmas = [float(s) for s in sigmas]
+
+    def denoise_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return flow_x0(model_fn(x, sigma * num_train_timesteps), x, sigma)
+
+    def noise_fn(sigma: float, sigma_next: float) -> torch.Tensor:
+        return _gaussian_noise(latents, generator)
+
+    return few_step_loop(latents, sigmas, denoise_fn, flow_renoise, noise_fn, callback)

@@ -1,0 +1,19 @@
+"""ComfyUI glue: one module per node family, each exposing NODES (a list of io.ComfyNode classes).
+
+Node ids are stable forever: workflows saved by users refer to them.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import loaders, sampling
+
+NODE_MODULES = (sampling, loaders)
+
+
+class FlashExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [node for module in NODE_MODULES for node in module.NODES]
+
+
+async def comfy_entrypoint() -> FlashExtension:
+    return FlashExtension()

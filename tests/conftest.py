@@ -1,0 +1,28 @@
+"""Shared test plumbing: importing ComfyUI in-process and loading this pack as a package.
+
+Unit tests may import ComfyUI modules directly (`comfy_path` fixture, or `import_comfy()` before any
+`import comfy...`); end-to-end tests start a real server (tests/e2e/conftest.py). flash_core and training
+come from the editable install (`make setup`); the repository root itself is never put on sys.path,
+because our `nodes/` package would shadow ComfyUI's top-level `nodes` module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.comfy_env import import_comfy, load_pack  # noqa: F401  (re-exported for tests)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui_flash"
+
+
+@pytest.fixture(scope="session")
+def comfy_path() -> Path:
+    return import_comfy()
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return load_pack()

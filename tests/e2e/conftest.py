@@ -1,0 +1,61 @@
+"""Live-server fixtures: a real ComfyUI (--cpu, loopback, free port) with this pack and fixture models.
+
+The server gets its own --base-directory (input/output/user/custom_nodes) and the fixture model folders
+through --extra-model-paths-config: the cached tiny SD1.5 checkpoint plus files tests write themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from training import tiny_checkpoint
+from training.comfy_server import ComfyServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO_ROOT / "workflows"
+TINY_CHECKPOINT = tiny_checkpoint.CHECKPOINT_NAME
+TINY_LORA = tiny_checkpoint.LORA_NAME
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for folder in ("checkpoints", "loras"):
+        (root / folder).mkdir()
+    (root / "checkpoints" / TINY_CHECKPOINT).symlink_to(tiny_checkpoint.build())
+    (root / "loras" / TINY_LORA).symlink_to(tiny_checkpoint.build_lora())
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, models_root):
+    base = tmp_path_factory.mktemp("comfy_base")
+    srv = ComfyServer(models_root=models_root, base_dir=base, log_path=base / "comfyui.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def load_api_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def small(workflow: dict, size: int = 64) -> dict:
+    """Shrink every EmptyLatentImage so the tiny model runs in about a second on the CPU."""
+    for node in workflow.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"]["width"] = node["inputs"]["height"] = size
+    return workflow
+
+
+def error_text(entry: dict) -> str:
+    """The text ComfyUI's error panel shows for a run: validation answer or execution_error message."""
+    if "rejected" in entry:
+        return json.dumps(entry["rejected"])
+    messages = entry.get("status", {}).get("messages", [])
+    errors = [data for kind, data in messages if kind == "execution_error"]
+    return "\n".join(f"{e.get('node_type')}: {e.get('exception_message')}" for e in errors)

@@ -1,0 +1,347 @@
+"""FlashLoRALoader on real ComfyUI: every published Flash LoRA format maps fully onto real SD1.5 / SDXL key
+names, and patches a (tiny, SD1.5-named) ComfyUI model exactly as W + strength * (alpha / rank) * B @ A."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lora_fixtures as F  # noqa: E402
+
+from conftest import import_comfy, load_pack  # noqa: E402
+
+import_comfy()
+import comfy.lora  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+
+from flash_core import lora_formats as L  # noqa: E402
+
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return load_pack().nodes.loaders
+
+
+@pytest.fixture(scope="module")
+def sd15_meta():
+    """Full-size SD1.5 in ComfyUI (meta device) and the diffusers SD1.5 UNet's real LoRA target layers."""
+    model = F.comfy_unet(F.SD15_COMFY, meta=True)
+    diffusers_layers = F.target_layers(F.diffusers_unet(F.SD15_DIFFUSERS))
+    return model, diffusers_layers
+
+
+@pytest.fixture(scope="module")
+def sdxl_meta():
+    model = F.comfy_unet(F.SDXL_COMFY, meta=True)
+    diffusers_layers = F.target_layers(F.diffusers_unet(F.SDXL_DIFFUSERS))
+    return model, diffusers_layers
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny SD1.5-family ComfyUI model + tiny CLIP-L-named text encoder, and the matching real layer names."""
+    import transformers
+
+    model = F.model_patcher(F.comfy_unet(F.TINY_SD15_COMFY))
+    clip = F.tiny_clip()
+    unet_layers = F.target_layers(F.diffusers_unet(F.TINY_SD15_DIFFUSERS), F.ATTENTION_TARGETS + ("proj_in",))
+    with torch.device("meta"):
+        text_model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**F.TINY_CLIP_CONFIG))
+    clip_layers = F.target_layers(text_model, CLIP_TARGETS)
+    return model, clip, unet_layers, clip_layers
+
+
+@pytest.fixture()
+def loras_dir(tmp_path, monkeypatch):
+    """An isolated ComfyUI 'loras' folder."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(folder)], set(folder_paths.supported_pt_extensions)))
+    return folder
+
+
+def _to_ldm(model):
+    """diffusers UNet path -> ComfyUI/LDM path, from ComfyUI's own map for this model's config."""
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(model.model_config.unet_config)
+    return lambda path: diffusers_to_ldm[path + ".weight"][: -len(".weight")]
+
+
+def _map(model, tensors, clip_model=None, adapter_config=None):
+    lora = L.parse_lora_state_dict(tensors, adapter_config=adapter_config, name="test.safetensors")
+    keys = comfy.lora.model_lora_keys_unet(model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    clip_keys = None
+    if clip_model is not None:
+        clip_keys = comfy.lora.model_lora_keys_clip(clip_model, {})
+        shapes.update({k: tuple(v.shape) for k, v in clip_model.state_dict().items()})
+    return lora, L.map_lora(lora, keys, clip_keys, shapes, type(model.model_config).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full-size key names: every format maps every key
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["diffusers_lora_A", "diffusers_lora_down", "kohya_diffusers_paths",
+                                 "kohya_ldm_paths", "comfyui_native", "peft", "attention_processor"])
+def test_every_flash_sd15_format_maps_every_key_of_full_sd15(sd15_meta, fmt):
+    model, layers = sd15_meta
+    loras = F.make_loras(layers, rank=2, alpha=2.0)
+    to_ldm = _to_ldm(model)
+    tensors = {
+        "diffusers_lora_A": lambda: F.diffusers_state_dict(loras, "lora_A"),
+        "diffusers_lora_down": lambda: F.diffusers_state_dict(loras, "lora.down"),
+        "kohya_diffusers_paths": lambda: F.kohya_state_dict(loras),
+        "kohya_ldm_paths": lambda: F.kohya_state_dict(loras, rename=to_ldm),
+        "comfyui_native": lambda: F.comfy_native_state_dict(loras, to_ldm),
+        "peft": lambda: F.peft_state_dict(loras),
+        "attention_processor": lambda: F.processor_state_dict(loras),
+    }[fmt]()
+    lora, plan = _map(model, tensors)
+    assert len(layers) == 128  # 16 transformer blocks x 2 attentions x (q, k, v, out) in SD1.5
+    assert len(plan.unet) == 128 and not plan.text_encoder
+    # each diffusers module landed on the LDM weight ComfyUI's own diffusers->LDM map names
+    expected = {"diffusion_model." + to_ldm(x.path) + ".weight" for x in loras}
+    assert {m.target for m in plan.unet} == expected
+
+
+def test_flash_sdxl_converted_file_maps_every_key_of_full_sdxl(sdxl_meta):
+    """comfy/FlashSDXL.safetensors: kohya `lora_unet_` with diffusers paths, 560 attention layers of SDXL."""
+    model, layers = sdxl_meta
+    loras = F.make_loras(layers, rank=1, alpha=1.0)
+    tensors = F.kohya_state_dict(loras)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    lora, plan = _map(model, tensors)
+    assert len(plan.unet) == len(layers) == 560
+    lora, plan = _map(model, F.diffusers_state_dict(loras, "lora_A"))  # the flash-sdxl diffusers release
+    assert len(plan.unet) == 560
+
+
+def test_sdxl_lora_on_sd15_model_is_refused_naming_sdxl(sd15_meta, sdxl_meta):
+    model, _ = sd15_meta
+    _, sdxl_layers = sdxl_meta
+    loras = F.make_loras(sdxl_layers, rank=1, alpha=1.0)
+    with pytest.raises(L.LoraMappingError) as error:
+        _map(model, F.kohya_state_dict(loras))
+    message = str(error.value)
+    assert "SDXL LoRA" in message and "SD15 model" in message
+    assert "2048-wide cross-attention" in message
+    assert "lora_unet_" in message  # lists some of the keys that did not map
+
+
+def test_text_encoder_keys_map_onto_clip(tiny):
+    model, clip, unet_layers, clip_layers = tiny
+    te = F.make_loras(clip_layers, rank=2, alpha=2.0, component="text_encoder")
+    for tensors in (F.kohya_state_dict(te), F.diffusers_state_dict(te)):
+        lora, plan = _map(model.model, tensors, clip.cond_stage_model)
+        assert len(plan.text_encoder) == len(clip_layers) == 12 and not plan.unet
+        assert all(m.target.startswith("clip_l.transformer.text_model.encoder.layers.") for m in plan.text_encoder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerics through the node: W + strength * (alpha / rank) * B @ A, exactly
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _expected(model_sd, loras, strength, to_target):
+    expected = {k: v.clone() for k, v in model_sd.items()}
+    for lora in loras:
+        key = to_target(lora)
+        expected[key] = expected[key] + strength * lora.delta(expected[key].shape)  # W + s (alpha/r) B A
+    return expected
+
+
+def _assert_weights(actual, expected, base, n_changed):
+    """Patched weights equal the expected merge; exactly n_changed weights differ from the base model."""
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert sum(not torch.equal(actual[k], base[k]) for k in base) == n_changed
+
+
+CASES = {
+    # name: (writer, alpha in file, expected alpha used)
+    "kohya_alpha4_rank8": (lambda u, t, ldm: F.kohya_state_dict(u + t, rename=None), 4.0, 4.0),
+    "kohya_ldm_paths": (lambda u, t, ldm: {**F.kohya_state_dict(u, rename=ldm), **F.kohya_state_dict(t)}, 4.0, 4.0),
+    "comfyui_native": (lambda u, t, ldm: {**F.comfy_native_state_dict(u, ldm), **F.kohya_state_dict(t)}, 4.0, 4.0),
+    "diffusers_lora_A": (lambda u, t, ldm: F.diffusers_state_dict(u + t, "lora_A"), None, 8.0),
+    "diffusers_lora_down": (lambda u, t, ldm: F.diffusers_state_dict(u + t, "lora.down"), None, 8.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_node_patches_model_and_clip_exactly(tiny, loras_dir, loaders, case):
+    model, clip, unet_layers, clip_layers = tiny
+    writer, file_alpha, used_alpha = CASES[case]
+    rank = 8
+    unet = F.make_loras(unet_layers, rank=rank, alpha=file_alpha or rank, seed=1)
+    te = F.make_loras(clip_layers, rank=rank, alpha=file_alpha or rank, component="text_encoder", seed=2)
+    to_ldm = _to_ldm(model.model)
+    F.write(loras_dir / f"{case}.safetensors", writer(unet, te, to_ldm))
+    base_model = F.patched_state_dict(model)
+    base_clip = F.patched_state_dict(clip.patcher)
+
+    out = loaders.FlashLoRALoader.execute(model, f"{case}.safetensors", 0.7, 1.3, clip=clip)
+    new_model, new_clip = out.args
+    assert new_model is not model and new_clip is not clip and not model.patches and not clip.patcher.patches
+
+    for lora in unet + te:
+        lora.alpha = used_alpha
+    expected_model = _expected(base_model, unet, 0.7, lambda x: "diffusion_model." + to_ldm(x.path) + ".weight")
+    expected_clip = _expected(base_clip, te, 1.3, lambda x: "clip_l.transformer." + x.path + ".weight")
+    _assert_weights(F.patched_state_dict(new_model), expected_model, base_model, len(unet))
+    _assert_weights(F.patched_state_dict(new_clip.patcher), expected_clip, base_clip, len(te))
+    # the input model is untouched
+    torch.testing.assert_close(F.patched_state_dict(model), base_model, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_node_applies_peft_alpha_from_adapter_config(tiny, loras_dir, loaders, caplog, with_config):
+    """flash-pixart / flash-sd3 layout: r 64, lora_alpha 8 in adapter_config.json -> scale 0.125, not 1.0."""
+    model, _, unet_layers, _ = tiny
+    layers = {k: v for k, v in unet_layers.items() if k.endswith(("attn1.to_q", "attn2.to_k"))}
+    unet = F.make_loras(layers, rank=64, alpha=8.0, seed=3)
+    config = {"peft_type": "LORA", "r": 64, "lora_alpha": 8, "target_modules": ["to_q", "to_k"]}
+    folder = loras_dir / "flash-peft"
+    F.write(folder / "adapter_model.safetensors", F.peft_state_dict(unet), adapter_config=config if with_config else None)
+    base = F.patched_state_dict(model)
+
+    with caplog.at_level(logging.WARNING):
+        out = loaders.FlashLoRALoader.execute(model, os.path.join("flash-peft", "adapter_model.safetensors"), 1.0, 1.0)
+    new_model = (out.args)[0]
+
+    to_ldm = _to_ldm(model.model)
+    if not with_config:
+        for lora in unet:
+            lora.alpha = 64.0  # no alpha anywhere: alpha = rank, and the user is warned
+    expected = _expected(base, unet, 1.0, lambda x: "diffusion_model." + to_ldm(x.path) + ".weight")
+    _assert_weights(F.patched_state_dict(new_model), expected, base, len(unet))
+    warned = any("adapter_config.json" in r.getMessage() and "0.125" in r.getMessage() for r in caplog.records)
+    assert warned is (not with_config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors the user can hit, through the node
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_node_refuses_pickle_checkpoint_without_unpickling(tiny, loras_dir, loaders, tmp_path):
+    model = tiny[0]
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_CreatesFileWhenUnpickled(probe)))  # the payload is live: unpickling creates a file
+    assert probe.exists()
+    marker = tmp_path / "pwned"
+    (loras_dir / "evil.ckpt").write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(marker)))
+    with pytest.raises(L.LoraFormatError, match=r"evil\.ckpt.*never unpickles.*\.safetensors"):
+        loaders.FlashLoRALoader.execute(model, "evil.ckpt", 1.0, 1.0)
+    assert not marker.exists()
+
+
+def test_node_refuses_lora_that_matches_nothing(tiny, loras_dir, loaders):
+    model = tiny[0]
+    bogus = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 4),
+             "lora_unet_not_a_layer.lora_up.weight": torch.zeros(4, 2)}
+    F.write(loras_dir / "bogus.safetensors", bogus)
+    with pytest.raises(L.LoraMappingError, match=r"None of the 2 keys of 'bogus.safetensors' match this SD15 model"):
+        loaders.FlashLoRALoader.execute(model, "bogus.safetensors", 1.0, 1.0)
+
+
+def test_node_refuses_partially_unmapped_lora_listing_keys(tiny, loras_dir, loaders):
+    model, _, unet_layers, _ = tiny
+    tensors = F.kohya_state_dict(F.make_loras(unet_layers, rank=2, alpha=2.0))
+    tensors["lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight"] = torch.zeros(2, 32)
+    tensors["lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 2)
+    F.write(loras_dir / "partial.safetensors", tensors)
+    with pytest.raises(L.LoraMappingError) as error:
+        loaders.FlashLoRALoader.execute(model, "partial.safetensors", 1.0, 1.0)
+    message = str(error.value)
+    assert f"2 of the {len(tensors)} keys" in message
+    assert "lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight" in message
+
+
+def test_node_asks_for_clip_when_file_has_text_encoder_keys(tiny, loras_dir, loaders):
+    model, _, _, clip_layers = tiny
+    F.write(loras_dir / "te.safetensors", F.kohya_state_dict(F.make_loras(clip_layers, 2, 2.0, "text_encoder")))
+    with pytest.raises(L.LoraMappingError, match="connect the CLIP input"):
+        loaders.FlashLoRALoader.execute(model, "te.safetensors", 1.0, 1.0)
+
+
+def test_node_cannot_escape_the_loras_folder(tiny, loras_dir, loaders, tmp_path):
+    model, _, unet_layers, _ = tiny
+    F.write(tmp_path / "outside.safetensors", F.kohya_state_dict(F.make_loras(unet_layers, 2, 2.0)))
+    with pytest.raises(FileNotFoundError):
+        loaders.FlashLoRALoader.execute(model, "../outside.safetensors", 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export interop with stock ComfyUI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_kohya_export_loads_in_stock_loraloader_without_lost_keys(tiny, loras_dir, loaders, caplog):
+    """A diffusers-format Flash LoRA converted by flash_core loads in ComfyUI's own LoraLoader path with no
+    'lora key not loaded' warnings, and patches the same weights as FlashLoRALoader."""
+    model, clip, unet_layers, clip_layers = tiny
+    unet = F.make_loras(unet_layers, rank=4, alpha=4.0, seed=5)
+    te = F.make_loras(clip_layers, rank=4, alpha=4.0, component="text_encoder", seed=6)
+    diffusers_file = F.write(loras_dir / "flash-sd.safetensors", F.diffusers_state_dict(unet + te))
+
+    # stock ComfyUI cannot map modern diffusers keys (the reason this node exists)
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(diffusers_file), safe_load=True),
+                                      1.0, 1.0)
+    assert any("lora key not loaded" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+
+    exported = L.to_kohya_state_dict(L.read_lora(diffusers_file).modules)
+    L.save_lora(loras_dir / "flash-sd-kohya.safetensors", exported)
+    with caplog.at_level(logging.INFO):
+        stock_model, stock_clip = comfy.sd.load_lora_for_models(
+            model, clip, comfy.utils.load_torch_file(str(loras_dir / "flash-sd-kohya.safetensors"), safe_load=True),
+            0.9, 1.1)
+    lost = [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
+    assert lost == []
+
+    out = loaders.FlashLoRALoader.execute(model, "flash-sd.safetensors", 0.9, 1.1, clip=clip)
+    flash_model, flash_clip = out.args
+    torch.testing.assert_close(F.patched_state_dict(stock_model), F.patched_state_dict(flash_model), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(F.patched_state_dict(stock_clip.patcher), F.patched_state_dict(flash_clip.patcher),
+                               rtol=1e-6, atol=1e-7)
+    base = F.patched_state_dict(model)
+    assert any(not torch.equal(base[k], v) for k, v in F.patched_state_dict(flash_model).items())
+
+
+def test_node_schema_matches_contract(loaders):
+    schema = loaders.FlashLoRALoader.define_schema()
+    assert schema.node_id == "FlashLoRALoader" and schema.display_name == "Flash LoRA Loader"
+    assert schema.category == "Flash Diffusion"
+    inputs = {i.id: i for i in schema.inputs}
+    assert list(inputs) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
+    assert inputs["clip"].optional and inputs["strength_model"].default == 1.0 and inputs["strength_clip"].default == 1.0
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "CLIP"]
+    assert loaders.NODES == [loaders.FlashLoRALoader]

@@ -1,0 +1,55 @@
+"""Packaging: the pack passes the Comfy Registry's own validator and declares the ComfyUI we test on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import flash_core
+from training.comfy_env import comfyui_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def test_comfy_node_validate_passes():
+    comfy = Path(sys.executable).parent / "comfy"
+    result = subprocess.run([str(comfy), "--skip-prompt", "node", "validate"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "validation checks passed" in result.stdout
+
+
+def test_registry_metadata_and_tested_comfyui_version():
+    comfy = PYPROJECT["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
+    namespace: dict = {}
+    exec((comfyui_path() / "comfyui_version.py").read_text(), namespace)
+    tested = namespace["__version__"]
+    assert comfy["requires-comfyui"] == f">={tested}", "requires-comfyui must name the ComfyUI version the suite runs on"
+    assert PYPROJECT["project"]["version"] == flash_core.__version__
+    assert "GPL-3.0" in PYPROJECT["project"]["license"]["text"]
+
+
+def test_flash_core_never_imports_comfyui():
+    import ast
+
+    forbidden = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}
+    offenders = []
+    for path in (REPO_ROOT / "flash_core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in forbidden]
+    assert not offenders, offenders
+
+
+def test_import_pack_outside_comfyui_is_harmless():
+    code = "import runpy; g = runpy.run_path('__init__.py'); assert g['comfy_entrypoint'] is None"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

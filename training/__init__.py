@@ -1,0 +1,1 @@
+"""Headless side of Flash for ComfyUI: the distillation CLI, data, demo and benchmarks."""

@@ -1,0 +1,461 @@
+"""Training data for `flash-distill`: image + caption datasets, encoded once and cached.
+
+Two sources:
+  * a folder of images with captions, either a sidecar ``<image>.txt`` next to each image or one
+    captions ``.jsonl`` with ``{"file": ..., "text": ...}`` per line (``captions.jsonl`` in the folder is
+    picked up automatically);
+  * a local Hugging Face ``datasets`` folder (``Dataset.save_to_disk``), image and text columns configurable.
+
+Every image is resized (shorter side) and centre-cropped to the training resolution, VAE-encoded and its
+caption text-encoded ONCE; the result is cached as one safetensors file keyed by a hash of the dataset, the
+model and the resolution, so later runs (and resumed runs) never re-encode. Broken data fails fast with a
+`DataError` naming the folder or file.
+
+The order in which cached samples are drawn is `BatchOrder`: deterministic from the seed, identical on
+every rank (each rank takes its own slice of the global batch) and resumable through its state_dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTIONS_JSONL = "captions.jsonl"
+CACHE_FORMAT_VERSION = "1"
+LATENTS_KEY = "latents"
+COND_PREFIX = "cond."
+
+# encode_images(pixels [B, 3, R, R] in [-1, 1]) -> latents [B, C, h, w] (already scaled for the model)
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+# encode_prompts(captions) -> {name: tensor with first dim B}
+PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+class DataError(ValueError):
+    """A problem with the user's dataset; the message names the file or folder and what to do."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the training images come from (the `data:` section of a flash-distill config)."""
+
+    path: Path
+    kind: str = "auto"  # "folder", "hf" or "auto" (a datasets folder has dataset_info.json / dataset_dict.json)
+    captions: Path | None = None  # a .jsonl of {"file", "text"} for folder datasets
+    image_column: str = "image"
+    text_column: str = "text"
+    split: str | None = None  # for a saved DatasetDict
+    resolution: int = 512
+    max_items: int | None = None
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One not-yet-encoded training example: a name for messages, its caption and a way to get its pixels."""
+
+    name: str
+    caption: str
+    load: Callable[[], "PIL.Image.Image"]  # noqa: F821
+
+
+# --------------------------------------------------------------------------------------------------
+# Discovering items
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_kind(spec: DataSpec) -> str:
+    """'folder' or 'hf' for the spec's path (raises DataError if the path is missing)."""
+    path = Path(spec.path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist")
+    if spec.kind in ("folder", "hf"):
+        return spec.kind
+    if spec.kind != "auto":
+        raise DataError(f"data.kind must be 'folder', 'hf' or 'auto', got {spec.kind!r}")
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return "hf"
+    return "folder"
+
+
+def list_items(spec: DataSpec) -> list[RawItem]:
+    """All examples of the dataset in a deterministic order; fails fast on empty or inconsistent data."""
+    kind = resolve_kind(spec)
+    items = list_hf_items(spec) if kind == "hf" else list_folder_items(Path(spec.path), spec.captions)
+    if spec.max_items is not None:
+        items = items[: spec.max_items]
+    return items
+
+
+def _find_images(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _open_image_file(path: Path):
+    def load():
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except Exception as error:  # PIL raises many types for broken files
+            raise DataError(f"image {path} cannot be decoded ({error.__class__.__name__}: {error}); fix or remove it") from None
+
+    return load
+
+
+def list_folder_items(folder: Path, captions: Path | None = None) -> list[RawItem]:
+    """Images of `folder` (recursively, sorted) with sidecar .txt captions or a captions .jsonl."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist or is not a folder")
+    if captions is None and (folder / CAPTIONS_JSONL).is_file():
+        captions = folder / CAPTIONS_JSONL
+    if captions is not None:
+        return _items_from_jsonl(folder, Path(captions))
+    images = _find_images(folder)
+    if not images:
+        raise DataError(f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    items = []
+    for image in images:
+        sidecar = image.with_suffix(".txt")
+        if not sidecar.is_file():
+            raise DataError(
+                f"caption file missing for {image}: expected {sidecar} (or give a captions .jsonl with data.captions)"
+            )
+        caption = sidecar.read_text(encoding="utf-8").strip()
+        items.append(RawItem(str(image.relative_to(folder)), caption, _open_image_file(image)))
+    return items
+
+
+def _items_from_jsonl(folder: Path, captions: Path) -> list[RawItem]:
+    if not captions.is_file():
+        raise DataError(f"captions file {captions} does not exist")
+    items = []
+    for number, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{captions} line {number}: not valid JSON ({error.msg})") from None
+        file_name = record.get("file", record.get("file_name")) if isinstance(record, dict) else None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(file_name, str) or not isinstance(text, str):
+            raise DataError(f'{captions} line {number}: expected {{"file": "<image path>", "text": "<caption>"}}')
+        image = folder / file_name
+        if not image.is_file():
+            raise DataError(f"{captions} line {number}: image {image} not found")
+        items.append(RawItem(file_name, text.strip(), _open_image_file(image)))
+    if not items:
+        raise DataError(f"no images found in {folder}: captions file {captions} lists none")
+    return items
+
+
+def _load_hf_dataset(spec: DataSpec):
+    import datasets
+
+    path = Path(spec.path)
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise DataError(
+            f"{path} is not a dataset saved with datasets' save_to_disk ({error.__class__.__name__}: {error})"
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset.keys())
+        split = spec.split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
+        if split not in dataset:
+            raise DataError(f"dataset {path} has splits {splits}: choose one with data.split")
+        dataset = dataset[split]
+    elif spec.split is not None:
+        raise DataError(f"dataset {path} has no splits, remove data.split")
+    return dataset
+
+
+def _hf_image_loader(dataset, index: int, column: str, where: str):
+    def load():
+        from PIL import Image
+
+        try:
+            value = dataset[index][column]
+        except Exception as error:  # the datasets Image feature decodes on access
+            raise DataError(f"{where}: image cannot be decoded ({error.__class__.__name__}: {error})") from None
+        try:
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, dict) and value.get("bytes") is not None:
+                image = Image.open(io.BytesIO(value["bytes"]))
+            elif isinstance(value, dict) and value.get("path"):
+                image = Image.open(value["path"])
+            elif isinstance(value, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(value))
+            elif isinstance(value, str):
+                image = Image.open(value)
+            else:
+                raise DataError(f"{where}: column {column!r} holds {type(value).__name__}, not an image")
+            image.load()
+            return image.convert("RGB")
+        except DataError:
+            raise
+        except Exception as error:
+            raise DataError(f"{where}: image cannot be decoded ({error.__class__.__name__}: {error})") from None
+
+    return load
+
+
+def list_hf_items(spec: DataSpec) -> list[RawItem]:
+    """Rows of a local `datasets` folder: image column (PIL image, bytes or path) + text column."""
+    dataset = _load_hf_dataset(spec)
+    path = Path(spec.path)
+    for column in (spec.image_column, spec.text_column):
+        if column not in dataset.column_names:
+            raise DataError(
+                f"column {column!r} not in dataset {path} (columns: {', '.join(dataset.column_names)}); "
+                "set data.image_column / data.text_column"
+            )
+    if len(dataset) == 0:
+        raise DataError(f"no images found in {path}: the dataset has no rows")
+    texts = dataset[spec.text_column]
+    items = []
+    for index, text in enumerate(texts):
+        where = f"row {index} of dataset {path}"
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise DataError(f"{where}: column {spec.text_column!r} holds {type(text).__name__}, not text")
+        items.append(RawItem(f"row {index}", text.strip(), _hf_image_loader(dataset, index, spec.image_column, where)))
+    return items
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_and_crop(image, resolution: int) -> torch.Tensor:
+    """PIL RGB image -> [3, R, R] float tensor in [-1, 1]: shorter side resized to R, centre crop."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != (width, height):
+        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    left = (new_size[0] - resolution) // 2
+    top = (new_size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], the VAE's input range
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------------
+
+
+def dataset_fingerprint(spec: DataSpec) -> str:
+    """What identifies the data: file names, sizes, mtimes and captions (folder) or the datasets fingerprint."""
+    digest = hashlib.sha256()
+    kind = resolve_kind(spec)
+    path = Path(spec.path).resolve()
+    digest.update(f"{kind}|{path}|{spec.max_items}".encode())
+    if kind == "hf":
+        dataset = _load_hf_dataset(spec)
+        digest.update(f"{getattr(dataset, '_fingerprint', '')}|{len(dataset)}|{spec.image_column}|{spec.text_column}|{spec.split}".encode())
+        return digest.hexdigest()
+    captions = spec.captions
+    if captions is None and (path / CAPTIONS_JSONL).is_file():
+        captions = path / CAPTIONS_JSONL
+    files = _find_images(path) if path.is_dir() else []
+    if captions is not None and Path(captions).is_file():
+        files.append(Path(captions))
+    else:
+        files += [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]
+    for file in sorted(files):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file.is_relative_to(path) else file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(spec: DataSpec, model_key: str) -> str:
+    """Hash of dataset + model + resolution (+ cache format): the cache file's name."""
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_FORMAT_VERSION}|{dataset_fingerprint(spec)}|{model_key}|{spec.resolution}".encode())
+    return digest.hexdigest()[:20]
+
+
+def cache_path(spec: DataSpec, model_key: str, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"latents-{cache_key(spec, model_key)}.safetensors"
+
+
+@dataclass
+class EncodedDataset:
+    """Cached latents and text conditioning of the whole dataset (row i of every tensor = item i)."""
+
+    latents: torch.Tensor  # [N, C, h, w]
+    conditioning: dict[str, torch.Tensor]  # name -> [N, ...]
+    captions: list[str]
+    path: Path  # the cache file
+    from_cache: bool  # True when nothing had to be encoded
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def rows(self, indices: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return (
+            self.latents.index_select(0, index),
+            {name: tensor.index_select(0, index) for name, tensor in self.conditioning.items()},
+            [self.captions[i] for i in index.tolist()],
+        )
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_cache(path: Path) -> EncodedDataset:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    captions = json.loads(metadata.get("captions", "[]"))
+    conditioning = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+    return EncodedDataset(tensors[LATENTS_KEY], conditioning, captions, Path(path), from_cache=True)
+
+
+def encode_dataset(
+    spec: DataSpec,
+    encode_images: ImageEncoder,
+    encode_prompts: PromptEncoder,
+    model_key: str,
+    cache_dir: Path,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> EncodedDataset:
+    """Encode every image and caption once and cache them; later calls with the same key load the cache.
+
+    `model_key` identifies the VAE + text encoders (their weights' identity); the cache is keyed by a
+    hash of it, the dataset and the resolution. Under DDP call it on the main process first
+    (`accelerator.main_process_first()`), the other ranks then read the cache.
+    """
+    path = cache_path(spec, model_key, cache_dir)
+    if path.is_file():
+        try:
+            return load_cache(path)
+        except Exception:  # a truncated cache (cannot happen with atomic writes, but be safe): rebuild it
+            pass
+    items = list_items(spec)
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    latents: list[torch.Tensor] = []
+    conditioning: dict[str, list[torch.Tensor]] = {}
+    for chunk in progress(chunks) if progress else chunks:
+        pixels = torch.stack([resize_and_crop(item.load(), spec.resolution) for item in chunk])
+        with torch.no_grad():
+            latents.append(encode_images(pixels).detach().to("cpu", dtype))
+            for name, tensor in encode_prompts([item.caption for item in chunk]).items():
+                conditioning.setdefault(name, []).append(tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype))
+    tensors = {LATENTS_KEY: torch.cat(latents)}
+    tensors.update({COND_PREFIX + name: torch.cat(parts) for name, parts in conditioning.items()})
+    captions = [item.caption for item in items]
+    metadata = {
+        "format": f"flash-distill latent cache v{CACHE_FORMAT_VERSION}",
+        "dataset": str(Path(spec.path).resolve()),
+        "resolution": str(spec.resolution),
+        "model": model_key,
+        "captions": json.dumps(captions),
+        "names": json.dumps([item.name for item in items]),
+    }
+    _save_atomic(tensors, path, metadata)
+    conditioning_out = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+    return EncodedDataset(tensors[LATENTS_KEY], conditioning_out, captions, path, from_cache=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------------
+
+
+class BatchOrder:
+    """Which dataset rows each optimiser step uses: an endless stream of seeded per-epoch permutations.
+
+    Every rank computes the same global batch (`batch_size * num_processes` rows) and takes its own slice,
+    so DDP ranks never overlap. `state_dict()` / `load_state_dict()` make a resumed run draw exactly the
+    rows the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
+        if num_items < 1:
+            raise DataError("the dataset is empty")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.num_processes = num_processes
+        self.epoch = 0
+        self.position = 0  # rows of the current epoch's permutation already used
+        self._permutation: list[int] | None = None
+
+    def _epoch_permutation(self) -> list[int]:
+        if self._permutation is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._permutation = torch.randperm(self.num_items, generator=generator).tolist()
+        return self._permutation
+
+    def next_indices(self) -> list[int]:
+        """This rank's rows for the next step (the global batch wraps into the next epoch if needed)."""
+        global_rows: list[int] = []
+        while len(global_rows) < self.batch_size * self.num_processes:
+            permutation = self._epoch_permutation()
+            take = min(len(permutation) - self.position, self.batch_size * self.num_processes - len(global_rows))
+            global_rows += permutation[self.position : self.position + take]
+            self.position += take
+            if self.position == len(permutation):
+                self.epoch += 1
+                self.position = 0
+                self._permutation = None
+        return global_rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "global_batch": self.batch_size * self.num_processes,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["num_items"]) != self.num_items:
+            raise DataError(
+                f"the checkpoint was trained on {state['num_items']} images but the dataset now has {self.num_items}; "
+                "resume with the same data"
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._permutation = None
