@@ -33,9 +33,10 @@ import os
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -162,7 +163,7 @@ class LoraPlan:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def refuse_pickle(path: Union[str, os.PathLike]) -> None:
+def refuse_pickle(path: str | os.PathLike) -> None:
     """Raise LoraFormatError for pickle-based checkpoints (never unpickled: they can run arbitrary code)."""
     name = os.path.basename(os.fspath(path))
     raise LoraFormatError(
@@ -172,7 +173,7 @@ def refuse_pickle(path: Union[str, os.PathLike]) -> None:
     )
 
 
-def load_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a .safetensors file; refuse anything else.
 
     Raises LoraFormatError for pickle files, missing files and truncated / corrupt safetensors.
@@ -196,7 +197,7 @@ def load_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Ten
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
                 tensors[key] = handle.get_tensor(key)
     except Exception as error:  # safetensors raises its own error types (and OSError) for damaged files
         raise LoraFormatError(
@@ -205,14 +206,18 @@ def load_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Ten
     return tensors, metadata
 
 
-def find_adapter_config(path: Union[str, os.PathLike]) -> dict | None:
+def find_adapter_config(path: str | os.PathLike, include_shared: bool = True) -> dict | None:
     """The PEFT adapter config that belongs to a LoRA file, or None.
 
-    Looked for next to the file: ``<stem>.adapter_config.json`` (several adapters in one folder), then
-    ``adapter_config.json`` (the layout PEFT's save_pretrained writes and the flash-pixart/sd3 releases use).
+    Looked for next to the file: ``<stem>.adapter_config.json`` (several adapters in one folder), then, when
+    include_shared, ``adapter_config.json`` (the layout PEFT's save_pretrained writes and the flash-pixart /
+    flash-sd3 releases use).
     """
     path = Path(path)
-    for candidate in (path.with_name(f"{path.stem}.{ADAPTER_CONFIG_NAME}"), path.with_name(ADAPTER_CONFIG_NAME)):
+    candidates = [path.with_name(f"{path.stem}.{ADAPTER_CONFIG_NAME}")]
+    if include_shared:
+        candidates.append(path.with_name(ADAPTER_CONFIG_NAME))
+    for candidate in candidates:
         if candidate.is_file():
             try:
                 config = json.loads(candidate.read_text(encoding="utf-8"))
@@ -224,11 +229,16 @@ def find_adapter_config(path: Union[str, os.PathLike]) -> dict | None:
     return None
 
 
-def read_lora(path: Union[str, os.PathLike], adapter_config: dict | None = None) -> LoraFile:
-    """Read a LoRA .safetensors file (and its adapter_config.json when there is one) into a LoraFile."""
+def read_lora(path: str | os.PathLike, adapter_config: dict | None = None) -> LoraFile:
+    """Read a LoRA .safetensors file (and its adapter config when there is one) into a LoraFile.
+
+    A folder-wide ``adapter_config.json`` is only used for PEFT-format files (or ``adapter_model.safetensors``),
+    so one left in a shared loras folder cannot rescale unrelated kohya / diffusers LoRAs.
+    """
     tensors, metadata = load_safetensors(path)
     if adapter_config is None:
-        adapter_config = find_adapter_config(path)
+        shared = PEFT in detect_format(tensors) or os.path.basename(os.fspath(path)) == "adapter_model.safetensors"
+        adapter_config = find_adapter_config(path, include_shared=shared)
     return parse_lora_state_dict(tensors, metadata, adapter_config, name=os.path.basename(os.fspath(path)))
 
 
@@ -350,7 +360,8 @@ def peft_alpha(config: Mapping[str, Any], module_path: str, rank: int) -> float:
     alpha = float(config.get("lora_alpha", rank))
     alpha_pattern = config.get("alpha_pattern") or {}
     if alpha_pattern:
-        from peft.utils.other import get_pattern_key  # PEFT's own pattern matching, not a re-implementation
+        # PEFT's own pattern matching, not a re-implementation
+        from peft.utils.other import get_pattern_key
 
         pattern = get_pattern_key(list(alpha_pattern), module_path)
         alpha = float(alpha_pattern.get(pattern, alpha))
@@ -608,14 +619,14 @@ def map_lora(
             unmapped.append(module)
             continue
         target = key_map[hit]
-        if weight_shapes is not None and isinstance(target, str) and target in weight_shapes:
-            if not _target_shape_ok(module, weight_shapes[target]):
-                misshaped.append((module, weight_shapes[target]))
-                continue
+        shape = weight_shapes.get(target) if weight_shapes is not None and isinstance(target, str) else None
+        if shape is not None and not _target_shape_ok(module, shape):
+            misshaped.append((module, shape))
+            continue
         mapped.append(MappedModule(module, hit, target))
 
     total_keys = lora.num_keys
-    if not mapped:
+    if not mapped and not misshaped:
         raise LoraMappingError(
             f"None of the {total_keys} keys of '{lora.name}' match this {family}model: wrong base model or not "
             f"a LoRA for it. Likely cause: {_likely_cause(lora, model_family)}"
@@ -666,6 +677,32 @@ def _kohya_prefix(component: str, has_te2: bool) -> str:
     if component == TEXT_ENCODER_2:
         return "lora_te2_"
     return "lora_te1_" if has_te2 else "lora_te_"
+
+
+def rename_modules(modules: Sequence[LoraModule], path_map: Mapping[str, str]) -> list[LoraModule]:
+    """The same modules with dotted paths renamed through `path_map` (e.g. LDM -> diffusers UNet paths).
+
+    path_map maps module paths (no ``.weight``); build it from a weight-key map such as ComfyUI's
+    ``comfy.utils.unet_to_diffusers(unet_config)`` (diffusers weight -> LDM weight) with :func:`module_path_map`.
+    Raises ValueError naming the modules it cannot rename.
+    """
+    missing = [m.path for m in modules if m.flat or m.path not in path_map]
+    if missing:
+        raise ValueError(f"{len(missing)} LoRA modules have no entry in the path map, e.g. {', '.join(missing[:3])}.")
+    return [
+        LoraModule(m.component, path_map[m.path], False, m.down, m.up, m.alpha, m.source_keys, m.source_prefix)
+        for m in modules
+    ]
+
+
+def module_path_map(weight_map: Mapping[str, str], invert: bool = False) -> dict[str, str]:
+    """Module-path map from a weight-key map (``a.b.weight`` -> ``c.d.weight`` gives ``a.b`` -> ``c.d``).
+
+    invert=True swaps direction (e.g. ComfyUI's diffusers->LDM map into LDM->diffusers).
+    """
+    pairs = [(k[: -len(".weight")], v[: -len(".weight")]) for k, v in weight_map.items()
+             if k.endswith(".weight") and isinstance(v, str) and v.endswith(".weight")]
+    return {v: k for k, v in pairs} if invert else dict(pairs)
 
 
 def to_kohya_state_dict(modules: Sequence[LoraModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -758,7 +795,7 @@ def to_peft_state_dict(
     return tensors, config
 
 
-def save_lora(path: Union[str, os.PathLike], tensors: Mapping[str, torch.Tensor],
+def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str] | None = None) -> None:
     """Write a .safetensors file atomically (temporary file in the same folder, then os.replace)."""
     from safetensors.torch import save_file
@@ -792,7 +829,7 @@ def _write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-def save_peft_adapter(directory: Union[str, os.PathLike], modules: Sequence[LoraModule],
+def save_peft_adapter(directory: str | os.PathLike, modules: Sequence[LoraModule],
                       dtype: torch.dtype | None = None) -> tuple[str, str]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT layout) atomically; return both paths."""
     directory = os.fspath(directory)
@@ -816,7 +853,7 @@ def modules_from_peft_state_dict(
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
     config = dict(lora_alpha) if isinstance(lora_alpha, Mapping) else {"lora_alpha": float(lora_alpha)}
-    bare = {k[len("base_model.model."):] if k.startswith("base_model.model.") else k: v for k, v in state_dict.items()}
+    bare = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
     parsed = parse_lora_state_dict(bare, adapter_config=config, name="<trained LoRA>")
     return [
         LoraModule(component, m.path, m.flat, m.down, m.up, m.alpha, m.source_keys, "")

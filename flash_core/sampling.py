@@ -18,17 +18,12 @@ Never imports ComfyUI.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 
-from flash_core.schedules import (
-    NUM_TRAIN_TIMESTEPS,
-    SD3_FLOW_SHIFT,
-    check_sampling_steps,
-    flow_sigmas,
-    lcm_boundary_scalings,
-)
+from flash_core.schedules import NUM_TRAIN_TIMESTEPS, lcm_boundary_scalings
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -80,7 +75,10 @@ def few_step_loop(
 
 
 def predicted_x0(
-    model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float, prediction_type: PredictionType = "epsilon"
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar: float | torch.Tensor,
+    prediction_type: PredictionType = "epsilon",
 ) -> torch.Tensor:
     """x0 from a discrete VP model's output at noise level abar_t (sample is z_t)."""
     if prediction_type == "epsilon":
@@ -113,7 +111,7 @@ def lcm_boundary_x0(x0_pred: torch.Tensor, z_t: torch.Tensor, timestep) -> torch
     return c_skip * z_t + c_out * x0_pred  # x0' = c_skip z_t + c_out x0_pred
 
 
-def discrete_renoise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_next: float) -> torch.Tensor:
+def discrete_renoise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_next: float | torch.Tensor) -> torch.Tensor:
     """VP forward process to the next timestep: z = sqrt(abar_next) x0 + sqrt(1 - abar_next) eps."""
     return alpha_bar_next**0.5 * x0 + (1.0 - alpha_bar_next) ** 0.5 * noise
 
@@ -126,20 +124,6 @@ def flow_renoise(x0: torch.Tensor, noise: torch.Tensor, sigma_next) -> torch.Ten
 def vp_sample_from_ve(x: torch.Tensor, sigma) -> torch.Tensor:
     """z_t of a VE sample x = x0 + sigma eps (ComfyUI's space): z_t = x sqrt(abar_t), abar_t = 1/(1+sigma^2)."""
     return x / (1.0 + sigma**2) ** 0.5  # sqrt(abar) = 1/sqrt(1+sigma^2)
-
-
-def flow_denoise_sigmas(
-    num_steps: int, denoise: float = 1.0, shift: float = SD3_FLOW_SHIFT
-) -> list[float]:
-    """Flow (SD3) few-step sigmas at strength `denoise`: the grid for int(steps/denoise) steps, last `steps`.
-
-    The same truncation rule as schedules.denoise_timesteps (and ComfyUI's KSampler), on schedules.flow_sigmas.
-    """
-    check_sampling_steps(num_steps)
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-    total = max(num_steps, int(num_steps / denoise))  # ComfyUI's KSampler: int(steps / denoise) steps
-    return flow_sigmas(total, shift)[-num_steps:]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -128,8 +128,8 @@ def sigma_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timestep: int) -> fl
     return math.sqrt((1.0 - abar) / abar)
 
 
-def denoise_timesteps(num_steps: int, denoise: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
-    """Few-step grid for img2img / hi-res / inpainting at strength `denoise` in (0, 1].
+def denoise_grid_length(num_steps: int, denoise: float = 1.0) -> int:
+    """How long a grid img2img / hi-res / inpainting at strength `denoise` in (0, 1] truncates.
 
     Same rule as ComfyUI's KSampler: build the grid for int(steps / denoise) steps and keep its last
     `steps` entries, so denoise 1.0 is exactly the training grid and denoise d starts where stock
@@ -138,5 +138,14 @@ def denoise_timesteps(num_steps: int, denoise: float = 1.0, num_train_timesteps:
     check_sampling_steps(num_steps)
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-    total = max(num_steps, int(num_steps / denoise))
-    return trailing_timesteps(total, num_train_timesteps)[-num_steps:]
+    return max(num_steps, int(num_steps / denoise))
+
+
+def denoise_timesteps(num_steps: int, denoise: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """The discrete few-step grid at strength `denoise` (see denoise_grid_length)."""
+    return trailing_timesteps(denoise_grid_length(num_steps, denoise), num_train_timesteps)[-num_steps:]
+
+
+def denoise_flow_sigmas(num_steps: int, denoise: float = 1.0, shift: float = SD3_FLOW_SHIFT) -> list[float]:
+    """The flow (SD3) few-step sigmas at strength `denoise` (see denoise_grid_length)."""
+    return flow_sigmas(denoise_grid_length(num_steps, denoise), shift)[-num_steps:]

@@ -5,9 +5,9 @@ Node ids are stable forever: workflows saved by users refer to them.
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import loaders, sampling
+from . import loaders, sampling, training
 
-NODE_MODULES = (sampling, loaders)
+NODE_MODULES = (sampling, loaders, training)
 
 
 class FlashExtension(ComfyExtension):

@@ -89,7 +89,9 @@ class FlashLoRALoader(io.ComfyNode):
         plan = lora_formats.map_lora(lora, unet_keys, clip_keys, weight_shapes=shapes, model_family=family)
 
         new_model = _apply(model, plan.unet, strength_model, "model", lora_name)
-        new_clip = _apply(clip, plan.text_encoder, strength_clip, "text-encoder", lora_name) if clip is not None else None
+        new_clip = None
+        if clip is not None:
+            new_clip = _apply(clip, plan.text_encoder, strength_clip, "text-encoder", lora_name)
         LOG.info("Flash LoRA Loader: '%s' (%s) applied to %d model and %d text-encoder weights.",
                  lora_name, "+".join(lora.formats), len(plan.unet), len(plan.text_encoder))
         return io.NodeOutput(new_model, new_clip)

@@ -19,15 +19,15 @@ def test_comfy_node_validate_passes():
     result = subprocess.run([str(comfy), "--skip-prompt", "node", "validate"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "validation checks passed" in result.stdout
+    assert "Security warnings" not in result.stdout + result.stderr
 
 
 def test_registry_metadata_and_tested_comfyui_version():
     comfy = PYPROJECT["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
-    namespace: dict = {}
-    exec((comfyui_path() / "comfyui_version.py").read_text(), namespace)
-    tested = namespace["__version__"]
+    import re
+
+    tested = re.search(r'__version__ = "([^"]+)"', (comfyui_path() / "comfyui_version.py").read_text()).group(1)
     assert comfy["requires-comfyui"] == f">={tested}", "requires-comfyui must name the ComfyUI version the suite runs on"
     assert PYPROJECT["project"]["version"] == flash_core.__version__
     assert "GPL-3.0" in PYPROJECT["project"]["license"]["text"]

@@ -21,11 +21,15 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_JSONL = "captions.jsonl"
@@ -63,7 +67,8 @@ class RawItem:
 
     name: str
     caption: str
-    load: Callable[[], "PIL.Image.Image"]  # noqa: F821
+    load: Callable[[], PIL.Image.Image]
+    check: Callable[[], None] | None = None  # a cheap integrity check without decoding (image files)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,10 +114,30 @@ def _open_image_file(path: Path):
             with Image.open(path) as image:
                 image.load()
                 return image.convert("RGB")
-        except Exception as error:  # PIL raises many types for broken files
+        except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
             raise DataError(f"image {path} cannot be decoded ({error.__class__.__name__}: {error}); fix or remove it") from None
 
     return load
+
+
+def _check_image_file(path: Path):
+    def check():
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.verify()  # reads the file and checks its structure without decoding pixels
+        except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
+            raise DataError(f"image {path} cannot be decoded ({error.__class__.__name__}: {error}); fix or remove it") from None
+
+    return check
+
+
+def verify_items(items: Sequence[RawItem]) -> None:
+    """Fail fast on unreadable image files before any model is loaded (cheap: no pixel decoding)."""
+    for item in items:
+        if item.check is not None:
+            item.check()
 
 
 def list_folder_items(folder: Path, captions: Path | None = None) -> list[RawItem]:
@@ -135,7 +160,7 @@ def list_folder_items(folder: Path, captions: Path | None = None) -> list[RawIte
                 f"caption file missing for {image}: expected {sidecar} (or give a captions .jsonl with data.captions)"
             )
         caption = sidecar.read_text(encoding="utf-8").strip()
-        items.append(RawItem(str(image.relative_to(folder)), caption, _open_image_file(image)))
+        items.append(RawItem(str(image.relative_to(folder)), caption, _open_image_file(image), _check_image_file(image)))
     return items
 
 
@@ -157,7 +182,7 @@ def _items_from_jsonl(folder: Path, captions: Path) -> list[RawItem]:
         image = folder / file_name
         if not image.is_file():
             raise DataError(f"{captions} line {number}: image {image} not found")
-        items.append(RawItem(file_name, text.strip(), _open_image_file(image)))
+        items.append(RawItem(file_name, text.strip(), _open_image_file(image), _check_image_file(image)))
     if not items:
         raise DataError(f"no images found in {folder}: captions file {captions} lists none")
     return items
@@ -169,7 +194,7 @@ def _load_hf_dataset(spec: DataSpec):
     path = Path(spec.path)
     try:
         dataset = datasets.load_from_disk(str(path))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (datasets raises many types for foreign folders)
         raise DataError(
             f"{path} is not a dataset saved with datasets' save_to_disk ({error.__class__.__name__}: {error})"
         ) from None
@@ -190,7 +215,7 @@ def _hf_image_loader(dataset, index: int, column: str, where: str):
 
         try:
             value = dataset[index][column]
-        except Exception as error:  # the datasets Image feature decodes on access
+        except Exception as error:  # noqa: BLE001  (the datasets Image feature decodes on access)
             raise DataError(f"{where}: image cannot be decoded ({error.__class__.__name__}: {error})") from None
         try:
             if isinstance(value, Image.Image):
@@ -209,7 +234,7 @@ def _hf_image_loader(dataset, index: int, column: str, where: str):
             return image.convert("RGB")
         except DataError:
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
             raise DataError(f"{where}: image cannot be decoded ({error.__class__.__name__}: {error})") from None
 
     return load
@@ -340,7 +365,7 @@ def load_cache(path: Path) -> EncodedDataset:
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (safe_open is not a dict)
     captions = json.loads(metadata.get("captions", "[]"))
     conditioning = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
     return EncodedDataset(tensors[LATENTS_KEY], conditioning, captions, Path(path), from_cache=True)
@@ -366,8 +391,8 @@ def encode_dataset(
     if path.is_file():
         try:
             return load_cache(path)
-        except Exception:  # a truncated cache (cannot happen with atomic writes, but be safe): rebuild it
-            pass
+        except (OSError, KeyError, ValueError, RuntimeError) as error:  # safetensors raises these for damaged files
+            raise DataError(f"latent cache {path} cannot be read ({error}); delete it to re-encode the dataset") from None
     items = list_items(spec)
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     latents: list[torch.Tensor] = []
@@ -459,3 +484,33 @@ class BatchOrder:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._permutation = None
+
+
+def encode_prompts_cached(
+    prompts: Sequence[str], encode_prompts: PromptEncoder | None, model_key: str, cache_dir: Path,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Text-encode a few fixed prompts (sample grid, unconditional) once; cached like the dataset.
+
+    `encode_prompts` may be None when the caller knows the cache exists (no text encoder loaded).
+    """
+    path = prompts_cache_path(prompts, model_key, cache_dir)
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if encode_prompts is None:
+        raise FileNotFoundError(path)
+    with torch.no_grad():
+        tensors = {
+            name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+            for name, tensor in encode_prompts(list(prompts)).items()
+        }
+    _save_atomic(tensors, path, {"format": f"flash-distill prompt cache v{CACHE_FORMAT_VERSION}", "prompts": json.dumps(list(prompts))})
+    return tensors
+
+
+def prompts_cache_path(prompts: Sequence[str], model_key: str, cache_dir: Path) -> Path:
+    """The cache file of a list of prompts for a model (hash of both)."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT_VERSION, model_key, list(prompts)]).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"prompts-{digest}.safetensors"

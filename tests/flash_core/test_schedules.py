@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+)
 
 from flash_core import schedules
 
@@ -177,6 +183,22 @@ def test_denoise_keeps_the_tail_of_the_longer_grid(num_steps, denoise):
 
 def test_denoise_half_four_steps():
     assert schedules.denoise_timesteps(4, 0.5) == [499, 374, 249, 124]
+
+
+def test_denoise_grid_length_is_comfyui_rule():
+    assert [schedules.denoise_grid_length(4, d) for d in (1.0, 0.8, 0.5, 0.3, 0.1)] == [4, 5, 8, 13, 40]
+    assert schedules.denoise_grid_length(3, 0.99) == 3  # never shorter than the steps themselves
+
+
+def test_denoise_flow_sigmas_keep_the_tail_of_the_longer_flow_grid():
+    for n in range(1, 9):
+        assert schedules.denoise_flow_sigmas(n, 1.0) == schedules.flow_sigmas(n)
+    assert schedules.denoise_flow_sigmas(4, 0.5) == schedules.flow_sigmas(8)[-4:]
+    assert schedules.denoise_flow_sigmas(2, 0.3, shift=1.0) == schedules.flow_sigmas(6, 1.0)[-2:]
+    with pytest.raises(ValueError, match="denoise"):
+        schedules.denoise_flow_sigmas(4, 0.0)
+    with pytest.raises(ValueError, match="1 to 8 steps"):
+        schedules.denoise_flow_sigmas(0, 1.0)
 
 
 def test_denoise_rejects_bad_inputs():

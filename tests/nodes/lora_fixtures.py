@@ -51,6 +51,17 @@ TINY_SD15_COMFY = {
     **SD15_COMFY, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
     "transformer_depth_output": [1, 1, 1, 1], "num_heads": 8, "dtype": torch.float32,
 }
+# SD3-medium: ComfyUI's MMDiT config (as model_detection reads it from the checkpoint) and diffusers' config.
+SD3_COMFY = {
+    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None, "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+    "num_patches": 36864, "pos_embed_max_size": 192, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+}
+SD3_DIFFUSERS = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}
 TINY_CLIP_CONFIG = {
     "hidden_act": "quick_gelu", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
     "num_hidden_layers": 2, "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-5,
@@ -218,7 +229,7 @@ def tiny_clip(seed: int = 0):
     import comfy.sd
     import comfy.sd1_clip
 
-    class Target:
+    class Target:  # what comfy.sd.CLIP reads from a supported model's clip_target()
         params = {"textmodel_json_config": dict(TINY_CLIP_CONFIG), "clip_model": comfy.sd1_clip.SDClipModel}
         clip = comfy.sd1_clip.SD1ClipModel
         tokenizer = comfy.sd1_clip.SD1Tokenizer

@@ -13,17 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lora_fixtures as F  # noqa: E402
+import lora_fixtures as F
 
-from conftest import import_comfy, load_pack  # noqa: E402
-
-import_comfy()
-import comfy.lora  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.utils  # noqa: E402
-import folder_paths  # noqa: E402
-
-from flash_core import lora_formats as L  # noqa: E402
+from flash_core import lora_formats as L
 
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -33,9 +25,29 @@ CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def comfy_modules(comfy_path):
+    """ComfyUI imported for the CPU (tests/conftest.py), then the modules these tests call into."""
+    global comfy, folder_paths
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    return comfy
+
+
 @pytest.fixture(scope="module")
-def loaders():
-    return load_pack().nodes.loaders
+def loaders(comfy_modules):
+    """nodes/loaders.py imported on its own (absolute imports only), so it is tested whatever state the
+    sibling node files are in; inside ComfyUI it is imported through nodes/__init__.py."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "nodes" / "loaders.py"
+    spec = importlib.util.spec_from_file_location("comfyui_flash_loaders_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +126,7 @@ def test_every_flash_sd15_format_maps_every_key_of_full_sd15(sd15_meta, fmt):
         "peft": lambda: F.peft_state_dict(loras),
         "attention_processor": lambda: F.processor_state_dict(loras),
     }[fmt]()
-    lora, plan = _map(model, tensors)
+    _, plan = _map(model, tensors)
     assert len(layers) == 128  # 16 transformer blocks x 2 attentions x (q, k, v, out) in SD1.5
     assert len(plan.unet) == 128 and not plan.text_encoder
     # each diffusers module landed on the LDM weight ComfyUI's own diffusers->LDM map names
@@ -128,9 +140,9 @@ def test_flash_sdxl_converted_file_maps_every_key_of_full_sdxl(sdxl_meta):
     loras = F.make_loras(layers, rank=1, alpha=1.0)
     tensors = F.kohya_state_dict(loras)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
-    lora, plan = _map(model, tensors)
+    _, plan = _map(model, tensors)
     assert len(plan.unet) == len(layers) == 560
-    lora, plan = _map(model, F.diffusers_state_dict(loras, "lora_A"))  # the flash-sdxl diffusers release
+    _, plan = _map(model, F.diffusers_state_dict(loras, "lora_A"))  # the flash-sdxl diffusers release
     assert len(plan.unet) == 560
 
 
@@ -146,11 +158,32 @@ def test_sdxl_lora_on_sd15_model_is_refused_naming_sdxl(sd15_meta, sdxl_meta):
     assert "lora_unet_" in message  # lists some of the keys that did not map
 
 
+def test_flash_sd3_peft_file_maps_every_key_of_full_sd3_with_config_alpha():
+    """flash-sd3: PEFT keys on every Linear of the diffusers SD3 transformer; ComfyUI fuses q/k/v (offset
+    targets), and the adapter config's lora_alpha is carried into ComfyUI's patches."""
+    import comfy.supported_models
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = comfy.supported_models.SD3(dict(F.SD3_COMFY)).get_model({})
+        layers = {n: m for n, m in SD3Transformer2DModel(**F.SD3_DIFFUSERS).named_modules()
+                  if isinstance(m, torch.nn.Linear)}
+    loras = F.make_loras(layers, rank=1, alpha=1.0)
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 8}
+    _, plan = _map(model, F.peft_state_dict(loras), adapter_config=config)
+    assert len(plan.unet) == len(layers) == 340
+    assert any(isinstance(m.target, tuple) for m in plan.unet)  # fused qkv: (weight key, offset) targets
+    tensors, to_load = L.comfy_lora_inputs(plan.unet)
+    patches = comfy.lora.load_lora(tensors, to_load, log_missing=False)
+    assert len(patches) == 340
+    assert {p.weights[2] for p in patches.values()} == {8.0}  # ComfyUI scales by weights[2] / rank
+
+
 def test_text_encoder_keys_map_onto_clip(tiny):
-    model, clip, unet_layers, clip_layers = tiny
+    model, clip, _, clip_layers = tiny
     te = F.make_loras(clip_layers, rank=2, alpha=2.0, component="text_encoder")
     for tensors in (F.kohya_state_dict(te), F.diffusers_state_dict(te)):
-        lora, plan = _map(model.model, tensors, clip.cond_stage_model)
+        _, plan = _map(model.model, tensors, clip.cond_stage_model)
         assert len(plan.text_encoder) == len(clip_layers) == 12 and not plan.unet
         assert all(m.target.startswith("clip_l.transformer.text_model.encoder.layers.") for m in plan.text_encoder)
 
@@ -172,7 +205,7 @@ def _assert_weights(actual, expected, base, n_changed):
     """Patched weights equal the expected merge; exactly n_changed weights differ from the base model."""
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     assert sum(not torch.equal(actual[k], base[k]) for k in base) == n_changed
 
 
@@ -220,7 +253,8 @@ def test_node_applies_peft_alpha_from_adapter_config(tiny, loras_dir, loaders, c
     unet = F.make_loras(layers, rank=64, alpha=8.0, seed=3)
     config = {"peft_type": "LORA", "r": 64, "lora_alpha": 8, "target_modules": ["to_q", "to_k"]}
     folder = loras_dir / "flash-peft"
-    F.write(folder / "adapter_model.safetensors", F.peft_state_dict(unet), adapter_config=config if with_config else None)
+    F.write(folder / "adapter_model.safetensors", F.peft_state_dict(unet),
+            adapter_config=config if with_config else None)
     base = F.patched_state_dict(model)
 
     with caplog.at_level(logging.WARNING):
@@ -324,12 +358,14 @@ def test_kohya_export_loads_in_stock_loraloader_without_lost_keys(tiny, loras_di
         stock_model, stock_clip = comfy.sd.load_lora_for_models(
             model, clip, comfy.utils.load_torch_file(str(loras_dir / "flash-sd-kohya.safetensors"), safe_load=True),
             0.9, 1.1)
-    lost = [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
+    lost = [r.getMessage() for r in caplog.records
+            if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
     assert lost == []
 
     out = loaders.FlashLoRALoader.execute(model, "flash-sd.safetensors", 0.9, 1.1, clip=clip)
     flash_model, flash_clip = out.args
-    torch.testing.assert_close(F.patched_state_dict(stock_model), F.patched_state_dict(flash_model), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(F.patched_state_dict(stock_model), F.patched_state_dict(flash_model),
+                               rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(F.patched_state_dict(stock_clip.patcher), F.patched_state_dict(flash_clip.patcher),
                                rtol=1e-6, atol=1e-7)
     base = F.patched_state_dict(model)
@@ -342,6 +378,7 @@ def test_node_schema_matches_contract(loaders):
     assert schema.category == "Flash Diffusion"
     inputs = {i.id: i for i in schema.inputs}
     assert list(inputs) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
-    assert inputs["clip"].optional and inputs["strength_model"].default == 1.0 and inputs["strength_clip"].default == 1.0
+    assert inputs["clip"].optional
+    assert inputs["strength_model"].default == 1.0 and inputs["strength_clip"].default == 1.0
     assert [o.io_type for o in schema.outputs] == ["MODEL", "CLIP"]
     assert loaders.NODES == [loaders.FlashLoRALoader]

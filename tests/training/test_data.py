@@ -16,6 +16,7 @@ from training.data import (
     encode_dataset,
     list_items,
     resize_and_crop,
+    verify_items,
 )
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -173,7 +174,15 @@ def test_empty_and_broken_data_fail_fast_naming_the_file(tmp_path):
     corrupt = sidecar_folder(tmp_path / "corrupt", 2)
     (corrupt / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     with pytest.raises(DataError, match=rf"image {corrupt / 'img1.png'} cannot be decoded"):
+        verify_items(list_items(DataSpec(corrupt)))  # before any model is loaded
+    with pytest.raises(DataError, match=rf"image {corrupt / 'img1.png'} cannot be decoded"):
         encode(DataSpec(corrupt, resolution=16), tmp_path / "cache", CountingEncoders())
+
+    truncated = sidecar_folder(tmp_path / "truncated", 2)
+    data = (truncated / "img0.png").read_bytes()
+    (truncated / "img0.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"image {truncated / 'img0.png'} cannot be decoded"):
+        verify_items(list_items(DataSpec(truncated)))
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # nothing half-written
 
 

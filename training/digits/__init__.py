@@ -1,0 +1,5 @@
+"""Digits: a self-trained text-to-image teacher (scikit-learn's handwritten digits) to prove Flash distillation.
+
+data.py (corpus and prompts), teacher.py (diffusers pipeline folder), evaluator.py (accuracy and Fréchet
+distance in a digit classifier's features), benchmark.py (`make bench-quality`).
+"""

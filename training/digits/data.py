@@ -30,7 +30,7 @@ CANONICAL_TEMPLATE = "a handwritten digit {word}"
 PROMPT_TEMPLATES = (
     CANONICAL_TEMPLATE,
     "a photo of the handwritten digit {word}",
-    "the number {word}, handwritten",
+    "the handwritten number {word}",
     "a scanned handwritten {word}",
 )
 

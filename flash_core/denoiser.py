@@ -1,0 +1,249 @@
+"""The one interface between the Flash algorithm and a model family: `Denoiser`.
+
+A Denoiser wraps ONE network. The student is that network with its LoRA adapters enabled; the teacher is
+the same network with the adapters disabled (peft), so the teacher's weights are never copied or changed.
+
+Time convention: `t` is the model timestep, a float tensor of shape [B] on the 0..1000 scale —
+the discrete DDPM timestep (0..999) for epsilon / v-prediction models, sigma*1000 for flow models (SD3).
+Both are written as x_t = alpha_t x0 + sigma_t eps with (alpha, sigma) from `noise_coefficients`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor, nn
+
+from flash_core.sampling import flow_x0, predicted_x0
+from flash_core.schedules import NUM_TRAIN_TIMESTEPS
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+
+
+@dataclass
+class Conditioning:
+    """Per-backbone conditioning tensors, all batch-first.
+
+    encoder_hidden_states: text tokens (SD1.5 CLIP-L, SDXL CLIP-L+G, PixArt T5, SD3 CLIP+T5).
+    pooled: SDXL `text_embeds` / SD3 `pooled_projections`.
+    time_ids: SDXL `time_ids` (original size, crop, target size).
+    attention_mask: PixArt T5 token mask (`encoder_attention_mask`).
+    extra: further batch-first tensors a backend needs (e.g. PixArt `resolution`, `aspect_ratio`).
+    """
+
+    encoder_hidden_states: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.encoder_hidden_states.shape[0])
+
+    def _map(self, fn) -> Conditioning:
+        """Apply `fn` to every tensor (fields and extra)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        mapped = {k: (fn(v) if v is not None else None) for k, v in values.items()}
+        return Conditioning(**mapped, extra={k: fn(v) for k, v in self.extra.items()})
+
+    def __getitem__(self, index) -> Conditioning:
+        """Select samples along the batch dimension (int, slice or index tensor); keeps the batch dim."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._map(lambda v: v[index])
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Move to `device`; cast floating tensors (not masks / ids) to `dtype`."""
+        def move(v: Tensor) -> Tensor:
+            if dtype is not None and v.is_floating_point():
+                return v.to(device=device, dtype=dtype)
+            return v.to(device=device)
+        return self._map(move)
+
+    def expand_to(self, batch_size: int) -> Conditioning:
+        """Repeat a batch-1 conditioning (e.g. the empty prompt) to `batch_size`."""
+        if self.batch_size == batch_size:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"cannot expand a conditioning of batch {self.batch_size} to {batch_size}")
+        return self._map(lambda v: v.expand(batch_size, *v.shape[1:]))
+
+    @staticmethod
+    def cat(conds: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate along the batch (e.g. [uncond, cond] for one CFG forward)."""
+        first = conds[0]
+        out = {}
+        for f in fields(first):
+            if f.name == "extra":
+                continue
+            values = [getattr(c, f.name) for c in conds]
+            if any(v is None for v in values):
+                if not all(v is None for v in values):
+                    raise ValueError(f"Conditioning.cat: field {f.name!r} is set in some conditionings only")
+                out[f.name] = None
+            else:
+                out[f.name] = torch.cat(values, dim=0)
+        extra = {k: torch.cat([c.extra[k] for c in conds], dim=0) for k in first.extra}
+        return Conditioning(**out, extra=extra)
+
+
+def zero_conditioning(cond: Conditioning) -> Conditioning:
+    """The SDXL-style unconditional: zeroed text embeddings and pooled embeds, size/crop ids kept."""
+    return replace(
+        cond,
+        encoder_hidden_states=torch.zeros_like(cond.encoder_hidden_states),
+        pooled=torch.zeros_like(cond.pooled) if cond.pooled is not None else None,
+    )
+
+
+class Denoiser(ABC):
+    """A denoising network plus its LoRA adapters (student) that can be switched off (teacher).
+
+    Subclasses set `prediction_type`, `alphas_cumprod` (discrete models; None for flow),
+    `encoder_feature_channels`, `lora_module` (the nn.Module that carries the peft adapters) and implement
+    `predict` and `encoder_features`. LoRA handling is shared here.
+    """
+
+    prediction_type: str
+    alphas_cumprod: Tensor | None
+    encoder_feature_channels: int
+    lora_module: nn.Module
+
+    @abstractmethod
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Raw model output (eps / v / flow velocity), same shape as x_t."""
+
+    @abstractmethod
+    def encoder_features(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Feature map [B, encoder_feature_channels, h, w] of the network (discriminator backbone)."""
+
+    # ---- LoRA (peft adapters on lora_module) ------------------------------------------------------
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == "flow"
+
+    def add_lora(self, rank: int, alpha: int, targets: Sequence[str], seed: int = 0) -> None:
+        """Inject a Gaussian-initialised peft LoRA (adapter "default") on the `targets` modules."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.has_lora:
+            raise RuntimeError("this denoiser already carries a LoRA adapter")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # reproducible Gaussian init of lora_A (lora_B = 0)
+            inject_adapter_in_model(config, self.lora_module)
+        for name, param in self.lora_module.named_parameters():
+            param.requires_grad_("lora_" in name)
+
+    @property
+    def has_lora(self) -> bool:
+        return any("lora_" in name for name, _ in self.lora_module.named_parameters())
+
+    def named_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.lora_module.named_parameters() if "lora_" in n]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable student parameters (deterministic order)."""
+        return [p for _, p in self.named_lora_parameters()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The frozen teacher parameters."""
+        return [p for n, p in self.lora_module.named_parameters() if "lora_" not in n]
+
+    def set_lora_enabled(self, enabled: bool) -> None:
+        """Student (True) or teacher (False). Enabling restores requires_grad on the adapters."""
+        for layer in self._lora_layers():
+            layer.enable_adapters(enabled)
+
+    def _lora_layers(self) -> list[nn.Module]:
+        """The peft tuner layers of lora_module (found once; a network walk costs ms on SD-size models)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        cached = self.__dict__.get("_lora_layer_cache")
+        if not cached:
+            cached = [m for m in self.lora_module.modules() if isinstance(m, BaseTunerLayer)]
+            self.__dict__["_lora_layer_cache"] = cached
+        return cached
+
+    @contextlib.contextmanager
+    def teacher(self) -> Iterator[Denoiser]:
+        """Run as the teacher (adapters off); the student's adapters (and their grads) are back on exit.
+
+        Adapters must be on again before backward: autograd drops grads of leaves with requires_grad off.
+        Gradient checkpointing is paused inside: a backward recomputation would run with the adapters on.
+        """
+        checkpointing = self.gradient_checkpointing
+        if checkpointing:
+            self.set_gradient_checkpointing(False)
+        self.set_lora_enabled(False)
+        try:
+            yield self
+        finally:
+            self.set_lora_enabled(True)
+            if checkpointing:
+                self.set_gradient_checkpointing(True)
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """peft-named LoRA tensors (`<module>.lora_A.weight`, ...), detached CPU copies."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.lora_module)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    gradient_checkpointing: bool = False
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the network's block activations in backward (diffusers models)."""
+        model = self.lora_module
+        if enabled and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+        elif not enabled and hasattr(model, "disable_gradient_checkpointing"):
+            model.disable_gradient_checkpointing()
+        self.gradient_checkpointing = bool(enabled) and hasattr(model, "enable_gradient_checkpointing")
+
+
+# ---- output conversions (the one home of eps / v / flow <-> x0 algebra) ----------------------------
+def noise_coefficients(denoiser: Denoiser, t: Tensor, ndim: int = 4) -> tuple[Tensor, Tensor]:
+    """(alpha_t, sigma_t) with x_t = alpha_t x0 + sigma_t eps, broadcastable to an ndim tensor.
+
+    Discrete: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t). Flow: sigma = t/1000, alpha = 1 - sigma.
+    """
+    t = torch.as_tensor(t).float().reshape(-1)
+    if denoiser.is_flow:
+        sigma = (t / NUM_TRAIN_TIMESTEPS).double()  # flow sigma in [0, 1]
+        alpha = 1.0 - sigma  # x_t = sigma eps + (1 - sigma) x0
+    else:
+        abar = denoiser.alphas_cumprod.to(device=t.device, dtype=torch.float64)[t.round().long()]
+        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()  # DDPM: sqrt(abar), sqrt(1 - abar)
+    shape = (-1,) + (1,) * (ndim - 1)
+    return alpha.float().reshape(shape), sigma.float().reshape(shape)
+
+
+def add_noise(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """z_t = alpha_t x0 + sigma_t eps (DDPM forward process; flow: sigma eps + (1-sigma) x0)."""
+    alpha, sigma = noise_coefficients(denoiser, t, x0.ndim)
+    return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
+
+
+def output_to_x0_eps(denoiser: Denoiser, raw: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Convert a raw model output to (x0, eps) at (x_t, t); x0 via flash_core.sampling's step maths."""
+    alpha, sigma = noise_coefficients(denoiser, t, x_t.ndim)
+    alpha, sigma = alpha.to(x_t.dtype), sigma.to(x_t.dtype)
+    kind = denoiser.prediction_type
+    if kind == "epsilon":
+        x0 = predicted_x0(raw, x_t, alpha**2, "epsilon")  # x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+        eps = raw
+    elif kind == "v_prediction":
+        x0 = predicted_x0(raw, x_t, alpha**2, "v_prediction")  # x0 = sqrt(abar) x_t - sqrt(1-abar) v
+        eps = sigma * x_t + alpha * raw  # eps = sqrt(1-abar) x_t + sqrt(abar) v
+    elif kind == "flow":
+        x0 = flow_x0(raw, x_t, sigma)  # x0 = x_t - sigma v  (v = eps - x0)
+        eps = x_t + alpha * raw  # eps = x0 + v = x_t + (1 - sigma) v
+    else:
+        raise ValueError(f"unknown prediction_type {kind!r}; expected one of {PREDICTION_TYPES}")
+    return x0, eps

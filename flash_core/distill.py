@@ -1,0 +1,473 @@
+"""Flash Diffusion training: one optimiser step of the student (and of the discriminator) and the loop state.
+
+Public API (used by training/cli.py, training/digits/ and the ComfyUI training node):
+
+    DistillConfig(backbone="sd15", total_steps=10_000, seed=0, batch_size=None, lora_rank=None,
+                  lora_alpha=None, lora_targets=None, lr=None, guidance_range=None, teacher_grid_steps=None,
+                  distill_weights=None, adversarial_weights=None, dmd_weights=None, distill_loss="l2",
+                  grad_checkpointing=False, mixed_precision="no")      # None = the recipe's number
+        .recipe() -> Recipe                                              # recipe with overrides applied
+    Batch(latents, cond, uncond)                                         # uncond may have batch size 1
+    teacher_target(denoiser, z_t, grid_index, cond, uncond, guidance, grid_steps) -> x0   # DPM-Solver++ / flow Euler
+    guided_output(denoiser, x_t, t, cond, uncond, guidance) -> raw       # CFG: w*out_c + (1-w)*out_u
+    training_grid(denoiser, grid_steps) -> list[float]                   # K-step grid in model timesteps
+    FlashDistiller(denoiser, config, device=None, backward=None, process_index=0, reduce_gradients=None)
+        .step: int                .phase -> int            .recipe: Recipe
+        .student_params: list[Parameter]     .discriminator: DiscriminatorHead
+        .student_optimizer / .discriminator_optimizer: AdamW
+        .sample_grid_index(phase=None) -> int                           # the timestep-mixture sampler
+        .student_x0(z_t, t, cond) -> Tensor                             # LCM-boundary student output
+        .distribution_matching_loss(x, cond, uncond) -> Tensor          # DMD loss of a student sample
+        .train_step(batch) -> dict[str, float]        # losses + seconds: teacher_s, student_s, discriminator_s, dmd_s
+        .student_sample(noise, cond, num_steps=4, generator=None) -> Tensor
+        .state_dict() -> dict / .load_state_dict(d)                     # exact resume
+        .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
+
+Around it: flash_core.recipes (Recipe, RECIPES, get_recipe), flash_core.denoiser (Conditioning, Denoiser ABC
+with predict / encoder_features / add_lora / lora_parameters / set_lora_enabled / teacher() / lora_state_dict,
+zero_conditioning, noise_coefficients, add_noise, output_to_x0_eps), flash_core.losses (distillation_loss,
+DiscriminatorHead, discriminator_loss, generator_adversarial_loss, dmd_gradient, dmd_loss) and
+flash_core.backends.diffusers (UNetDenoiser, PixArtDenoiser, SD3Denoiser, make_diffusers_denoiser).
+
+accelerate / DDP: pass `backward=accelerator.backward`, `process_index=accelerator.process_index` (distinct
+noise per process) and `reduce_gradients=` a callable that all-reduces (averages) the `.grad` of the given
+parameters — the student runs through the plain network (teacher and student share it), so gradients of
+`student_params` and of the discriminator head are synchronised explicitly, not by a DDP wrapper.
+Optimisers may be wrapped with `accelerator.prepare`. Defaults: single process, `loss.backward()`.
+Everything trainable is reachable: `student_params`, `discriminator`, `student_optimizer`,
+`discriminator_optimizer`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from flash_core import sampling
+from flash_core.denoiser import (
+    Conditioning,
+    Denoiser,
+    add_noise,
+    noise_coefficients,
+    output_to_x0_eps,
+)
+from flash_core.losses import (
+    DISTILL_LOSSES,
+    DiscriminatorHead,
+    discriminator_loss,
+    distillation_loss,
+    dmd_gradient,
+    dmd_loss,
+    generator_adversarial_loss,
+    make_lpips_loss,
+)
+from flash_core.recipes import Recipe, get_recipe
+from flash_core.schedules import (
+    NUM_TRAIN_TIMESTEPS,
+    flow_sigmas,
+    phase_of_step,
+    timestep_mixture_probs,
+    trailing_timesteps,
+)
+
+MIXED_PRECISION = ("no", "bf16")
+
+
+@dataclass
+class DistillConfig:
+    """Run settings; every `None` falls back to the backbone's Recipe (flash_core/recipes.py)."""
+
+    backbone: str = "sd15"
+    total_steps: int = 10_000
+    seed: int = 0
+    batch_size: int | None = None
+    lora_rank: int | None = None
+    lora_alpha: int | None = None
+    lora_targets: tuple[str, ...] | None = None
+    lr: float | None = None
+    guidance_range: tuple[float, float] | None = None
+    teacher_grid_steps: int | None = None
+    distill_weights: tuple[float, ...] | None = None
+    adversarial_weights: tuple[float, ...] | None = None
+    dmd_weights: tuple[float, ...] | None = None
+    distill_loss: str = "l2"
+    grad_checkpointing: bool = False
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, got {self.distill_loss!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+
+    def recipe(self) -> Recipe:
+        """The backbone's recipe with this config's overrides applied."""
+        overrides = {
+            "batch_size": self.batch_size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+            "lora_targets": tuple(self.lora_targets) if self.lora_targets is not None else None,
+            "lr": self.lr, "teacher_grid_steps": self.teacher_grid_steps,
+            "guidance_range": tuple(self.guidance_range) if self.guidance_range is not None else None,
+            "distill_weights": _tuple(self.distill_weights), "adversarial_weights": _tuple(self.adversarial_weights),
+            "dmd_weights": _tuple(self.dmd_weights),
+        }
+        return replace(get_recipe(self.backbone), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _tuple(values):
+    return tuple(float(v) for v in values) if values is not None else None
+
+
+@dataclass
+class Batch:
+    """One training batch: VAE latents of real images and their (un)conditional embeddings."""
+
+    latents: Tensor
+    cond: Conditioning
+    uncond: Conditioning
+
+
+# ---- teacher --------------------------------------------------------------------------------------
+def training_grid(denoiser: Denoiser, grid_steps: int) -> list[float]:
+    """The K-step training grid in model timesteps: trailing DDPM timesteps, or flow sigmas * 1000."""
+    if denoiser.is_flow:
+        return [s * NUM_TRAIN_TIMESTEPS for s in flow_sigmas(grid_steps)]  # SD3: shifted sigmas, t = sigma*T
+    return [float(t) for t in trailing_timesteps(grid_steps)]  # K=32: 999, 968, ..., 30
+
+
+def guided_output(
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning, guidance: float
+) -> Tensor:
+    """Classifier-free guidance in one batched forward: w*out_cond + (1-w)*out_uncond."""
+    batch = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device).float().reshape(-1).expand(batch)
+    both = Conditioning.cat([uncond.expand_to(batch), cond])
+    raw = denoiser.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
+    raw_uncond, raw_cond = raw.chunk(2)
+    return guidance * raw_cond + (1.0 - guidance) * raw_uncond  # eps = w eps_c + (1-w) eps_u
+
+
+def _teacher_scheduler(denoiser: Denoiser, grid_steps: int):
+    """diffusers solver of the teacher on the K grid: DPM-Solver++(2M) trailing, or flow Euler (SD3)."""
+    if denoiser.is_flow:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+        scheduler.set_timesteps(sigmas=flow_sigmas(grid_steps))  # already shifted by schedules.flow_sigmas
+        return scheduler
+    from diffusers import DPMSolverMultistepScheduler
+
+    abar = denoiser.alphas_cumprod.double().cpu()
+    betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])  # beta_t = 1 - abar_t / abar_{t-1}
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=len(abar), trained_betas=betas.numpy(), algorithm_type="dpmsolver++",
+        solver_order=2, timestep_spacing="trailing", prediction_type=denoiser.prediction_type,
+    )
+    scheduler.set_timesteps(grid_steps)
+    if [int(t) for t in scheduler.timesteps] != trailing_timesteps(grid_steps, len(abar)):
+        raise RuntimeError("diffusers' trailing DPM-Solver++ grid differs from schedules.trailing_timesteps")
+    return scheduler
+
+
+@torch.no_grad()
+def teacher_target(
+    denoiser: Denoiser, z_t: Tensor, grid_index: int, cond: Conditioning, uncond: Conditioning,
+    guidance: float, grid_steps: int,
+) -> Tensor:
+    """Teacher's fully denoised x0: multi-step solve with CFG from grid index `grid_index` to the end.
+
+    Run under the caller's teacher context (LoRA disabled); no gradient.
+    """
+    scheduler = _teacher_scheduler(denoiser, grid_steps)
+    sample = z_t.float()
+    for t in scheduler.timesteps[grid_index:]:
+        raw = guided_output(denoiser, sample, t.to(sample.device), cond, uncond, guidance)
+        sample = scheduler.step(raw, t, sample, return_dict=False)[0]  # DPM-Solver++ 2M (flow: Euler) step
+    return sample
+
+
+# ---- trainer --------------------------------------------------------------------------------------
+class FlashDistiller:
+    """Flash Diffusion trainer: student = denoiser + LoRA, teacher = same network with LoRA disabled."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        config: DistillConfig,
+        device: torch.device | str | None = None,
+        backward: Callable[[Tensor], None] | None = None,
+        process_index: int = 0,
+        reduce_gradients: Callable[[list[nn.Parameter]], None] | None = None,
+    ):
+        self.denoiser = denoiser
+        self.config = config
+        self.recipe = config.recipe()
+        self.device = torch.device(device) if device is not None else next(denoiser.lora_module.parameters()).device
+        self.backward = backward if backward is not None else (lambda loss: loss.backward())
+        # Multi-process: average the grads of these params across processes before each optimiser step
+        # (the student runs through the unwrapped network, so DDP cannot do it); None = single process.
+        self.reduce_gradients = reduce_gradients
+        self.step = 0
+
+        if not denoiser.has_lora:
+            denoiser.add_lora(self.recipe.lora_rank, self.recipe.lora_alpha, self.recipe.lora_targets, seed=config.seed)
+        denoiser.lora_module.to(self.device)
+        denoiser.set_gradient_checkpointing(config.grad_checkpointing)
+        self.student_params: list[nn.Parameter] = denoiser.lora_parameters()
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)  # reproducible discriminator head init
+            self.discriminator = DiscriminatorHead(
+                denoiser.encoder_feature_channels, self.recipe.discriminator_channels
+            ).to(self.device)
+        self.student_optimizer = torch.optim.AdamW(self.student_params, lr=self.recipe.lr)
+        self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.recipe.lr)
+
+        # All training randomness: small draws (grid index, w, timesteps) on CPU, noise on the device.
+        seed = config.seed + 1000 * process_index
+        self.cpu_generator = torch.Generator("cpu").manual_seed(seed)
+        self.noise_generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.grid = training_grid(denoiser, self.recipe.teacher_grid_steps)
+        self._mixture_probs: dict[int, Tensor] = {}
+        self._lpips = make_lpips_loss().to(self.device) if config.distill_loss == "lpips" else None
+
+    # ---- sampling of the training randomness ----
+    @property
+    def phase(self) -> int:
+        return phase_of_step(self.step, self.config.total_steps, self.recipe.num_phases)
+
+    def mixture_probs(self, phase: int | None = None) -> Tensor:
+        """p(grid index) of `phase` (default: the current one) on the K grid."""
+        phase = self.phase if phase is None else phase
+        if phase not in self._mixture_probs:
+            weights = self.recipe.phase_mode_weights[phase]
+            self._mixture_probs[phase] = timestep_mixture_probs(weights, self.recipe.teacher_grid_steps)
+        return self._mixture_probs[phase]
+
+    def sample_grid_index(self, phase: int | None = None) -> int:
+        """One K-grid index per batch from the phase's timestep mixture."""
+        return int(torch.multinomial(self.mixture_probs(phase), 1, generator=self.cpu_generator))
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.cpu_generator, dtype=torch.float64))
+
+    def _choice(self, values) -> float:
+        return float(values[int(torch.randint(len(values), (), generator=self.cpu_generator))])
+
+    def _noise(self, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self.noise_generator, device=self.device, dtype=torch.float32)
+
+    def _autocast(self):
+        enabled = self.config.mixed_precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _timestep(self, value: float, batch: int) -> Tensor:
+        return torch.full((batch,), float(value), device=self.device)
+
+    # ---- the student ----
+    def student_x0(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Student output x = c_skip(t) z_t + c_out(t) x0_pred (LCM boundary; flow models: x0 = x_t - sigma v)."""
+        with self._autocast():
+            raw = self.denoiser.predict(z_t, t, cond)
+        x0_pred, _ = output_to_x0_eps(self.denoiser, raw.float(), z_t, t)
+        if self.denoiser.is_flow:
+            return x0_pred  # the SD3 sampler (flash_core.sampling.sample_flow) uses x0 = x - sigma v as is
+        return sampling.lcm_boundary_x0(x0_pred, z_t, t)  # x = c_skip z_t + c_out x0_pred
+
+    # ---- one step ----
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One student optimiser step, then one discriminator step on the same batch.
+
+        Timing split (seconds): teacher_s = the teacher's multi-step CFG solve; student_s = student forward,
+        adversarial generator pass through the frozen encoder, backward and optimiser step; dmd_s = the DMD
+        scores (teacher CFG + student, no grad); discriminator_s = the head's LSGAN step.
+        """
+        den, recipe, phase = self.denoiser, self.recipe, self.phase
+        latents = batch.latents.to(self.device, torch.float32)
+        size = latents.shape[0]
+        cond = batch.cond.to(self.device)
+        uncond = batch.uncond.to(self.device).expand_to(size)
+        w_distill = recipe.distill_weights[phase]
+        w_adv = recipe.adversarial_weights[phase]
+        w_dmd = recipe.dmd_weights[phase]
+
+        # Student input on the K grid (one timestep per batch); index 0 = pure Gaussian noise.
+        grid_index = self.sample_grid_index(phase)
+        t = self._timestep(self.grid[grid_index], size)
+        noise = self._noise(latents)
+        z_t = noise if grid_index == 0 else add_noise(den, latents, noise, t)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps
+        guidance = self._uniform(*recipe.guidance_range)  # w ~ U[min, max]
+
+        start = self._sync()
+        with torch.no_grad(), den.teacher(), self._autocast():
+            x0_teacher = teacher_target(den, z_t, grid_index, cond, uncond, guidance, recipe.teacher_grid_steps)
+        teacher_s = self._sync() - start
+
+        start = self._sync()
+        x = self.student_x0(z_t, t, cond)
+        loss_distill = distillation_loss(x, x0_teacher.float(), self.config.distill_loss, self._lpips)
+        total = w_distill * loss_distill
+        # Adversarial re-noising: t in {10, 250, 500, 750} (flow: sigma = t/1000), SAME noise for real and fake.
+        t_adv = self._timestep(self._choice(recipe.adversarial_timesteps), size)
+        adv_noise = self._noise(latents)
+        logs: dict[str, float] = {}
+        if w_adv > 0:
+            with den.teacher(), self._autocast():  # frozen teacher encoder; grads flow to x only
+                fake_features = den.encoder_features(add_noise(den, x, adv_noise, t_adv), t_adv, cond)
+            loss_adv = generator_adversarial_loss(self.discriminator(fake_features))
+            total = total + w_adv * loss_adv
+            logs["loss_adversarial"] = float(loss_adv.detach())
+            fake_features = fake_features.detach()
+        else:
+            fake_features = None
+        student_s = self._sync() - start
+
+        dmd_s = 0.0
+        if w_dmd > 0:
+            start = self._sync()
+            loss_dmd = self.distribution_matching_loss(x, cond, uncond)
+            total = total + w_dmd * loss_dmd
+            logs["loss_dmd"] = float(loss_dmd.detach())
+            dmd_s = self._sync() - start
+
+        start = self._sync()
+        self.student_optimizer.zero_grad(set_to_none=True)
+        self.backward(total)
+        if self.reduce_gradients is not None:
+            self.reduce_gradients(self.student_params)
+        self.student_optimizer.step()
+        self.student_optimizer.zero_grad(set_to_none=True)
+        student_s += self._sync() - start
+
+        start = self._sync()
+        loss_disc = self._discriminator_step(latents, x.detach(), fake_features, adv_noise, t_adv, cond)
+        discriminator_s = self._sync() - start
+
+        self.step += 1
+        logs.update(
+            loss=float(total.detach()), loss_distill=float(loss_distill.detach()), loss_discriminator=loss_disc,
+            phase=float(phase), grid_index=float(grid_index), guidance=guidance,
+            teacher_s=teacher_s, student_s=student_s, discriminator_s=discriminator_s, dmd_s=dmd_s,
+        )
+        return logs
+
+    def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
+        """DMD: re-noise x at t ~ U{0..999}; real score = CFG teacher, fake score = the student (cond, no grad)."""
+        den, size = self.denoiser, x.shape[0]
+        uncond = uncond.expand_to(size)
+        t_dmd = self._timestep(int(torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=self.cpu_generator)), size)
+        x_noisy = add_noise(den, x.detach(), self._noise(x), t_dmd)  # re-noised student sample
+        guidance = self._uniform(*self.recipe.guidance_range)  # fresh w for the real score
+        with torch.no_grad():
+            with den.teacher(), self._autocast():
+                raw_real = guided_output(den, x_noisy, t_dmd, cond, uncond, guidance)
+            with self._autocast():
+                raw_fake = den.predict(x_noisy, t_dmd, cond)
+        x0_real, eps_real = output_to_x0_eps(den, raw_real.float(), x_noisy, t_dmd)
+        _, eps_fake = output_to_x0_eps(den, raw_fake.float(), x_noisy, t_dmd)
+        alpha, sigma = noise_coefficients(den, t_dmd, x.ndim)
+        grad = dmd_gradient(x, x0_real, eps_real, eps_fake, alpha, sigma)
+        return dmd_loss(x, grad)
+
+    def _discriminator_step(
+        self, latents: Tensor, fake_x0: Tensor, fake_features: Tensor | None, noise: Tensor, t: Tensor,
+        cond: Conditioning,
+    ) -> float:
+        """LSGAN step of the head: real = dataset latents, fake = student x0, same noise and t."""
+        den = self.denoiser
+        with torch.no_grad(), den.teacher(), self._autocast():
+            real_features = den.encoder_features(add_noise(den, latents, noise, t), t, cond)
+            if fake_features is None:
+                fake_features = den.encoder_features(add_noise(den, fake_x0, noise, t), t, cond)
+        logits = self.discriminator(torch.cat([real_features, fake_features]).float())
+        real_logits, fake_logits = logits.chunk(2)
+        loss = discriminator_loss(real_logits, fake_logits)
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        if self.reduce_gradients is not None:
+            self.reduce_gradients(list(self.discriminator.parameters()))
+        self.discriminator_optimizer.step()
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def student_sample(
+        self, noise: Tensor, cond: Conditioning, num_steps: int = 4, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid)."""
+        den = self.denoiser
+        cond = cond.to(self.device)
+
+        def model_fn(x: Tensor, t) -> Tensor:
+            with self._autocast():
+                return den.predict(x, self._timestep(t, x.shape[0]), cond).float()
+
+        noise = noise.to(self.device, torch.float32)
+        if den.is_flow:
+            return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator)
+        return sampling.sample_discrete(
+            model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator
+        )
+
+    # ---- checkpointing ----
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """peft-named LoRA tensors of the student (`<module>.lora_A.weight`, ...)."""
+        return self.denoiser.lora_state_dict()
+
+    def state_dict(self) -> dict:
+        """Everything for an exact resume (weights_only-loadable)."""
+        state = {
+            "step": self.step,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "lora": {n: p.detach().cpu().clone() for n, p in self.denoiser.named_lora_parameters()},
+            "discriminator": {k: v.detach().cpu().clone() for k, v in _unwrap(self.discriminator).state_dict().items()},
+            "student_optimizer": self.student_optimizer.state_dict(),
+            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
+            "cpu_generator": self.cpu_generator.get_state(),
+            "noise_generator": self.noise_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_random": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.denoiser.named_lora_parameters())
+        missing = set(params) - set(state["lora"])
+        if missing:
+            raise KeyError(f"checkpoint lacks LoRA tensors, e.g. {sorted(missing)[:3]}: rank/targets differ?")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state["lora"][name])
+        _unwrap(self.discriminator).load_state_dict(state["discriminator"])
+        self.student_optimizer.load_state_dict(state["student_optimizer"])
+        self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.cpu_generator.set_state(state["cpu_generator"])
+        self.noise_generator.set_state(state["noise_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_as_tuple(state["python_random"]))
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP / accelerate wrapper."""
+    return getattr(module, "module", module)
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,97 @@
+"""Per-backbone Flash Diffusion recipes: the ONE home of rank, alpha, targets, guidance ranges, K and
+per-phase loss weights (numbers from the paper's published configs, see shared notes).
+
+Grids and the timestep mixture itself live in `flash_core.schedules`; a recipe only names its inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flash_core.schedules import PHASE_MODE_WEIGHTS
+
+UNCOND_MODES = ("empty_prompt", "zeros", "negative_prompt")
+
+# LoRA targets: attention projections of the UNets (self and cross attention).
+UNET_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+# LoRA targets of the DiTs: attention q/k/v/out plus projections, feed-forward and adaLN linears.
+DIT_LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+    "ff.net.0.proj", "ff.net.2", "proj", "linear", "linear_1", "linear_2",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that differs between backbones when distilling with Flash Diffusion."""
+
+    backbone: str
+    lora_rank: int
+    lora_alpha: int
+    lora_targets: tuple[str, ...]
+    guidance_range: tuple[float, float]  # teacher CFG scale w ~ U[min, max], once per batch
+    teacher_grid_steps: int  # K: teacher DPM-Solver++ grid (32; PixArt 16)
+    batch_size: int  # per GPU
+    uncond: str  # "empty_prompt" | "zeros" | "negative_prompt"
+    adversarial_weights: tuple[float, ...]  # per phase
+    dmd_weights: tuple[float, ...]  # per phase
+    distill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # per phase
+    phase_mode_weights: tuple[tuple[float, ...], ...] = PHASE_MODE_WEIGHTS  # mixture mode weights per phase
+    student_steps: int = 4  # the few-step grid the mixture's modes sit on
+    adversarial_timesteps: tuple[int, ...] = (10, 250, 500, 750)  # re-noising levels of the discriminator
+    lr: float = 1e-5  # AdamW, student and discriminator, constant
+    # Discriminator head widths (conv4x4/2 -> c1, conv4x4/2 -> c2, conv1x1 -> 1): 870,720 params on 1280 ch.
+    discriminator_channels: tuple[int, int] = (40, 80)
+
+    def __post_init__(self) -> None:
+        if self.uncond not in UNCOND_MODES:
+            raise ValueError(f"recipe {self.backbone!r}: uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
+        num_phases = len(self.phase_mode_weights)
+        for name in ("distill_weights", "adversarial_weights", "dmd_weights"):
+            if len(getattr(self, name)) != num_phases:
+                raise ValueError(
+                    f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), "
+                    f"got {getattr(self, name)!r}"
+                )
+        low, high = self.guidance_range
+        if not 0 <= low <= high:
+            raise ValueError(f"recipe {self.backbone!r}: guidance_range must be (min, max) with 0 <= min <= max")
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.phase_mode_weights)
+
+
+RECIPES: dict[str, Recipe] = {
+    "sd15": Recipe(
+        backbone="sd15", lora_rank=128, lora_alpha=128, lora_targets=UNET_LORA_TARGETS,
+        guidance_range=(3.0, 13.0), teacher_grid_steps=32, batch_size=4, uncond="empty_prompt",
+        adversarial_weights=(0.0, 0.1, 0.2, 0.3), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+    ),
+    "sdxl": Recipe(
+        backbone="sdxl", lora_rank=64, lora_alpha=64, lora_targets=UNET_LORA_TARGETS,
+        guidance_range=(3.0, 13.0), teacher_grid_steps=32, batch_size=2, uncond="zeros",
+        adversarial_weights=(0.0, 0.1, 0.2, 0.3), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+    ),
+    "pixart": Recipe(
+        backbone="pixart", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
+        guidance_range=(2.0, 9.0), teacher_grid_steps=16, batch_size=2, uncond="empty_prompt",
+        adversarial_weights=(0.0, 0.05, 0.1, 0.2), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+    ),
+    "sd3": Recipe(
+        backbone="sd3", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
+        guidance_range=(7.0, 13.0), teacher_grid_steps=32, batch_size=2, uncond="negative_prompt",
+        adversarial_weights=(0.0, 0.1, 0.3, 0.5), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+    ),
+}
+
+
+def get_recipe(backbone: str) -> Recipe:
+    """The published recipe of `backbone` ("sd15", "sdxl", "pixart", "sd3")."""
+    try:
+        return RECIPES[backbone]
+    except KeyError:
+        raise KeyError(
+            f"unknown backbone {backbone!r}: known backbones are {', '.join(sorted(RECIPES))} "
+            "(add a Recipe to flash_core/recipes.py for a new model family)"
+        ) from None

@@ -1,0 +1,301 @@
+"""A flash_core `Denoiser` over a ComfyUI MODEL (SD1.5 / SDXL UNets), and ComfyUI CONDITIONING -> Conditioning.
+
+The trainer (flash_core.distill) talks to every model family through `flash_core.denoiser.Denoiser`; this
+module is the ComfyUI adapter of that interface:
+
+* The network is a private copy: the BaseModel is shallow-copied with its own module table and a deep copy
+  of `diffusion_model`, so peft's adapters are injected into the copy and the teacher MODEL in the graph is
+  never changed (its weights, its ModelPatcher, its patches). The copy is taken after
+  `load_models_gpu`, i.e. with the MODEL's own patches (e.g. a style LoRA) baked in: the student learns on
+  top of exactly the model the user wired in.
+* `predict` calls ComfyUI's own `BaseModel.apply_model` (input scaling, dtype casts, conditioning conversion,
+  APPLY_MODEL / DIFFUSION_MODEL wrappers and transformer_options of the MODEL) with the model_sampling of the
+  ModelPatcher (so a ModelSamplingDiscrete patch is honoured), and converts between flash_core's VP
+  convention (x_t = sqrt(abar) x0 + sqrt(1-abar) eps, integer DDPM timestep t) and ComfyUI's VE one
+  (x = x0 + sigma eps, sigma = sqrt((1-abar)/abar)).
+* `encoder_features` runs ComfyUI's UNetModel forward up to and including the middle block (the frozen
+  encoder of the latent discriminator).
+
+Teacher = the same copy with its LoRA adapters switched off (flash_core.denoiser.Denoiser.teacher()).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import comfy.model_base
+import comfy.model_management
+import comfy.supported_models
+import torch
+import torch.utils.checkpoint
+from comfy.ldm.modules.diffusionmodules.openaimodel import (
+    UNetModel,
+    forward_timestep_embed,
+    timestep_embedding,
+)
+from torch import Tensor, nn
+
+from flash_core.denoiser import Conditioning, Denoiser
+
+LOG = logging.getLogger(__name__)
+
+# ComfyUI model_config classes -> flash_core recipe backbone. Subclasses (SSD-1B, Vega, KOALA) are SDXL-shaped.
+SUPPORTED_CONFIGS: tuple[tuple[type, str], ...] = (
+    (comfy.supported_models.SDXL, "sdxl"),
+    (comfy.supported_models.SD15, "sd15"),
+)
+PREDICTION_TYPES = {
+    comfy.model_base.ModelType.EPS: "epsilon",
+    comfy.model_base.ModelType.V_PREDICTION: "v_prediction",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The MODEL is not a family the Flash trainer supports inside ComfyUI."""
+
+
+def backbone_of(model) -> str:
+    """The recipe backbone ("sd15" / "sdxl") of a ComfyUI MODEL, or a clear UnsupportedModelError."""
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model).__name__
+    backbone = next((b for cls, b in SUPPORTED_CONFIGS if isinstance(config, cls)), None)
+    if backbone is None:
+        raise UnsupportedModelError(
+            f"Flash Distill Train supports SD1.5 and SDXL UNet models; this MODEL is '{name}'. "
+            "Load an SD1.5 or SDXL checkpoint (other families: use the headless trainer `flash-distill`)."
+        )
+    if not isinstance(base.diffusion_model, UNetModel):
+        raise UnsupportedModelError(f"Flash Distill Train: the '{name}' MODEL has no ComfyUI UNetModel to train.")
+    if base.model_type not in PREDICTION_TYPES:
+        raise UnsupportedModelError(
+            f"Flash Distill Train: '{name}' uses the {base.model_type.name} parameterisation; only epsilon and "
+            "v-prediction models are supported (remove ModelSampling patches such as EDM / LCM before training)."
+        )
+    latent_channels = base.latent_format.latent_channels
+    if base.diffusion_model.in_channels != latent_channels:
+        raise UnsupportedModelError(
+            f"Flash Distill Train: '{name}' takes {base.diffusion_model.in_channels} input channels "
+            f"(an inpainting / instruct-pix2pix model); only plain text-to-image models ({latent_channels} "
+            "channels) can be distilled."
+        )
+    return backbone
+
+
+# --------------------------------------------------------------------------------------------------
+# CONDITIONING -> flash_core Conditioning
+# --------------------------------------------------------------------------------------------------
+
+
+def conditioning_entries(conditionings: Sequence[Any]) -> list[tuple[Tensor, dict]]:
+    """Flatten ComfyUI CONDITIONING values (lists of [tensor, dict]) to one (tokens[1,T,C], dict) per sample.
+
+    A CONDITIONING from CLIPTextEncode is one entry; MakeTrainingDataset / LoadTrainingDataset give a list
+    of them. An entry whose tensor has batch b counts as b samples.
+    """
+    entries: list[tuple[Tensor, dict]] = []
+    for conditioning in conditionings:
+        if isinstance(conditioning, (list, tuple)) and len(conditioning) == 2 and torch.is_tensor(conditioning[0]):
+            conditioning = [conditioning]  # a bare [tensor, dict] entry
+        for entry in conditioning:
+            tokens, extras = entry[0], (entry[1] if len(entry) > 1 else {})
+            if not torch.is_tensor(tokens) or tokens.ndim != 3:
+                raise ValueError("Flash Distill Train: a CONDITIONING entry does not hold a [batch, tokens, channels] tensor.")
+            for row in range(tokens.shape[0]):
+                pooled = extras.get("pooled_output")
+                row_extras = dict(extras)
+                if torch.is_tensor(pooled) and pooled.shape[0] == tokens.shape[0]:
+                    row_extras["pooled_output"] = pooled[row : row + 1]
+                entries.append((tokens[row : row + 1], row_extras))
+    return entries
+
+
+def _pad_tokens(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Repeat token sequences to a common length (the lcm), as ComfyUI's CONDCrossAttn.concat does."""
+    length = 1
+    for t in tensors:
+        length = math.lcm(length, t.shape[1])
+    return [t.repeat(1, length // t.shape[1], 1) if t.shape[1] < length else t for t in tensors]
+
+
+def to_conditioning(entries: Sequence[tuple[Tensor, dict]], latent_hw: tuple[int, int], backbone: str,
+                    downscale: int = 8) -> Conditioning:
+    """Batch ComfyUI conditioning entries into a flash_core Conditioning (CPU, float32).
+
+    SDXL: pooled = CLIP-G pooled output, time_ids = (height, width, crop_h, crop_w, target_height,
+    target_width) in pixels (diffusers' order; defaults to the latent size like ComfyUI's samplers).
+    """
+    tokens = torch.cat(_pad_tokens([t.float().cpu() for t, _ in entries]), dim=0)
+    if backbone != "sdxl":
+        return Conditioning(encoder_hidden_states=tokens)
+    height, width = latent_hw[0] * downscale, latent_hw[1] * downscale
+    pooled, time_ids = [], []
+    for index, (t, extras) in enumerate(entries):
+        p = extras.get("pooled_output")
+        if p is None:
+            raise ValueError(
+                f"Flash Distill Train: SDXL conditioning {index} has no pooled_output; encode prompts with an SDXL "
+                "CLIP (CLIPTextEncode / CLIPTextEncodeSDXL) or zero them with ConditioningZeroOut."
+            )
+        pooled.append(p.float().cpu().reshape(1, -1))
+        h, w = extras.get("height", height), extras.get("width", width)
+        time_ids.append([h, w, extras.get("crop_h", 0), extras.get("crop_w", 0),
+                         extras.get("target_height", h), extras.get("target_width", w)])
+    return Conditioning(
+        encoder_hidden_states=tokens, pooled=torch.cat(pooled), time_ids=torch.tensor(time_ids, dtype=torch.float32)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The Denoiser
+# --------------------------------------------------------------------------------------------------
+
+
+def private_base_model(base: nn.Module, model_sampling: nn.Module) -> nn.Module:
+    """A BaseModel sharing everything with `base` except a deep copy of its diffusion_model.
+
+    The shallow copy gets its own module table, so replacing diffusion_model (and model_sampling by the
+    ModelPatcher's possibly patched one) leaves `base` untouched.
+    """
+    student = copy.copy(base)
+    student._modules = dict(base._modules)
+    student._parameters = dict(base._parameters)
+    student._buffers = dict(base._buffers)
+    student._modules["diffusion_model"] = copy.deepcopy(base.diffusion_model)
+    student._modules["model_sampling"] = model_sampling
+    return student
+
+
+def _checkpointed(module: nn.Module) -> None:
+    """Wrap a module's forward in torch.utils.checkpoint (activations recomputed in backward)."""
+    if hasattr(module, "_flash_forward"):
+        return
+    forward = module.forward
+
+    def run(args, kwargs):
+        return forward(*args, **kwargs)
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False)
+
+    module._flash_forward = forward
+    module.forward = checkpointed
+
+
+def _unchecked(module: nn.Module) -> None:
+    if hasattr(module, "_flash_forward"):
+        module.forward = module._flash_forward
+        del module._flash_forward
+
+
+class ComfyDenoiser(Denoiser):
+    """flash_core Denoiser over a private copy of a ComfyUI MODEL's UNet (SD1.5 / SDXL).
+
+    model: the ComfyUI MODEL (ModelPatcher). It is loaded (patches applied) and copied; never modified.
+    device: where the copy lives and runs (default: ComfyUI's torch device).
+    """
+
+    def __init__(self, model, device: torch.device | None = None):
+        self.backbone = backbone_of(model)
+        self.device = torch.device(device) if device is not None else comfy.model_management.get_torch_device()
+        comfy.model_management.load_models_gpu([model], force_full_load=True)  # patches applied, on device
+        base = model.model
+        self.model_sampling = model.get_model_object("model_sampling")
+        self.latent_format = base.latent_format
+        self.base_model = private_base_model(base, self.model_sampling)
+        self.diffusion_model: UNetModel = self.base_model.diffusion_model.to(self.device)
+        self.diffusion_model.requires_grad_(False)
+        self.lora_module = self.diffusion_model
+        self.prediction_type = PREDICTION_TYPES[base.model_type]
+        sigmas = self.model_sampling.sigmas.detach().double().cpu()
+        self.alphas_cumprod = 1.0 / (1.0 + sigmas**2)  # abar_t = 1 / (1 + sigma_t^2) (VE <-> VP)
+        unet_config = base.model_config.unet_config
+        self.encoder_feature_channels = int(unet_config["model_channels"] * unet_config["channel_mult"][-1])
+        self.transformer_options = copy.copy(model.model_options.get("transformer_options", {}))
+        self.dtype = self.base_model.manual_cast_dtype or self.base_model.get_dtype()
+
+    # ---- LoRA -------------------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: int, targets: Sequence[str], seed: int = 0) -> None:
+        """peft LoRA on the copy (flash_core's shared injection); adapters kept in float32 for the optimiser."""
+        super().add_lora(rank, alpha, targets, seed)
+        for param in self.lora_parameters():
+            param.data = param.data.to(device=self.device, dtype=torch.float32)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint every input / middle / output block of ComfyUI's UNetModel (recompute in backward)."""
+        dm = self.diffusion_model
+        blocks = list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks)
+        for block in blocks:
+            _checkpointed(block) if enabled else _unchecked(block)
+
+    # ---- conditioning -> ComfyUI model inputs -----------------------------------------------------
+    def _model_inputs(self, cond: Conditioning, batch: int) -> dict[str, Tensor]:
+        cond = cond.expand_to(batch).to(self.device)
+        inputs = {"c_crossattn": cond.encoder_hidden_states}
+        if self.backbone == "sdxl":
+            adm = []
+            for pooled, ids in zip(cond.pooled, cond.time_ids.tolist()):
+                h, w, crop_h, crop_w, target_h, target_w = ids
+                adm.append(self.base_model.encode_adm(  # ComfyUI's SDXL vector: pooled + size embeddings
+                    pooled_output=pooled[None], height=h, width=w, crop_h=crop_h, crop_w=crop_w,
+                    target_height=target_h, target_width=target_w,
+                ))
+            inputs["y"] = torch.cat(adm).to(self.device)
+        return inputs
+
+    def _sigmas(self, t: Tensor, batch: int) -> Tensor:
+        t = torch.as_tensor(t, device=self.device).float().reshape(-1)
+        t = t.expand(batch) if t.numel() == 1 else t
+        return self.model_sampling.sigma(t.to(self.model_sampling.sigmas.device)).to(self.device).float()
+
+    # ---- Denoiser ---------------------------------------------------------------------------------
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Raw eps / v through ComfyUI's apply_model (VP x_t, DDPM timestep t)."""
+        batch = x_t.shape[0]
+        sigma = self._sigmas(t, batch)
+        s = sigma.reshape(-1, *([1] * (x_t.ndim - 1)))
+        x_ve = x_t.float() * (s**2 + 1.0).sqrt()  # VE sample x = x0 + sigma eps = x_t sqrt(1 + sigma^2)
+        denoised = self.base_model.apply_model(
+            x_ve, sigma, transformer_options=copy.copy(self.transformer_options), **self._model_inputs(cond, batch)
+        )
+        if self.prediction_type == "epsilon":
+            return (x_ve - denoised) / s  # eps = (x - x0) / sigma (inverse of EPS.calculate_denoised)
+        scale = (s**2 + 1.0).sqrt()
+        return (x_ve / (s**2 + 1.0) - denoised) * scale / s  # v from V_PREDICTION.calculate_denoised (sigma_data 1)
+
+    def encoder_features(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """ComfyUI UNetModel forward (time embedding, input blocks, middle block), stopped before the decoder."""
+        dm = self.diffusion_model
+        batch = x_t.shape[0]
+        sigma = self._sigmas(t, batch)
+        inputs = self._model_inputs(cond, batch)
+        h = x_t.to(self.device, self.dtype)
+        timesteps = self.model_sampling.timestep(sigma).float()  # the integer timestep apply_model would use
+        context = inputs["c_crossattn"].to(self.dtype)
+        options = copy.copy(self.transformer_options)
+        options["original_shape"] = list(h.shape)
+        options["transformer_index"] = 0
+        emb = dm.time_embed(timestep_embedding(timesteps, dm.model_channels, repeat_only=False).to(h.dtype))
+        if dm.num_classes is not None:
+            emb = emb + dm.label_emb(inputs["y"].to(self.dtype))  # SDXL: pooled text + size embedding
+        for index, block in enumerate(dm.input_blocks):
+            options["block"] = ("input", index)
+            h = forward_timestep_embed(block, h, emb, context, options)
+        options["block"] = ("middle", 0)
+        h = forward_timestep_embed(dm.middle_block, h, emb, context, options)
+        return h.float()
+
+    # ---- latents ----------------------------------------------------------------------------------
+    def process_in(self, latents: Tensor) -> Tensor:
+        """VAE latents -> the model's latent space (SD: x 0.18215), like ComfyUI's samplers do."""
+        return self.latent_format.process_in(latents)
+
+    def process_out(self, latents: Tensor) -> Tensor:
+        """Model latents -> VAE latents (inverse of process_in)."""
+        return self.latent_format.process_out(latents)

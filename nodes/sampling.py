@@ -1,0 +1,281 @@
+"""ComfyUI nodes of the Flash few-step sampler: FlashSampler, FlashSamplerSelect, FlashScheduler.
+
+The sampler is a `comfy.samplers.KSAMPLER` over `flash_core.sampling.few_step_loop`, so ComfyUI's own
+machinery does noise masks (inpainting), denoise < 1, batches, the progress bar, latent previews and
+Cancel, and the model is only ever called through the wrapper ComfyUI hands to the sampler function
+(CFG, ControlNet, attention patches, hooks and model_options live there). The grids come from
+flash_core.schedules; nothing here computes a timestep.
+"""
+
+from __future__ import annotations
+
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy.k_diffusion.sampling import default_noise_sampler
+from comfy_api.latest import io
+from tqdm.auto import tqdm
+
+from flash_core import sampling as flash_sampling
+from flash_core.schedules import (
+    MAX_SAMPLING_STEPS,
+    check_sampling_steps,
+    denoise_flow_sigmas,
+    denoise_timesteps,
+)
+
+CATEGORY = "Flash Diffusion"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model family and input checks
+# --------------------------------------------------------------------------------------------------
+
+
+def is_discrete_vp(model_sampling) -> bool:
+    """SD1.5 / SDXL / PixArt-style discrete DDPM models (eps or v): the trailing grid + LCM boundary condition."""
+    ms = comfy.model_sampling
+    return (
+        isinstance(model_sampling, ms.ModelSamplingDiscrete)
+        and isinstance(model_sampling, ms.EPS)
+        and not isinstance(model_sampling, (ms.EDM, ms.ModelSamplingDiscreteEDM, ms.StableCascadeSampling))
+    )
+
+
+def is_discrete_flow(model_sampling) -> bool:
+    """SD3-style rectified-flow models (ModelSamplingDiscreteFlow + CONST): the shifted flow grid."""
+    ms = comfy.model_sampling
+    return isinstance(model_sampling, ms.ModelSamplingDiscreteFlow) and isinstance(model_sampling, ms.CONST)
+
+
+def check_steps_and_denoise(node: str, steps: int, denoise: float) -> None:
+    """Raise a ValueError naming the node when steps is outside 1..8 or denoise outside (0, 1]."""
+    try:
+        check_sampling_steps(steps)
+    except ValueError as err:
+        raise ValueError(f"{node}: {err} Set steps between 1 and {MAX_SAMPLING_STEPS} (4 is the default).") from err
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(
+            f"{node}: denoise must be in (0, 1], got {denoise}. Use 1.0 for text-to-image and a lower value "
+            "(e.g. 0.5) for img2img / hi-res fix / inpainting."
+        )
+
+
+def model_name(model_config) -> str:
+    return type(model_config).__name__
+
+
+def check_latent_channels(node: str, latent_channels: int, channels: int, name: str) -> None:
+    """Raise a ValueError when the latent does not have the channel count of the model's latent format."""
+    if channels != latent_channels:
+        raise ValueError(
+            f"{node}: the latent has {channels} channels but this model ({name}) expects {latent_channels}: "
+            "use the VAE / Empty Latent Image that matches the model."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGMAS: the Flash training grid in ComfyUI's sigma space
+# --------------------------------------------------------------------------------------------------
+
+
+def flash_sigmas(model, steps: int, denoise: float = 1.0, node: str = "FlashScheduler") -> torch.Tensor:
+    """The few-step grid of a ComfyUI MODEL as SIGMAS (steps + 1 values, ending in 0).
+
+    Discrete models: model_sampling.sigma of schedules.denoise_timesteps (999/749/499/249 for 4 steps).
+    Flow models: flash_core's shifted flow sigmas with the model's own shift, truncated for denoise alike.
+    """
+    check_steps_and_denoise(node, steps, denoise)
+    model_sampling = model.get_model_object("model_sampling")
+    if is_discrete_vp(model_sampling):
+        timesteps = torch.tensor(denoise_timesteps(steps, denoise), dtype=torch.float32)
+        sigmas = model_sampling.sigma(timesteps).float().cpu()
+    elif is_discrete_flow(model_sampling):
+        grid = denoise_flow_sigmas(steps, denoise, shift=float(model_sampling.shift))
+        sigmas = torch.tensor(grid, dtype=torch.float32)
+    else:
+        raise ValueError(
+            f"{node}: Flash sampling supports discrete diffusion models (SD1.5, SDXL, PixArt) and flow-matching "
+            f"models with a shift (SD3); this model ({model_name(model.model.model_config)}) uses "
+            f"{'+'.join(base.__name__ for base in type(model_sampling).__bases__)}. "
+            "Use a supported model or a stock sampler."
+        )
+    return torch.cat([sigmas, sigmas.new_zeros(1)])  # final 0: the last step returns x0
+
+
+# --------------------------------------------------------------------------------------------------
+# SAMPLER: the KSAMPLER function, a thin shell over flash_core.sampling.few_step_loop
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_flash(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """KSAMPLER function in ComfyUI's sigma space: model(x, sigma) returns x0, noise_scaling re-noises.
+
+    `model` is ComfyUI's wrapper (inpainting mask, CFG, ControlNet, patches); it is the only model call.
+    Re-noise noise comes from ComfyUI's seeded default noise sampler, as for the stock "lcm" sampler.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    base_model = model.inner_model.inner_model
+    model_sampling = base_model.model_sampling
+    latent_format = base_model.latent_format
+    boundary_condition = is_discrete_vp(model_sampling)
+    if (boundary_condition or is_discrete_flow(model_sampling)) and not getattr(x, "is_nested", False):
+        # the families Flash supports have one latent layout; say so before the model fails on a shape
+        name = model_name(base_model.model_config)
+        check_latent_channels("Flash sampler", latent_format.latent_channels, x.shape[1], name)
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed", None))
+    s_in = x.new_ones([x.shape[0]])
+    levels = [sigmas[i] for i in range(len(sigmas) - 1)]
+    end_level = sigmas[-1] if len(sigmas) > 1 and float(sigmas[-1]) > 0 else None
+
+    def denoise_fn(x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x0 = model(x_sigma, sigma * s_in, **extra_args)  # ComfyUI's wrapper returns the denoised x0
+        if not boundary_condition:
+            return x0
+        z_t = flash_sampling.vp_sample_from_ve(x_sigma, sigma)  # the student's VP input z_t
+        x0_student = flash_sampling.lcm_boundary_x0(x0, z_t, model_sampling.timestep(sigma))
+        mask = extra_args.get("denoise_mask", None)
+        if mask is None:
+            return x0_student
+        return x0_student * mask + x0 * (1.0 - mask)  # outside the mask keep the wrapper's original latent
+
+    def renoise_fn(x0: torch.Tensor, noise: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return model_sampling.noise_scaling(sigma_next, noise, x0)  # VP: x0 + s eps; flow: s eps + (1-s) x0
+
+    def noise_fn(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return noise_sampler(sigma, sigma_next)
+
+    progress = tqdm(total=len(levels), disable=disable)
+
+    def step_callback(i: int, x_i: torch.Tensor, x0: torch.Tensor) -> None:
+        progress.update(1)
+        if callback is not None:
+            callback({"x": x_i, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+
+    try:
+        return flash_sampling.few_step_loop(x, levels, denoise_fn, renoise_fn, noise_fn, step_callback, end_level)
+    finally:
+        progress.close()
+
+
+def flash_ksampler() -> comfy.samplers.KSAMPLER:
+    """The SAMPLER object (for SamplerCustom / SamplerCustomAdvanced and FlashSampler)."""
+    return comfy.samplers.KSAMPLER(sample_flash)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nodes
+# --------------------------------------------------------------------------------------------------
+
+
+def _steps_input() -> io.Int.Input:
+    return io.Int.Input(
+        "steps", default=4, min=1, max=MAX_SAMPLING_STEPS,
+        tooltip="Few-step sampling steps (Flash students are trained for 4; 1 and 2 also work).",
+    )
+
+
+def _denoise_input() -> io.Float.Input:
+    return io.Float.Input(
+        "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+        tooltip="1.0 for text-to-image; lower for img2img / hi-res fix / inpainting (must be above 0).",
+    )
+
+
+class FlashSampler(io.ComfyNode):
+    """All-in-one Flash sampler: like SamplerCustom with FlashSamplerSelect + FlashScheduler."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashSampler",
+            display_name="Flash Sampler",
+            category=CATEGORY,
+            description="Few-step (1-8) sampling of a Flash Diffusion student on its training grid "
+            "(999/749/499/249 for 4 steps), LCM-style: predict x0, re-noise, repeat.",
+            inputs=[
+                io.Model.Input("model", tooltip="A model with a Flash LoRA applied (Flash LoRA Loader)."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative", tooltip="Only used when cfg is above 1."),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                _steps_input(),
+                io.Float.Input(
+                    "cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="Flash students are distilled with guidance: keep 1.0 (one model call per step).",
+                ),
+                _denoise_input(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, denoise) -> io.NodeOutput:
+        sigmas = flash_sigmas(model, steps, denoise, node="FlashSampler")
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        if not samples.is_nested:
+            latent_channels = model.get_model_object("latent_format").latent_channels
+            name = model_name(model.model.model_config)
+            check_latent_channels("FlashSampler", latent_channels, samples.shape[1], name)
+        latent["samples"] = samples
+
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index", None))
+        noise_mask = latent.get("noise_mask", None)
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+        out_samples = comfy.sample.sample_custom(
+            model, noise, cfg, flash_ksampler(), sigmas, positive, negative, samples,
+            noise_mask=noise_mask, callback=callback, disable_pbar=disable_pbar, seed=seed,
+        )
+        out = latent.copy()
+        out["samples"] = out_samples
+        return io.NodeOutput(out)
+
+
+class FlashSamplerSelect(io.ComfyNode):
+    """The Flash sampler as a SAMPLER for SamplerCustom / SamplerCustomAdvanced."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashSamplerSelect",
+            display_name="Flash Sampler Select",
+            category=CATEGORY,
+            description="The Flash few-step sampler (LCM-style with the LCM boundary condition) as a SAMPLER; "
+            "pair it with Flash Scheduler.",
+            inputs=[],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(flash_ksampler())
+
+
+class FlashScheduler(io.ComfyNode):
+    """The Flash training grid of a model as SIGMAS."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlashScheduler",
+            display_name="Flash Scheduler",
+            category=CATEGORY,
+            description="SIGMAS of the grid Flash students are trained on: trailing timesteps "
+            "(999/749/499/249 for 4 steps) for SD1.5/SDXL/PixArt, shifted flow sigmas for SD3.",
+            inputs=[io.Model.Input("model"), _steps_input(), _denoise_input()],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, steps, denoise) -> io.NodeOutput:
+        return io.NodeOutput(flash_sigmas(model, steps, denoise, node="FlashScheduler"))
+
+
+NODES = [FlashSampler, FlashSamplerSelect, FlashScheduler]

@@ -1,0 +1,182 @@
+"""Drive the real ComfyUI frontend (comfyui-frontend-package) in the system Chromium through Playwright.
+
+Used by the UI tests (`frontend` fixture) and by `python -m workflows.regenerate`, which saves the UI-format
+twins of workflows/api/*.json exactly as the frontend serializes them. Everything goes through the objects
+the frontend itself exposes: `window.app` (ComfyApp) and `window.LiteGraph`.
+
+Chromium comes from the OS (`apt-get install chromium`, done by `make setup`); `playwright install` is never
+needed. FLASH_CHROMIUM overrides the executable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+CHROMIUM = os.environ.get("FLASH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]
+VIEWPORT = {"width": 1600, "height": 900}
+
+# Server-side user settings written before the page opens: no first-run template browser over the canvas,
+# warnings about missing nodes stay on (the UI tests look for that dialog).
+FRONTEND_SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Workflow.ShowMissingNodesWarning": True,
+    "Comfy.Workflow.ShowMissingModelsWarning": True,
+}
+# The title of the frontend's "missing nodes" dialog (locale en, missingNodes.oss.title).
+MISSING_NODES_TITLE = "This workflow has missing nodes"
+APP_READY = "() => window.app && window.app.graph && window.app.canvas && window.LiteGraph && window.app.vueAppReady"
+
+
+def write_frontend_settings(server_url: str, settings: dict | None = None) -> None:
+    """POST the user settings the frontend reads at start-up (ComfyUI stores them server-side)."""
+    body = json.dumps(settings or FRONTEND_SETTINGS).encode()
+    request = urllib.request.Request(server_url + "/settings", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
+
+
+class Frontend:
+    """One page of the ComfyUI frontend, with the few operations the tests and the regenerator need."""
+
+    def __init__(self, page: Page, server_url: str):
+        self.page = page
+        self.url = server_url
+
+    def open(self, timeout_ms: int = 90_000) -> Frontend:
+        self.page.goto(self.url)
+        self.page.wait_for_function(APP_READY, timeout=timeout_ms)
+        self.page.wait_for_function("() => Object.keys(window.LiteGraph.registered_node_types).length > 0", timeout=timeout_ms)
+        return self
+
+    # -- node library ------------------------------------------------------------------------------
+    def registered_node_types(self) -> dict[str, dict]:
+        """{node_type: {"category", "title"}} for every type LiteGraph can create in this page."""
+        return self.page.evaluate(
+            """() => Object.fromEntries(Object.entries(LiteGraph.registered_node_types).map(
+                   ([type, cls]) => [type, {category: cls.category ?? null, title: cls.title ?? null}]))"""
+        )
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def load_graph(self, workflow: dict) -> None:
+        """Load a UI-format workflow the way the File > Open / drag-and-drop path does (app.loadGraphData)."""
+        self.page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
+        self.page.wait_for_timeout(300)  # the missing-nodes dialog is mounted on the next Vue tick
+
+    def load_api(self, api_workflow: dict, name: str) -> None:
+        """Load an API-format workflow (app.loadApiJson: creates nodes with their API ids, titles from
+        _meta.title, links, widget values, then app.graph.arrange())."""
+        self.page.evaluate("async ([api, name]) => { await window.app.loadApiJson(api, name); }", [api_workflow, name])
+
+    def export(self) -> dict:
+        """app.graphToPrompt(): {"workflow": the UI-format graph exactly as the frontend saves and exports it
+        (version 0.4), "output": the API-format prompt the Run button would queue}."""
+        return self.page.evaluate(
+            """async () => {
+                const {workflow, output} = await window.app.graphToPrompt();
+                return JSON.parse(JSON.stringify({workflow, output}));
+            }"""
+        )
+
+    def graph_node_types(self) -> dict[str, str]:
+        return self.page.evaluate("() => Object.fromEntries(window.app.graph.nodes.map(n => [String(n.id), n.type]))")
+
+    def unregistered_graph_nodes(self) -> list[str]:
+        """Types of graph nodes LiteGraph has no class for (what the frontend draws as red 'missing' nodes)."""
+        return self.page.evaluate(
+            """() => window.app.graph.nodes
+                   .filter(n => !(n.type in LiteGraph.registered_node_types))
+                   .map(n => n.type)"""
+        )
+
+    def missing_nodes_dialog_visible(self, wait_ms: int = 0) -> bool:
+        """Whether the frontend's "This workflow has missing nodes" dialog is up (waiting up to wait_ms for it)."""
+        title = self.page.get_by_text(MISSING_NODES_TITLE).first
+        if wait_ms:
+            try:
+                title.wait_for(state="visible", timeout=wait_ms)
+            except PlaywrightTimeoutError:
+                return False
+        return title.is_visible()
+
+    def close_dialogs(self) -> None:
+        self.page.keyboard.press("Escape")
+        self.page.wait_for_timeout(200)
+
+    def set_widget(self, node_id: int, name: str, value) -> None:
+        """Set a widget value the way the frontend's widget editing does (value, then the widget's callback)."""
+        found = self.page.evaluate(
+            """([id, name, value]) => {
+                const node = window.app.graph.getNodeById(id);
+                const widget = node?.widgets?.find(w => w.name === name);
+                if (!widget) return false;
+                widget.value = value;
+                widget.callback?.(value, window.app.canvas, node);
+                window.app.graph.setDirtyCanvas(true, true);
+                return true;
+            }""",
+            [node_id, name, value],
+        )
+        if not found:
+            raise KeyError(f"node {node_id} has no widget {name!r}")
+
+    def toggle_sidebar(self, tab: str) -> None:
+        """Click a side toolbar button: "node-library", "queue", "model-library", "workflows", "templates"."""
+        self.page.locator(f".{tab}-tab-button").first.click()
+
+    def node_library_search(self, query: str, category: str, timeout_ms: int = 15_000) -> set[str]:
+        """Type `query` into the node library's search box; the display names listed under `category`."""
+        self.page.get_by_placeholder("Search Nodes").first.fill(query)
+        folder = self.page.locator(f'[role=treeitem][aria-label="{category}"]').first
+        folder.wait_for(timeout=timeout_ms)
+        self.page.wait_for_timeout(300)  # the search result tree settles (debounced)
+        items = folder.locator("[role=treeitem]")
+        return set(items.evaluate_all("items => items.map(item => item.getAttribute('aria-label'))"))
+
+    # -- running -----------------------------------------------------------------------------------
+    def click_run(self) -> None:
+        """Press the toolbar's Run button (ComfyQueueButton, data-testid="queue-button")."""
+        self.page.get_by_test_id("queue-button").first.click()
+
+    def wait_for_node_image(self, node_id: int, filename: str, timeout_ms: int = 30_000) -> None:
+        """Wait until the node shows the image `filename` on the canvas (node.imgs, fed by the 'executed' event)."""
+        self.page.wait_for_function(
+            "([id, name]) => (window.app.graph.getNodeById(id)?.imgs ?? []).some(img => img.src.includes(name))",
+            arg=[node_id, filename], timeout=timeout_ms,
+        )
+
+    def screenshot(self, path: str | Path) -> Path:
+        self.page.screenshot(path=str(path))
+        return Path(path)
+
+
+@contextmanager
+def open_frontend(server_url: str, settings: dict | None = None) -> Iterator[Frontend]:
+    """Chromium (headless, system binary) on a fresh page of the server's frontend."""
+    write_frontend_settings(server_url, settings)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            yield Frontend(page, server_url).open()
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module", name="frontend")
+def frontend_fixture(server) -> Iterator[Frontend]:
+    """The real frontend of the session's ComfyUI server in a real (headless) Chromium."""
+    with open_frontend(server.url) as opened:
+        yield opened

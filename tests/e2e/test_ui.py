@@ -1,0 +1,135 @@
+"""The pack in the real ComfyUI frontend, in a real (headless) Chromium against the session's live server.
+
+The node library shows the Flash nodes; every shipped UI workflow opens without missing nodes and converts
+to exactly its API twin; pressing Run on flash_txt2img renders an image in the UI; /workflow_templates
+serves the UI workflows as this pack's templates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training import tiny_checkpoint
+
+from .browser import Frontend, frontend_fixture  # noqa: F401  (provides the `frontend` fixture)
+from .conftest import WORKFLOWS
+
+PACK = "ComfyUI-Flash"  # our folder name under custom_nodes/, the key /workflow_templates lists
+CATEGORY = "Flash Diffusion"
+FLASH_NODES = ("FlashSampler", "FlashSamplerSelect", "FlashScheduler", "FlashLoRALoader")
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
+# Node types of other packs that shipped workflows may use (the test server does not install them):
+# any other unregistered type fails the load test, and for these the missing-nodes dialog must show.
+THIRD_PARTY_NODES = {
+    "IPAdapterUnifiedLoader": "cubiq/ComfyUI_IPAdapter_plus (flash_ip_adapter): install it from the Manager",
+    "IPAdapterAdvanced": "cubiq/ComfyUI_IPAdapter_plus (flash_ip_adapter): install it from the Manager",
+}
+LATENT_SIZE = 64
+# 64 px -> 8x8 latents; the tiny fixture VAE upsamples 2 ** (len(ch_mult) - 1) = 4x, so 32 px images.
+DECODED_SIZE = LATENT_SIZE // 8 * 2 ** (len(tiny_checkpoint.TINY_VAE_DDCONFIG["ch_mult"]) - 1)
+SCREENSHOT = Path("/tmp/flash_ui_txt2img.png")  # for a human look; not an assertion
+
+
+def _api_inputs(prompt: dict) -> dict:
+    return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompt.items()}
+
+
+def _node_ids(workflow: dict, node_type: str) -> list[int]:
+    return [node["id"] for node in workflow["nodes"] if node["type"] == node_type]
+
+
+def test_flash_nodes_are_in_the_node_library(frontend: Frontend, server):
+    registered = frontend.registered_node_types()
+    for node_type in FLASH_NODES:
+        assert node_type in registered, f"{node_type} not registered in the frontend"
+        assert registered[node_type]["category"] == CATEGORY, registered[node_type]
+
+    # The node library sidebar, searched the way a user does, files them under "Flash Diffusion".
+    frontend.toggle_sidebar("node-library")
+    try:
+        listed = frontend.node_library_search("Flash", CATEGORY)
+    finally:
+        frontend.toggle_sidebar("node-library")
+    for node_type in FLASH_NODES:
+        display_name = server.get(f"/object_info/{node_type}")[node_type]["display_name"]
+        assert display_name in listed, (display_name, listed)
+
+
+def test_missing_node_detection_works(frontend: Frontend):
+    """The checks below rely on spotting unregistered types and the frontend's missing-nodes dialog."""
+    workflow = json.loads((WORKFLOWS / "flash_txt2img.json").read_text())
+    workflow["nodes"][0]["type"] = "FlashNoSuchNode"
+    frontend.load_graph(workflow)
+    assert frontend.unregistered_graph_nodes() == ["FlashNoSuchNode"]
+    assert frontend.missing_nodes_dialog_visible(wait_ms=5_000)
+    frontend.close_dialogs()
+    assert not frontend.missing_nodes_dialog_visible()
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_ui_workflow_loads_with_no_missing_nodes(frontend: Frontend, path: Path):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4
+    frontend.load_graph(workflow)
+    missing = set(frontend.unregistered_graph_nodes())
+    assert missing <= set(THIRD_PARTY_NODES), f"{path.name}: unknown node types {missing - set(THIRD_PARTY_NODES)}"
+    assert frontend.missing_nodes_dialog_visible(wait_ms=5_000 if missing else 0) == bool(missing), path.name
+    frontend.close_dialogs()
+    assert sorted(frontend.graph_node_types().items()) == sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
+
+    # What Run would queue from this graph is exactly the API twin (same ids, classes, inputs), apart from
+    # the nodes of packs the server lacks. Out of date? Run `python -m workflows.regenerate`.
+    api_path = WORKFLOWS / "api" / path.name
+    if api_path.is_file():
+        absent = {str(node["id"]) for node in workflow["nodes"] if node["type"] in missing}
+        api = _api_inputs({k: v for k, v in json.loads(api_path.read_text()).items() if k not in absent})
+        queued = _api_inputs({k: v for k, v in frontend.export()["output"].items() if k not in absent})
+        assert queued == api, f"{path.name} differs from {api_path.name}: run python -m workflows.regenerate"
+
+
+def test_run_button_renders_an_image(frontend: Frontend, server):
+    workflow = json.loads((WORKFLOWS / "flash_txt2img.json").read_text())
+    frontend.load_graph(workflow)
+    assert not frontend.missing_nodes_dialog_visible()
+    for node_id in _node_ids(workflow, "EmptyLatentImage"):
+        frontend.set_widget(node_id, "width", LATENT_SIZE)
+        frontend.set_widget(node_id, "height", LATENT_SIZE)
+    (save_node,) = _node_ids(workflow, "SaveImage")
+
+    page = frontend.page
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
+        frontend.click_run()
+    queued = json.loads(answer.value.request.post_data)["prompt"]
+    assert {queued[str(i)]["inputs"]["width"] for i in _node_ids(workflow, "EmptyLatentImage")} == {LATENT_SIZE}
+    reply = answer.value.json()
+    assert "prompt_id" in reply, reply
+
+    entry = server.wait(reply["prompt_id"], timeout=150)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (image,) = server.output_images(entry)
+    assert image.is_file()
+    pixels = np.asarray(Image.open(image))
+    assert pixels.shape == (DECODED_SIZE, DECODED_SIZE, 3) and pixels.std() > 0  # the 64 px edit took; not blank
+
+    # The UI shows it: on the Save Image node, and as the job's thumbnail in the Queue sidebar.
+    frontend.wait_for_node_image(save_node, image.name)
+    frontend.toggle_sidebar("queue")
+    thumbnail = page.locator(f'img[src*="filename={image.name}"]').first
+    thumbnail.wait_for(state="visible", timeout=15_000)
+    assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == pixels.shape[1]  # the file itself
+    frontend.screenshot(SCREENSHOT)
+    frontend.toggle_sidebar("queue")
+
+
+def test_workflow_templates_serve_the_ui_workflows(server):
+    templates = server.get("/workflow_templates")
+    # UI workflows only: workflows/api/ twins share their names, so any of them would show up as duplicates.
+    assert sorted(templates[PACK]) == [path.stem for path in UI_WORKFLOWS]
+    assert "flash_txt2img" in templates[PACK]
+    served = server.get(f"/api/workflow_templates/{PACK}/flash_txt2img.json")
+    assert served == json.loads((WORKFLOWS / "flash_txt2img.json").read_text())

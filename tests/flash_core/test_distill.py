@@ -1,0 +1,206 @@
+"""FlashDistiller on a tiny SD1.5 UNet: timestep mixture, teacher target, frozen teacher, exact resume, DMD."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from flash_core import schedules
+from flash_core.backends.diffusers import UNetDenoiser
+from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
+from tests.flash_core.test_backends import tiny_config, tiny_sd15_batch, tiny_sd15_unet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_distiller(**overrides) -> FlashDistiller:
+    return FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", **overrides))
+
+
+def randomise_lora(distiller: FlashDistiller, seed: int = 7) -> None:
+    """Give the student a non-zero LoRA (lora_B starts at 0, which makes student == teacher)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in distiller.student_params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_phase_mixture_frequencies_of_the_trainer_sampler():
+    distiller = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), DistillConfig(backbone="sd15", total_steps=8))
+    assert distiller.recipe.teacher_grid_steps == 32
+    draws = 8_000
+    for phase, mass_999 in enumerate((0.0, 0.080, 0.202, 0.329)):
+        distiller.step = 2 * phase
+        assert distiller.phase == phase
+        counts = torch.bincount(torch.tensor([distiller.sample_grid_index() for _ in range(draws)]), minlength=32)
+        empirical = counts.double() / draws
+        expected = schedules.timestep_mixture_probs(schedules.PHASE_MODE_WEIGHTS[phase], 32)
+        assert (empirical - expected).abs().max() < 0.02, phase
+        assert abs(float(empirical[0]) - mass_999) < 0.015, phase  # mass on t=999 (pure noise)
+        if phase == 0:
+            assert counts[0] == 0 and counts[8] == 0  # warm-up: no mass on the 999 / 749 modes
+    assert distiller.grid[:1] + distiller.grid[8::8] == [999.0, 749.0, 499.0, 249.0]  # modes on the 4-step grid
+
+
+def _dpm_reference(unet, z, start, cond, uncond, w, grid_steps):
+    """Independent reference: diffusers' DPM-Solver++ loop by hand, SD1.5 scheduler config, two CFG passes."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", algorithm_type="dpmsolver++",
+        solver_order=2, timestep_spacing="trailing",
+    )
+    scheduler.set_timesteps(grid_steps)
+    x = z.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps[start:]:
+            eps_c = unet(x, t, encoder_hidden_states=cond.encoder_hidden_states).sample
+            eps_u = unet(x, t, encoder_hidden_states=uncond.expand_to(x.shape[0]).encoder_hidden_states).sample
+            x = scheduler.step(w * eps_c + (1 - w) * eps_u, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_teacher_target_matches_hand_run_dpm_solver(start):
+    unet, batch = tiny_sd15_unet(), tiny_sd15_batch()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    reference = _dpm_reference(unet, z, start, batch.cond, batch.uncond, 5.0, 8)
+    distiller = FlashDistiller(UNetDenoiser(unet), tiny_config("sd15"))
+    randomise_lora(distiller)
+    den = distiller.denoiser
+    with den.teacher():
+        target = teacher_target(den, z, start, batch.cond, batch.uncond, 5.0, 8)
+    assert torch.allclose(target, reference, atol=1e-4, rtol=1e-4)
+    student_run = teacher_target(den, z, start, batch.cond, batch.uncond, 5.0, 8)  # adapters on: not the teacher
+    assert not torch.allclose(student_run, reference, atol=1e-3)
+    assert all(p.requires_grad for p in distiller.student_params)  # adapters re-enabled after the teacher
+
+
+def test_teacher_is_frozen_across_all_phases():
+    distiller = make_distiller()
+    randomise_lora(distiller)
+    den = distiller.denoiser
+    base = [p.detach().clone() for p in den.base_parameters()]
+    lora = [p.detach().clone() for p in distiller.student_params]
+    seen_phases = []
+    for _ in range(4):
+        logs = distiller.train_step(tiny_sd15_batch())
+        seen_phases.append(int(logs["phase"]))
+        assert all(p.grad is None for p in den.base_parameters())
+        assert all(p.grad is None for p in distiller.student_params)  # zeroed after the optimiser step
+    assert seen_phases == [0, 1, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(base, den.base_parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(lora, distiller.student_params))  # A and B both train
+
+
+def test_phase_zero_skips_zero_weighted_losses_and_phase_three_uses_all():
+    distiller = make_distiller()
+    logs0 = distiller.train_step(tiny_sd15_batch())
+    assert "loss_dmd" not in logs0 and "loss_adversarial" not in logs0  # weights 0 in the warm-up phase
+    assert logs0["loss"] == pytest.approx(logs0["loss_distill"])  # distillation weight 1.0
+    distiller.step = 3
+    logs3 = distiller.train_step(tiny_sd15_batch())
+    expected = logs3["loss_distill"] + 0.3 * logs3["loss_adversarial"] + 0.7 * logs3["loss_dmd"]
+    assert logs3["loss"] == pytest.approx(expected, rel=1e-5)  # per-phase weights of the recipe
+    assert {"teacher_s", "student_s", "discriminator_s", "dmd_s"} <= logs3.keys()  # the timing split
+
+
+def test_grid_index_zero_feeds_pure_noise_to_the_student():
+    inputs = {}
+    for name, latents_value in (("zeros", 0.0), ("ones", 1.0)):
+        for forced in (0, 2):
+            distiller = make_distiller()
+            distiller.sample_grid_index = lambda phase=None, forced=forced: forced
+            den, seen = distiller.denoiser, []
+            original = den.predict
+            den.predict = lambda x, t, cond, seen=seen, original=original: (
+                seen.append(x.detach().clone()), original(x, t, cond)
+            )[1]
+            batch = tiny_sd15_batch()
+            distiller.train_step(Batch(torch.full_like(batch.latents, latents_value), batch.cond, batch.uncond))
+            inputs[name, forced] = seen[0][:2]  # first call: the teacher's CFG batch starts with z_t
+    assert torch.equal(inputs["zeros", 0], inputs["ones", 0])  # index 0: z = eps, whatever the latents
+    assert not torch.allclose(inputs["zeros", 2], inputs["ones", 2])  # otherwise sqrt(abar) z0 + sqrt(1-abar) eps
+
+
+def test_exact_resume_matches_uninterrupted_training():
+    straight = make_distiller()
+    for _ in range(4):
+        straight.train_step(tiny_sd15_batch(seed=straight.step))
+
+    first = make_distiller()
+    for _ in range(2):
+        first.train_step(tiny_sd15_batch(seed=first.step))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # checkpoints load without unpickling code
+    torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore what matters
+    resumed = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", seed=99))
+    resumed.load_state_dict(state)
+    assert resumed.step == 2 and resumed.phase == 2
+    for _ in range(2):
+        resumed.train_step(tiny_sd15_batch(seed=resumed.step))
+
+    a, b = straight.lora_state_dict(), resumed.lora_state_dict()
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    heads = zip(straight.discriminator.parameters(), resumed.discriminator.parameters())
+    assert all(torch.equal(p, q) for p, q in heads)
+    assert any(".lora_A.weight" in k for k in a) and not any("default" in k for k in a)  # peft names
+
+
+def test_dmd_loss_vanishes_when_student_equals_teacher():
+    distiller = make_distiller(guidance_range=(1.0, 1.0))  # w = 1: the real score is the conditional teacher
+    batch = tiny_sd15_batch()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    loss = distiller.distribution_matching_loss(x, batch.cond, batch.uncond)  # LoRA B = 0: fake == real
+    assert float(loss) < 1e-10
+    randomise_lora(distiller)
+    assert float(distiller.distribution_matching_loss(x, batch.cond, batch.uncond)) > 1e-6
+
+
+def test_options_checkpointing_bf16_and_injected_backward():
+    plain, checkpointed = make_distiller(), make_distiller(grad_checkpointing=True)
+    for d in (plain, checkpointed):
+        d.step = 3
+        d.train_step(tiny_sd15_batch())
+    assert checkpointed.denoiser.unet.is_gradient_checkpointing
+    for p, q in zip(plain.student_params, checkpointed.student_params):
+        assert torch.allclose(p, q, atol=1e-7)  # recomputation gives the same update
+
+    calls, reduced = [], []
+    bf16 = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", mixed_precision="bf16"),
+                          backward=lambda loss: (calls.append(float(loss.detach())), loss.backward()),
+                          reduce_gradients=lambda params: reduced.append(all(p.grad is not None for p in params)))
+    bf16.step = 3
+    logs = bf16.train_step(tiny_sd15_batch())
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert len(calls) == 2  # one student and one discriminator backward per step
+    assert reduced == [True, True]  # grads exist when handed over for the all-reduce
+
+
+def test_student_sample_uses_the_few_step_sampler():
+    from flash_core import sampling
+
+    distiller = make_distiller()
+    cond = tiny_sd15_batch().cond
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = distiller.student_sample(noise, cond, 4, generator=torch.Generator().manual_seed(1))
+    unet = distiller.denoiser.unet  # LoRA B = 0: the student is the teacher network
+    with torch.no_grad():
+        reference = sampling.sample_discrete(
+            lambda x, t: unet(x, torch.full((2,), float(t)), encoder_hidden_states=cond.encoder_hidden_states).sample,
+            noise, schedules.trailing_timesteps(4), schedules.scaled_linear_alphas_cumprod(),
+            generator=torch.Generator().manual_seed(1),
+        )
+    assert out.shape == noise.shape
+    assert torch.allclose(out, reference, atol=1e-4)

@@ -1,0 +1,1088 @@
+"""flash-distill: distil a Flash Diffusion LoRA student from a diffusers teacher, headless, on accelerate.
+
+    flash-distill --config training/configs/sd15.yaml            # one process (GPU if there is one)
+    flash-distill --config training/configs/sd15.yaml --resume   # continue from the latest checkpoint
+    accelerate launch --multi_gpu --num_processes 4 -m training.cli --config training/configs/sdxl.yaml
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank R --main_process_ip IP --main_process_port 29500 \\
+        --num_processes 16 -m training.cli --config ...           # multi-node (output_dir on a shared disk)
+
+Without a GPU, `accelerate launch --multi_gpu --num_processes 2 -m training.cli ...` runs two CPU processes
+over gloo (the tests do this). Data parallel is DDP-style: every rank holds the frozen teacher and the same
+LoRA, draws its own slice of each global batch and its own noise; gradients of the trainable parameters
+(LoRA, discriminator head) are averaged across ranks before each optimiser step (`GradientAverager`), so
+every rank applies the identical update. Ctrl-C (SIGINT) or SIGTERM on any rank: all ranks finish the
+step, save a checkpoint and exit 130 (under `accelerate launch`, torchrun forwards the signal and waits
+30 s before killing). Multi-node: `output_dir` must be on a filesystem every node sees. 
+FSDP / DeepSpeed: not used, and refused at start with a clear message. The trainable part is small (LoRA +
+discriminator head, <= 110M parameters) and the frozen network is shared by teacher and student, so there is
+nothing worth sharding; data parallel is what the paper used. For memory on big teachers use
+`mixed_precision: bf16` (the frozen network is then held in bf16) and `distill: {grad_checkpointing: true}`.
+
+The config is YAML (training/configs/*.yaml documents every key). Errors in it, a missing model folder or
+an empty / corrupt dataset stop the run at once with exit code 2 and one line naming the key or file.
+
+Outputs under `output_dir`:
+    config.yaml                      the resolved config of the run
+    cache/latents-<hash>.safetensors the dataset, VAE- and text-encoded once
+    checkpoints/step-000500/         resumable state (trainer incl. optimisers, discriminator, RNG; data order)
+    losses.jsonl                     one JSON line of losses every `log_every` steps
+    samples/step-000500.png          teacher | student 1 | 2 | 4 steps, one row per prompt
+    export/<name>_comfyui.safetensors  ComfyUI-native (kohya) LoRA: copy into ComfyUI/models/loras
+    export/diffusers/pytorch_lora_weights.safetensors  diffusers load_lora_weights format
+    export/peft/adapter_model.safetensors + adapter_config.json  PEFT format
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports happen inside functions: `flash-distill --help` stays instant
+    import torch
+
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+BACKBONES = ("sd15", "sdxl", "pixart", "sd3")
+EXPORT_FORMATS = ("comfyui", "diffusers", "peft")
+CHECKPOINT_PREFIX = "step-"
+LATEST_FILE = "latest"
+
+
+class ConfigError(ValueError):
+    """A problem with the run's config (or command line); the message names the key and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+# key -> (default, description). `None` as default means "the recipe's value" for recipe-backed keys.
+TOP_LEVEL_KEYS = {
+    "backbone": "sd15 | sdxl | pixart | sd3: picks the recipe (rank, alpha, targets, guidance, loss weights)",
+    "model": "a local diffusers pipeline folder, or a mapping {path: ...} / {random_tiny: true}",
+    "data": "mapping: path, kind, captions, image_column, text_column, split, resolution, max_items, cache_dir",
+    "output_dir": "where checkpoints, samples, losses.jsonl and the exported LoRA go",
+    "steps": "optimiser steps of the student in all (the four phases split them equally)",
+    "batch_size": "images per process per step (default: the recipe's)",
+    "lr": "AdamW learning rate of student and discriminator (default: the recipe's)",
+    "rank": "LoRA rank (default: the recipe's)",
+    "alpha": "LoRA alpha (default: the recipe's)",
+    "seed": "seed of LoRA init, data order and noise",
+    "mixed_precision": "no | bf16 (the trainer's autocast; the frozen teacher is then held in bf16)",
+    "checkpoint_every": "save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "sample_every": "write a sample grid every N steps (0: never)",
+    "sample_prompts": "prompts of the sample grid (default: the first dataset captions)",
+    "sample_steps": "student step counts in the grid (default [1, 2, 4])",
+    "teacher_sample_steps": "solver steps of the teacher column of the grid",
+    "teacher_guidance": "CFG scale of the teacher column of the grid",
+    "log_every": "append losses to losses.jsonl every N steps",
+    "export": "list of LoRA formats written at the end: comfyui, diffusers, peft",
+    "export_name": "file name stem of the exported LoRA",
+    "distill": "mapping of flash_core DistillConfig overrides (e.g. teacher_steps, loss weights)",
+}
+MODEL_KEYS = {"path", "random_tiny", "tiny_seed"}
+DATA_KEYS = {"path", "kind", "captions", "image_column", "text_column", "split", "resolution", "max_items", "cache_dir", "encode_batch_size"}
+
+
+@dataclass
+class TrainConfig:
+    """A validated flash-distill config (paths resolved against the current directory)."""
+
+    source: Path
+    backbone: str
+    model_path: Path | None
+    random_tiny: bool
+    tiny_seed: int
+    data_path: Path
+    data_kind: str
+    captions: Path | None
+    image_column: str
+    text_column: str
+    split: str | None
+    resolution: int
+    max_items: int | None
+    cache_dir: Path
+    encode_batch_size: int
+    output_dir: Path
+    steps: int
+    batch_size: int | None
+    lr: float | None
+    rank: int | None
+    alpha: float | None
+    seed: int
+    mixed_precision: str
+    checkpoint_every: int
+    keep_checkpoints: int
+    sample_every: int
+    sample_prompts: list[str] | None
+    sample_steps: list[int]
+    teacher_sample_steps: int
+    teacher_guidance: float | None
+    log_every: int
+    export: list[str]
+    export_name: str
+    distill: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _where(source: Path, key: str) -> str:
+    return f"{source}: {key}"
+
+
+def _int(source: Path, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{_where(source, key)} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(source: Path, key: str, value: Any, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        raise ConfigError(f"{_where(source, key)} must be a {'positive ' if positive else ''}number, got {value!r}")
+    return float(value)
+
+
+def _str(source: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{_where(source, key)} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _unknown_keys(source: Path, section: str, mapping: dict, known) -> None:
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        name = f"{section}.{unknown[0]}" if section else unknown[0]
+        raise ConfigError(f"{source}: unknown key '{name}' (known keys{' of ' + section if section else ''}: {', '.join(sorted(known))})")
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and validate a flash-distill YAML config; raises ConfigError with a one-line message."""
+    import yaml
+
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"config file {source} does not exist")
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of keys to values")
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
+    """Check every key of a parsed config; unknown keys, missing paths and bad values raise ConfigError."""
+    _unknown_keys(source, "", raw, TOP_LEVEL_KEYS)
+    for required in ("backbone", "model", "data", "output_dir", "steps"):
+        if required not in raw:
+            raise ConfigError(f"{source}: missing required key '{required}' ({TOP_LEVEL_KEYS[required]})")
+
+    backbone = raw["backbone"]
+    if backbone not in BACKBONES:
+        raise ConfigError(f"{_where(source, 'backbone')} must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+
+    model = raw["model"]
+    if isinstance(model, str):
+        model = {"path": model}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{_where(source, 'model')} must be a diffusers folder path or a mapping with 'path' or 'random_tiny'")
+    _unknown_keys(source, "model", model, MODEL_KEYS)
+    random_tiny = model.get("random_tiny", False)
+    if not isinstance(random_tiny, bool):
+        raise ConfigError(f"{_where(source, 'model.random_tiny')} must be true or false, got {random_tiny!r}")
+    model_path = None
+    if random_tiny:
+        if "path" in model:
+            raise ConfigError(f"{source}: give either model.path or model.random_tiny, not both")
+        if backbone != "sd15":
+            raise ConfigError(f"{source}: model.random_tiny builds a tiny SD1.5-family model; set backbone: sd15")
+    else:
+        if "path" not in model:
+            raise ConfigError(f"{source}: model needs 'path' (a local diffusers pipeline folder) or 'random_tiny: true'")
+        model_path = Path(_str(source, "model.path", model["path"])).expanduser()
+        if not model_path.is_dir():
+            raise ConfigError(f"{_where(source, 'model.path')}: model folder {model_path} does not exist")
+        if not (model_path / "model_index.json").is_file():
+            raise ConfigError(
+                f"{_where(source, 'model.path')}: {model_path} is not a diffusers pipeline folder (no model_index.json)"
+            )
+    tiny_seed = _int(source, "model.tiny_seed", model.get("tiny_seed", 0), 0)
+
+    data = raw["data"]
+    if isinstance(data, str):
+        data = {"path": data}
+    if not isinstance(data, dict) or "path" not in data:
+        raise ConfigError(f"{_where(source, 'data')} must be a mapping with at least 'path' (an image folder or a datasets folder)")
+    _unknown_keys(source, "data", data, DATA_KEYS)
+    data_path = Path(_str(source, "data.path", data["path"])).expanduser()
+    if not data_path.exists():
+        raise ConfigError(f"{_where(source, 'data.path')}: {data_path} does not exist")
+    data_kind = data.get("kind", "auto")
+    if data_kind not in ("auto", "folder", "hf"):
+        raise ConfigError(f"{_where(source, 'data.kind')} must be auto, folder or hf, got {data_kind!r}")
+    captions = data.get("captions")
+    if captions is not None:
+        captions = Path(_str(source, "data.captions", captions)).expanduser()
+        if not captions.is_file():
+            raise ConfigError(f"{_where(source, 'data.captions')}: captions file {captions} does not exist")
+    resolution = _int(source, "data.resolution", data.get("resolution", 512), 8)
+    if resolution % 8:
+        raise ConfigError(f"{_where(source, 'data.resolution')} must be a multiple of 8 (the VAE's downscale), got {resolution}")
+    max_items = data.get("max_items")
+    if max_items is not None:
+        max_items = _int(source, "data.max_items", max_items, 1)
+    output_dir = Path(_str(source, "output_dir", raw["output_dir"])).expanduser()
+    cache_dir = Path(_str(source, "data.cache_dir", data["cache_dir"])).expanduser() if data.get("cache_dir") else output_dir / "cache"
+
+    def optional(key: str, kind: Callable[[Path, str, Any], Any]):
+        return None if raw.get(key) is None else kind(source, key, raw[key])
+
+    from flash_core.distill import (
+        MIXED_PRECISION,  # what the trainer supports (its autocast)
+    )
+
+    mixed_precision = raw.get("mixed_precision", "no")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"{_where(source, 'mixed_precision')} must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
+
+    sample_prompts = raw.get("sample_prompts")
+    if sample_prompts is not None and (not isinstance(sample_prompts, list) or not all(isinstance(p, str) for p in sample_prompts)):
+        raise ConfigError(f"{_where(source, 'sample_prompts')} must be a list of strings")
+    sample_steps = raw.get("sample_steps", [1, 2, 4])
+    if not isinstance(sample_steps, list) or not sample_steps or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 8 for s in sample_steps):
+        raise ConfigError(f"{_where(source, 'sample_steps')} must be a list of step counts between 1 and 8, got {sample_steps!r}")
+    export = raw.get("export", list(EXPORT_FORMATS))
+    if not isinstance(export, list) or not all(f in EXPORT_FORMATS for f in export):
+        raise ConfigError(f"{_where(source, 'export')} must be a list drawn from {', '.join(EXPORT_FORMATS)}, got {export!r}")
+    distill = raw.get("distill") or {}
+    if not isinstance(distill, dict):
+        raise ConfigError(f"{_where(source, 'distill')} must be a mapping of DistillConfig fields")
+    from dataclasses import fields as dataclass_fields
+
+    from flash_core.distill import DistillConfig
+
+    top_level = {"backbone": "backbone", "total_steps": "steps", "seed": "seed", "batch_size": "batch_size",
+                 "lora_rank": "rank", "lora_alpha": "alpha", "lr": "lr", "mixed_precision": "mixed_precision"}
+    for key in distill:
+        if key in top_level:
+            raise ConfigError(f"{source}: distill.{key} is set by the top-level key '{top_level[key]}'; move it there")
+    _unknown_keys(source, "distill", distill, {f.name for f in dataclass_fields(DistillConfig)} - set(top_level))
+
+    config = TrainConfig(
+        source=source,
+        backbone=backbone,
+        model_path=model_path,
+        random_tiny=random_tiny,
+        tiny_seed=tiny_seed,
+        data_path=data_path,
+        data_kind=data_kind,
+        captions=captions,
+        image_column=_str(source, "data.image_column", data.get("image_column", "image")),
+        text_column=_str(source, "data.text_column", data.get("text_column", "text")),
+        split=None if data.get("split") is None else _str(source, "data.split", data["split"]),
+        resolution=resolution,
+        max_items=max_items,
+        cache_dir=cache_dir,
+        encode_batch_size=_int(source, "data.encode_batch_size", data.get("encode_batch_size", 8), 1),
+        output_dir=output_dir,
+        steps=_int(source, "steps", raw["steps"], 1),
+        batch_size=optional("batch_size", lambda s, k, v: _int(s, k, v, 1)),
+        lr=optional("lr", _float),
+        rank=optional("rank", lambda s, k, v: _int(s, k, v, 1)),
+        alpha=optional("alpha", lambda s, k, v: int(v) if float(_float(s, k, v)).is_integer() else float(v)),
+        seed=_int(source, "seed", raw.get("seed", 0), 0),
+        mixed_precision=mixed_precision,
+        checkpoint_every=_int(source, "checkpoint_every", raw.get("checkpoint_every", 500), 0),
+        keep_checkpoints=_int(source, "keep_checkpoints", raw.get("keep_checkpoints", 2), 1),
+        sample_every=_int(source, "sample_every", raw.get("sample_every", 500), 0),
+        sample_prompts=sample_prompts,
+        sample_steps=sample_steps,
+        teacher_sample_steps=_int(source, "teacher_sample_steps", raw.get("teacher_sample_steps", 25), 1),
+        teacher_guidance=optional("teacher_guidance", _float),
+        log_every=_int(source, "log_every", raw.get("log_every", 10), 1),
+        export=export,
+        export_name=_str(source, "export_name", raw.get("export_name", f"flash-{backbone}")),
+        distill=dict(distill),
+        raw=raw,
+    )
+    distill_config_for(config).recipe()  # bad DistillConfig values fail here, before any model loads
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Small file helpers (every write is atomic: a temporary file in the same folder, then os.replace)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_png_atomic(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny random model (tests / CI): a diffusers SD1.5-family pipeline folder built from a seed
+# --------------------------------------------------------------------------------------------------
+
+# A UNet whose LDM twin is {model_channels 32, channel_mult [1, 2], num_res_blocks [1, 1],
+# transformer_depth [1, 0], transformer_depth_output [1, 1, 0, 0], transformer_depth_middle 1, context_dim 32}.
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
+    "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+TINY_VAE = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3, "block_out_channels": (8, 16, 16), "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32, "layers_per_block": 1,
+}
+TINY_TEXT_ENCODER = {
+    "vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "projection_dim": 32,
+}
+
+
+def tiny_tokenizer_folder() -> Path:
+    """The real CLIP BPE files ComfyUI ships (no download possible); COMFYUI_PATH may point elsewhere."""
+    from training.comfy_env import REPO_ROOT
+
+    root = Path(os.environ.get("COMFYUI_PATH", REPO_ROOT / ".comfyui"))
+    folder = root / "comfy" / "sd1_tokenizer"
+    if not (folder / "vocab.json").is_file():
+        raise ConfigError(
+            f"model.random_tiny needs the CLIP tokenizer files ComfyUI ships at {folder}: run `make setup` or set COMFYUI_PATH"
+        )
+    return folder
+
+
+def build_tiny_pipeline(folder: Path, seed: int) -> Path:
+    """Write a tiny random SD1.5-family diffusers pipeline (UNet, VAE, CLIP text encoder, tokenizer) to `folder`.
+
+    Deterministic for a seed; built once (an existing complete folder is reused). Written to a temporary
+    folder next to it and renamed, so a crash never leaves a half-written model.
+    """
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_tokenizer_folder()))
+    tokenizer.model_max_length = TINY_TEXT_ENCODER["max_position_embeddings"]
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", clip_sample=False
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def tiny_model_folder(config: TrainConfig) -> Path:
+    digest = hashlib.sha256(json.dumps([TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, config.tiny_seed], sort_keys=True, default=str).encode())
+    return config.cache_dir / f"tiny-sd15-{digest.hexdigest()[:12]}"
+
+
+def model_identity(folder: Path) -> str:
+    """What the latent cache depends on: the model folder and the size+mtime of its weight files."""
+    parts = [str(folder.resolve())]
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json"):
+            stat = file.stat()
+            parts.append(f"{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping on Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit 130
+# --------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (a second signal aborts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: give up on the checkpoint
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoints/step-000500/{trainer.pt, rank-<r>.pt, meta.json}, checkpoints/latest
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(config: TrainConfig) -> Path:
+    return config.output_dir / "checkpoints"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_resume_checkpoint(config: TrainConfig, resume: str) -> Path:
+    """The checkpoint folder `--resume` means: 'latest' (the newest in output_dir) or an explicit folder."""
+    if resume != "latest":
+        folder = Path(resume)
+        if not (folder / "meta.json").is_file():
+            raise ConfigError(f"--resume {folder}: not a flash-distill checkpoint folder (no meta.json)")
+        return folder
+    root = checkpoint_root(config)
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        folder = root / latest.read_text(encoding="utf-8").strip()
+        if (folder / "meta.json").is_file():
+            return folder
+    found = list_checkpoints(root)
+    if not found:
+        raise ConfigError(f"--resume: no checkpoint in {root} to resume from (run without --resume to start)")
+    return found[-1]
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses log and sample grids
+# --------------------------------------------------------------------------------------------------
+
+
+def truncate_losses(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (the resumed run writes them again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def append_losses(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (rewritten atomically so a kill never leaves half a line)."""
+    previous = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_text_atomic(path, previous + json.dumps(record, sort_keys=True) + "\n")
+
+
+def image_grid(rows: list[list[torch.Tensor]]):
+    """Rows of [3, H, W] images in [-1, 1] -> one PIL image (columns side by side, rows stacked)."""
+    import torch
+    from PIL import Image
+
+    tiles = torch.stack([torch.stack(row) for row in rows])  # [R, C, 3, H, W]
+    r, c, _, h, w = tiles.shape
+    grid = tiles.permute(0, 3, 1, 4, 2).reshape(r * h, c * w, 3)  # rows of tiles, channels last
+    pixels = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> [0, 255]
+    return Image.fromarray(pixels, mode="RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher model: network (as a flash_core Denoiser), VAE and text encoders of a diffusers folder
+# --------------------------------------------------------------------------------------------------
+
+NETWORK_SUBFOLDER = {"sd15": "unet", "sdxl": "unet", "pixart": "transformer", "sd3": "transformer"}
+DIT_BACKBONES = ("pixart", "sd3")
+COND_FIELDS = ("encoder_hidden_states", "pooled", "time_ids", "attention_mask")
+EXTRA_PREFIX = "extra."
+T5_OFFSET_SD3 = 77  # SD3 prompt embeddings: 77 CLIP tokens, then the T5 tokens
+
+
+def conditioning_to_tensors(cond) -> dict[str, torch.Tensor]:
+    """flash_core Conditioning -> flat dict of batch-first tensors (what the caches store)."""
+    tensors = {name: getattr(cond, name) for name in COND_FIELDS if getattr(cond, name) is not None}
+    tensors.update({EXTRA_PREFIX + name: value for name, value in cond.extra.items()})
+    return tensors
+
+
+def tensors_to_conditioning(tensors: dict[str, torch.Tensor]):
+    from flash_core.denoiser import Conditioning
+
+    return Conditioning(
+        **{name: tensors.get(name) for name in COND_FIELDS},
+        extra={k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)},
+    )
+
+
+class TeacherModel:
+    """The diffusers pieces flash-distill needs: the network (wrapped as a Denoiser), VAE, prompt encoding.
+
+    Text encoders are only loaded when something has to be encoded (a cache miss) and freed afterwards.
+    """
+
+    def __init__(self, folder: Path, backbone: str, resolution: int, device, weight_dtype):
+        import torch
+        from diffusers import AutoencoderKL
+
+        from flash_core.backends.diffusers import make_diffusers_denoiser
+
+        self.folder, self.backbone, self.resolution = folder, backbone, resolution
+        self.device, self.weight_dtype = device, weight_dtype
+        subfolder = NETWORK_SUBFOLDER[backbone]
+        network_class = self._network_class()
+        try:
+            self.network = network_class.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=weight_dtype)
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model folder {folder}: cannot load the {backbone} {subfolder} / vae ({error})") from None
+        self.network.to(device)
+        self.vae.to(device).requires_grad_(False).eval()
+        kwargs = {}
+        if backbone in ("sd15", "sdxl"):
+            kwargs["prediction_type"] = self._scheduler_prediction_type()
+        self.denoiser = make_diffusers_denoiser(backbone, self.network, **kwargs)
+        self._pipeline = None
+        self.sample_latent_shape: tuple[int, ...] | None = None  # [C, h, w] of the dataset latents
+
+    def _network_class(self):
+        if self.backbone in ("sd15", "sdxl"):
+            from diffusers import UNet2DConditionModel as network_class
+        elif self.backbone == "pixart":
+            from diffusers import PixArtTransformer2DModel as network_class
+        else:
+            from diffusers import SD3Transformer2DModel as network_class
+        return network_class
+
+    def _scheduler_prediction_type(self) -> str:
+        config_file = self.folder / "scheduler" / "scheduler_config.json"
+        if config_file.is_file():
+            return json.loads(config_file.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+        return "epsilon"
+
+    # ---- pixels <-> latents ----
+    def encode_images(self, pixels):
+        """[B, 3, R, R] in [-1, 1] -> model latents ((mean - shift) * scaling, the diffusers convention)."""
+        import torch
+
+        config = self.vae.config
+        with torch.no_grad():
+            mean = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()  # deterministic: the posterior mean
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (mean - shift) * config.scaling_factor  # z = (E(x) - shift) * scaling_factor
+
+    def decode_latents(self, latents):
+        import torch
+
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            return self.vae.decode(latents.to(self.device, torch.float32) / config.scaling_factor + shift).sample  # x = D(z / s + shift)
+
+    # ---- prompts ----
+    def _load_pipeline(self):
+        if self._pipeline is None:
+            from diffusers import DiffusionPipeline
+
+            components = {NETWORK_SUBFOLDER[self.backbone]: self.network, "vae": self.vae}
+            if self.backbone == "sd15":
+                components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline = DiffusionPipeline.from_pretrained(str(self.folder), torch_dtype=self.weight_dtype, **components)
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                module = getattr(self._pipeline, name, None)
+                if module is not None:
+                    module.to(self.device).requires_grad_(False).eval()
+        return self._pipeline
+
+    def release_text_encoders(self) -> None:
+        self._pipeline = None
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> flat conditioning tensors for this backbone (diffusers' own encode_prompt)."""
+        import torch
+
+        pipe = self._load_pipeline()
+        device, size, res = self.device, len(prompts), self.resolution
+        with torch.no_grad():
+            if self.backbone == "sd15":
+                embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+                return {"encoder_hidden_states": embeds}
+            if self.backbone == "sdxl":
+                embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+                time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).expand(size, -1)  # size, crop, target
+                return {"encoder_hidden_states": embeds, "pooled": pooled, "time_ids": time_ids.clone()}
+            if self.backbone == "pixart":
+                embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, clean_caption=False)
+                tensors = {"encoder_hidden_states": embeds, "attention_mask": mask}
+                if getattr(self.network.config, "sample_size", 0) == 128:  # PixArt-alpha 1024: size conditioning
+                    tensors["extra.resolution"] = torch.tensor([[res, res]], dtype=torch.float32).expand(size, -1).clone()
+                    tensors["extra.aspect_ratio"] = torch.ones(size, 1)
+                return tensors
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "pooled": pooled}
+
+    def unconditional(self, recipe_uncond: str, encode: Callable[[list[str]], dict]) -> dict[str, torch.Tensor]:
+        """The teacher's unconditional input per the recipe: empty prompt, zeros (built per batch) or the
+        SD3 negative prompt without T5 (T5 tokens zeroed)."""
+        if recipe_uncond == "zeros":
+            return {}
+        tensors = dict(encode([""]))
+        if recipe_uncond == "negative_prompt":
+            embeds = tensors["encoder_hidden_states"].clone()
+            embeds[:, T5_OFFSET_SD3:] = 0  # "without T5": only the CLIP part of the negative prompt
+            tensors["encoder_hidden_states"] = embeds
+        return tensors
+
+
+def weight_dtype_for(mixed_precision: str):
+    import torch
+
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Data parallel: average the trainable parameters' gradients across processes before each optimiser step
+# --------------------------------------------------------------------------------------------------
+
+
+class GradientAverager:
+    """`reduce_gradients` for FlashDistiller under accelerate: all-reduce (mean) the `.grad` of the given
+    trainable parameters (LoRA, or the discriminator head) across processes before each optimiser step, so
+    every rank takes the same step. (The trainer calls the same network as teacher, student, feature encoder
+    and fake score within one step, so it is not wrapped in DDP; see flash_core/distill.py.)
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def __call__(self, parameters) -> None:
+        import torch
+        import torch.distributed as dist
+
+        world = self.accelerator.num_processes
+        if world == 1:
+            return
+        parameters = list(parameters)
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.uint8, device=self.accelerator.device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)  # the same set of grads on every rank (no hang)
+        grads = []
+        for param, has_grad in zip(parameters, present.tolist()):
+            if has_grad:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                grads.append(param.grad)
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])  # one bucket, one all-reduce
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world  # mean gradient over ranks
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+RNG_KEYS = ("cpu_generator", "noise_generator", "torch_rng", "python_random", "cuda_rng")
+
+
+def distill_config_for(config: TrainConfig):
+    from flash_core.distill import DistillConfig
+
+    overrides = dict(config.distill)
+    try:
+        return DistillConfig(
+            backbone=config.backbone, total_steps=config.steps, seed=config.seed, batch_size=config.batch_size,
+            lora_rank=config.rank, lora_alpha=config.alpha, lr=config.lr, mixed_precision=config.mixed_precision,
+            **overrides,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{config.source}: distill: {error}") from None
+
+
+def save_checkpoint(config: TrainConfig, accelerator, distiller, order) -> Path:
+    """All ranks: write checkpoints/step-N/ (trainer state on rank 0, RNG + data order per rank), atomically."""
+    root = checkpoint_root(config)
+    name = f"{CHECKPOINT_PREFIX}{distiller.step:06d}"
+    final, staging = root / name, root / f".{name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state = distiller.state_dict()
+    rank_state = {key: state[key] for key in RNG_KEYS if key in state}
+    rank_state["data_order"] = order.state_dict()
+    torch_save_atomic(rank_state, staging / f"rank-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch_save_atomic({k: v for k, v in state.items() if k not in RNG_KEYS}, staging / "trainer.pt")
+        meta = {"step": distiller.step, "phase": distiller.phase, "num_processes": accelerator.num_processes, "config": str(config.source)}
+        write_text_atomic(staging / "meta.json", json.dumps(meta, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        write_text_atomic(root / LATEST_FILE, name + "\n")
+        prune_checkpoints(root, config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(folder: Path, accelerator, distiller, order) -> None:
+    import torch
+
+    state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    rank_file = folder / f"rank-{accelerator.process_index}.pt"
+    if not rank_file.is_file():
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        raise ConfigError(
+            f"--resume {folder}: saved by {meta.get('num_processes')} processes, no state for process "
+            f"{accelerator.process_index}; resume with the same number of processes"
+        )
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    order.load_state_dict(rank_state.pop("data_order"))
+    state.update(rank_state)
+    distiller.load_state_dict(state)
+
+
+def export_lora(config: TrainConfig, distiller, base_model: str) -> dict[str, Path]:
+    """Write the trained LoRA in the configured formats (rank 0), with metadata; returns the paths."""
+    from flash_core import lora_formats
+    from flash_core.schedules import trailing_timesteps
+
+    recipe = distiller.recipe
+    modules = lora_formats.modules_from_peft_state_dict(distiller.lora_state_dict(), recipe.lora_alpha)
+    metadata = {
+        "flash.backbone": config.backbone,
+        "flash.base_model": base_model,
+        "flash.rank": str(recipe.lora_rank),
+        "flash.alpha": str(recipe.lora_alpha),
+        "flash.steps": str(distiller.step),
+        "flash.timesteps": json.dumps(trailing_timesteps(recipe.student_steps)),
+        "flash.sampling": "LCM-style few-step sampling on the trailing grid, cfg 1 (ComfyUI: FlashSampler, or scheduler 'simple')",
+        "ss_network_dim": str(recipe.lora_rank),
+        "ss_network_alpha": str(recipe.lora_alpha),
+        "ss_steps": str(distiller.step),
+    }
+    export_dir = config.output_dir / "export"
+    written: dict[str, Path] = {}
+    if "comfyui" in config.export and config.backbone in DIT_BACKBONES:
+        # kohya `lora_unet_*` keys only map onto ComfyUI UNets; ComfyUI's PixArt / SD3 loaders map
+        # `transformer.<path>` keys, which flash_core.lora_formats does not write yet: the PEFT export (with
+        # adapter_config.json, read by FlashLoRALoader) is the file to use for these backbones.
+        print(f"flash-distill: warning: no ComfyUI-native export for {config.backbone} yet; use export/peft with FlashLoRALoader", file=sys.stderr)
+    elif "comfyui" in config.export:
+        path = export_dir / f"{config.export_name}_comfyui.safetensors"
+        lora_formats.save_lora(path, lora_formats.to_kohya_state_dict(modules), metadata)
+        written["comfyui"] = path
+    if "diffusers" in config.export:
+        tensors, diffusers_metadata = lora_formats.to_diffusers_state_dict(modules)
+        path = export_dir / "diffusers" / "pytorch_lora_weights.safetensors"
+        lora_formats.save_lora(path, tensors, {**diffusers_metadata, **metadata})
+        written["diffusers"] = path
+    if "peft" in config.export:
+        tensors, adapter_config = lora_formats.to_peft_state_dict(modules)
+        adapter_config["base_model_name_or_path"] = base_model
+        path = export_dir / "peft" / "adapter_model.safetensors"
+        lora_formats.save_lora(path, tensors, {"format": "pt", **metadata})
+        write_text_atomic(path.with_name(lora_formats.ADAPTER_CONFIG_NAME), json.dumps(adapter_config, indent=2, sort_keys=True))
+        written["peft"] = path
+    return written
+
+
+def write_sample_grid(config: TrainConfig, distiller, teacher: TeacherModel, prompts_cond, prompts_uncond, step: int) -> Path:
+    """Teacher (multi-step, CFG) | student 1 / 2 / 4 steps ..., one row per prompt, same noise per row."""
+    import torch
+
+    from flash_core.distill import teacher_target
+
+    cond = tensors_to_conditioning(prompts_cond).to(distiller.device)
+    size = cond.batch_size
+    uncond = prompt_uncond_conditioning(prompts_uncond, cond, size).to(distiller.device)
+    latent_shape = (size, *teacher.sample_latent_shape)
+    noise = torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(config.seed), dtype=torch.float32).to(distiller.device)
+    guidance = config.teacher_guidance if config.teacher_guidance is not None else sum(distiller.recipe.guidance_range) / 2
+    den = distiller.denoiser
+    columns = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with den.teacher():
+            columns.append(teacher_target(den, noise, 0, cond, uncond, guidance, config.teacher_sample_steps))
+        for steps in config.sample_steps:
+            generator = torch.Generator(distiller.device).manual_seed(config.seed + steps)
+            columns.append(distiller.student_sample(noise, cond, steps, generator=generator))
+        images = [teacher.decode_latents(latents).cpu() for latents in columns]
+    rows = [[images[c][r] for c in range(len(images))] for r in range(size)]
+    path = config.output_dir / "samples" / f"step-{step:06d}.png"
+    save_png_atomic(image_grid(rows), path)
+    return path
+
+
+def prompt_uncond_conditioning(uncond_tensors: dict, cond, size: int):
+    """Batch-1 unconditional (empty / negative prompt) or SDXL-style zeros of `cond`."""
+    from flash_core.denoiser import zero_conditioning
+
+    if not uncond_tensors:
+        return zero_conditioning(cond)
+    return tensors_to_conditioning(uncond_tensors).expand_to(size)
+
+
+def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool) -> int:
+    """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from flash_core.distill import Batch, FlashDistiller
+    from training import data
+
+    existing = list_checkpoints(checkpoint_root(config))
+    resume_folder = find_resume_checkpoint(config, resume) if resume else None
+    if resume_folder is None and existing:
+        raise ConfigError(
+            f"{checkpoint_root(config)} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+        )
+
+    accelerator = Accelerator(mixed_precision="no")  # the trainer does its own bf16 autocast
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"flash-distill trains data-parallel (LoRA + discriminator head are small, the teacher is shared); "
+            f"launch without {accelerator.distributed_type.name} (e.g. `accelerate launch --multi_gpu ...`)"
+        )
+    main_process = accelerator.is_main_process
+    set_seed(config.seed)  # the same LoRA and discriminator init on every rank
+
+    # -- model --
+    if config.random_tiny:
+        folder = tiny_model_folder(config)
+        with accelerator.main_process_first():
+            build_tiny_pipeline(folder, config.tiny_seed)
+        base_model = "random_tiny"
+    else:
+        folder = config.model_path
+        base_model = str(config.model_path.resolve())
+    spec = data.DataSpec(
+        path=config.data_path, kind=config.data_kind, captions=config.captions, image_column=config.image_column,
+        text_column=config.text_column, split=config.split, resolution=config.resolution, max_items=config.max_items,
+    )
+    model_key = f"{config.backbone}|{model_identity(folder)}|{config.mixed_precision}"  # bf16 runs encode in bf16
+    cache_file = data.cache_path(spec, model_key, config.cache_dir)
+    if not cache_file.is_file():
+        data.verify_items(data.list_items(spec))  # empty / missing captions / broken files: fail before loading a model
+
+    weight_dtype = weight_dtype_for(config.mixed_precision)
+    teacher = TeacherModel(folder, config.backbone, config.resolution, accelerator.device, weight_dtype)
+    distill_config = distill_config_for(config)
+    recipe = distill_config.recipe()
+    sample_prompts = config.sample_prompts
+
+    # -- data: encode once (main process first; the other ranks then read the cache) --
+    cache_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    with accelerator.main_process_first():
+        encoded = data.encode_dataset(
+            spec, teacher.encode_images, teacher.encode_prompts, model_key, config.cache_dir,
+            batch_size=config.encode_batch_size, dtype=cache_dtype,
+            progress=(lambda chunks: tqdm(chunks, desc="encoding dataset", disable=not main_process)),
+        )
+        if sample_prompts is None:
+            sample_prompts = encoded.captions[:4]
+        uncond_tensors = teacher.unconditional(  # {} for SDXL-style zeros (built from each batch)
+            recipe.uncond,
+            lambda prompts: data.encode_prompts_cached(prompts, teacher.encode_prompts, model_key, config.cache_dir, cache_dtype),
+        )
+        sample_cond = data.encode_prompts_cached(sample_prompts, teacher.encode_prompts, model_key, config.cache_dir, cache_dtype)
+    teacher.release_text_encoders()
+    teacher.sample_latent_shape = tuple(encoded.latents.shape[1:])
+
+    # -- trainer --
+    distiller = FlashDistiller(
+        teacher.denoiser, distill_config, device=accelerator.device, backward=accelerator.backward,
+        process_index=accelerator.process_index, reduce_gradients=GradientAverager(accelerator),
+    )
+    order = data.BatchOrder(len(encoded), recipe.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    losses_path = config.output_dir / "losses.jsonl"
+    if resume_folder is not None:
+        load_checkpoint(resume_folder, accelerator, distiller, order)
+        if main_process:
+            truncate_losses(losses_path, distiller.step)
+            print(f"flash-distill: resumed from {resume_folder} at step {distiller.step}", file=sys.stderr)
+    elif main_process:
+        import yaml
+
+        write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
+    uncond_base = tensors_to_conditioning(uncond_tensors) if uncond_tensors else None
+
+    progress = tqdm(total=config.steps, initial=distiller.step, desc="flash-distill", disable=not main_process, dynamic_ncols=True)
+    stop = StopRequest().install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
+    try:
+        interrupted = False
+        while distiller.step < config.steps:
+            latents, cond_tensors, _ = encoded.rows(order.next_indices())
+            cond = tensors_to_conditioning(cond_tensors)
+            uncond = uncond_base if uncond_base is not None else prompt_uncond_conditioning({}, cond, cond.batch_size)
+            logs = distiller.train_step(Batch(latents=latents, cond=cond, uncond=uncond))
+            step = distiller.step
+            progress.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                values = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=accelerator.device)
+                values = accelerator.reduce(values, reduction="mean")  # losses averaged over ranks
+                if main_process:
+                    record = {"step": step, **{k: float(v) for k, v in zip(sorted(logs), values.tolist())}}
+                    append_losses(losses_path, record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", phase=distiller.phase)
+            if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
+                if main_process:
+                    write_sample_grid(config, distiller, teacher, sample_cond, uncond_tensors, step)
+                accelerator.wait_for_everyone()
+            stopping = any_rank(accelerator, stop.requested)
+            if stopping or (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
+                folder_saved = save_checkpoint(config, accelerator, distiller, order)
+                if stopping:
+                    if main_process:
+                        print(f"flash-distill: stopped at step {step}; checkpoint {folder_saved}. Continue with --resume.", file=sys.stderr)
+                    interrupted = True
+                    break
+    finally:
+        progress.close()
+        stop.restore()
+    if interrupted:
+        return EXIT_INTERRUPTED
+
+    if dump_rank_lora:  # test/debug mode: every rank writes the LoRA it holds
+        from safetensors.torch import save_file
+
+        dump = config.output_dir / "debug" / f"lora-rank{accelerator.process_index}.safetensors"
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in distiller.lora_state_dict().items()}, str(dump) + ".tmp")
+        os.replace(str(dump) + ".tmp", dump)
+    if main_process:
+        for kind, path in export_lora(config, distiller, base_model).items():
+            print(f"flash-distill: exported {kind} LoRA to {path}", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flash-distill", description="Distil a Flash Diffusion LoRA student (see training/configs/*.yaml).")
+    parser.add_argument("--config", required=True, help="YAML config (training/configs/sd15.yaml, sdxl, pixart, sd3, tiny_sd15)")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in output_dir (or the given checkpoint folder)",
+    )
+    parser.add_argument("--dump-rank-lora", action="store_true", help="debug/test: every process writes its LoRA to output_dir/debug/")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of `flash-distill`; returns the exit code (2 for config / data errors)."""
+    args = parse_args(argv)
+    from training.data import DataError
+
+    try:
+        config = load_config(args.config)
+        return run(config, args.resume, args.dump_rank_lora)
+    except (ConfigError, DataError) as error:
+        print(f"flash-distill: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

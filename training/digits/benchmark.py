@@ -1,0 +1,421 @@
+"""Quality benchmark on the digits teacher (`make bench-quality`): does Flash distillation work?
+
+Rows (same prompts, same initial noise for every method):
+  * real digits (train split)            - the floor of the metrics (no model)
+  * teacher, DPM-Solver++ 50 steps, CFG  - the reference
+  * teacher, DPM-Solver++ 4 and 2 steps, CFG
+  * Flash student (LoRA, distill + adversarial + DMD) at 1, 2 and 4 NFE (no CFG)
+  * ablations: distillation only, + adversarial (at 1, 2 and 4 NFE)
+Metrics (training/digits/evaluator.py): accuracy of a digit classifier (prompt following, the CLIP-score
+analogue) and the Fréchet distance of its features to the held-out real digits (the FID analogue).
+
+Writes bench/results/quality/: images/<method>_nfe<k>/*.png, manifest.json, results.json, grid.png,
+results.md; prints the markdown table.
+
+python -m training.digits.benchmark [--student-steps N] [--per-digit N] [--no-ablations] [--teacher DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.digits.data import (
+    canonical_prompt,
+    load_splits,
+    to_uint8,
+    training_prompt,
+)
+from training.digits.evaluator import load_evaluator
+from training.digits.teacher import (
+    TeacherConfig,
+    cache_dir,
+    default_teacher_dir,
+    load_teacher_pipeline,
+    tokenize,
+    train_teacher,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "quality"
+STUDENT_NFES = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """Distillation settings of the digits students (overrides of the sd15 recipe, see DistillConfig)."""
+
+    steps: int = 500
+    batch_size: int = 16
+    lr: float = 1e-3  # a tiny model and 500 steps: far above SD1.5's 1e-5
+    lora_rank: int = 16
+    guidance_range: tuple[float, float] = (2.0, 4.0)  # teacher CFG w ~ U[min, max] around the reference 3.0
+    # K (SD1.5: 32): the digits teacher at 8 DPM-Solver++ steps matches its 25-step samples; modes at 0, 2, 4, 6
+    teacher_grid_steps: int = 8
+    seed: int = 0
+
+
+# name -> per-phase weight overrides (None = the sd15 recipe's weights)
+ABLATIONS: dict[str, dict[str, tuple[float, ...] | None]] = {
+    "flash": {},  # distillation + adversarial + DMD: the full method (the "+DMD" ablation row)
+    "ablation_distill_only": {"adversarial_weights": (0.0,) * 4, "dmd_weights": (0.0,) * 4},
+    "ablation_distill_adversarial": {"dmd_weights": (0.0,) * 4},
+}
+
+
+@dataclass
+class MethodResult:
+    method: str
+    label: str
+    nfe: int  # sampler steps
+    unet_evals: int  # UNet evaluations per image (CFG doubles them)
+    guidance: float | None
+    accuracy: float
+    frechet_distance: float
+    wall_s: float
+    train_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---- generation --------------------------------------------------------------------------------
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states (N, 77, D), exactly as the SD pipeline computes them."""
+    with torch.no_grad():
+        return pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1]."""
+    with torch.no_grad():
+        return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def teacher_generate(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+    """The teacher pipeline with DPM-Solver++ (2M, trailing spacing) and CFG; images in [-1, 1]."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+    )
+    size = noise.shape[-1] * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    with torch.no_grad():
+        images = pipe(
+            prompt=prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+            latents=noise.clone(), output_type="pt",
+        ).images
+    return images * 2.0 - 1.0  # pipeline returns [0, 1]
+
+
+class DigitsBatches:
+    """Training batches for the distiller: VAE latents of real train digits and their prompt embeddings."""
+
+    def __init__(self, pipe, train, batch_size: int, seed: int):
+        from flash_core.denoiser import Conditioning
+
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            dist = pipe.vae.encode(train.images).latent_dist
+        self.mean, self.std = dist.mean, dist.std
+        self.scaling = float(pipe.vae.config.scaling_factor)
+        self.digits = train.digits
+        # every (template, digit) prompt once; batches index into the cached embeddings
+        self.prompts = sorted({training_prompt(d, np.random.default_rng(i)) for d in range(10) for i in range(64)})
+        self.embeds = encode_prompts(pipe, self.prompts)
+        self.uncond = Conditioning(encoder_hidden_states=encode_prompts(pipe, [""]))
+        self._conditioning = Conditioning
+
+    def next(self):
+        from flash_core.distill import Batch
+
+        idx = torch.randint(0, self.mean.shape[0], (self.batch_size,), generator=self.gen)
+        z0 = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=self.gen)  # z ~ q(z|x)
+        prompt_idx = [
+            self.prompts.index(training_prompt(int(d), self.rng)) for d in self.digits[idx].tolist()
+        ]
+        cond = self._conditioning(encoder_hidden_states=self.embeds[prompt_idx])
+        return Batch(latents=z0 * self.scaling, cond=cond, uncond=self.uncond)
+
+
+def make_distiller(pipe, settings: StudentSettings, weights: dict):
+    """A FlashDistiller over a fresh copy of the teacher UNet (diffusers backend)."""
+    try:
+        from flash_core.backends.diffusers import UNetDenoiser
+        from flash_core.distill import DistillConfig, FlashDistiller
+    except ImportError as exc:  # the trainer is another module of this project
+        raise RuntimeError(
+            f"the Flash student rows need flash_core.distill.FlashDistiller and flash_core.backends.diffusers "
+            f"({exc}); the teacher rows above were computed without them"
+        ) from exc
+
+    unet = copy.deepcopy(pipe.unet)
+    denoiser = UNetDenoiser(
+        unet, prediction_type=pipe.scheduler.config.prediction_type,
+        alphas_cumprod=pipe.scheduler.alphas_cumprod.double(),
+    )
+    config = DistillConfig(
+        backbone="sd15", total_steps=settings.steps, seed=settings.seed, batch_size=settings.batch_size,
+        lora_rank=settings.lora_rank, lora_alpha=settings.lora_rank, lr=settings.lr,
+        guidance_range=settings.guidance_range, teacher_grid_steps=settings.teacher_grid_steps,
+        distill_loss="l2", **{k: v for k, v in weights.items() if v is not None},
+    )
+    return FlashDistiller(denoiser, config, device="cpu")
+
+
+def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: str):
+    """Distil one student; returns (distiller, seconds, last losses)."""
+    distiller = make_distiller(pipe, settings, weights)
+    batches = DigitsBatches(pipe, train, settings.batch_size, settings.seed)
+    history: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=desc, leave=False)
+    for _ in bar:
+        logs = distiller.train_step(batches.next())
+        history.append(logs)
+        if len(history) % 10 == 0:
+            bar.set_postfix(distill=f"{np.mean([h['loss_distill'] for h in history[-10:]]):.4f}",
+                            phase=int(logs["phase"]))
+    seconds = time.perf_counter() - start
+    tail = history[-max(1, settings.steps // 10):]
+    summary = {k: float(np.mean([h[k] for h in tail if k in h])) for k in tail[-1] if k.startswith("loss")}
+    summary["teacher_s_per_step"] = float(np.mean([h["teacher_s"] for h in history]))
+    return distiller, seconds, summary
+
+
+def student_generate(distiller, pipe, cond_embeds: torch.Tensor, noise: torch.Tensor, nfe: int, seed: int):
+    """Few-step student latents (flash_core's LCM-style sampler on the trailing grid), decoded."""
+    from flash_core.denoiser import Conditioning
+
+    generator = torch.Generator().manual_seed(seed)
+    latents = distiller.student_sample(noise, Conditioning(encoder_hidden_states=cond_embeds), nfe, generator)
+    return decode(pipe, latents)
+
+
+# ---- output -------------------------------------------------------------------------------------
+def write_pngs(out: Path, method: str, nfe: int, images: torch.Tensor, prompts, digits, manifest: list) -> None:
+    from PIL import Image
+
+    folder = out / "images" / f"{method}_nfe{nfe}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (pixels, prompt, digit) in enumerate(zip(to_uint8(images), prompts, digits.tolist())):
+        name = folder / f"{i:04d}_d{digit}.png"
+        Image.fromarray(pixels).save(name)
+        manifest.append({"file": str(name.relative_to(out)), "prompt": prompt, "digit": int(digit),
+                         "method": method, "nfe": int(nfe)})
+
+
+def write_grid(path: Path, rows: list[tuple[str, torch.Tensor]], digits: torch.Tensor, per_digit: int,
+               samples: int = 2, scale: int = 4) -> None:
+    """One row per method; columns: the first `samples` images of each digit, upscaled `scale`x."""
+    from PIL import Image, ImageDraw
+
+    columns = [int(d) * per_digit + s for d in range(10) for s in range(min(samples, per_digit))]
+    cell = rows[0][1].shape[-1] * scale
+    label_w, pad = 230, 2
+    grid = Image.new("RGB", (label_w + len(columns) * (cell + pad), len(rows) * (cell + pad) + 16), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, index in enumerate(columns):
+        draw.text((label_w + c * (cell + pad) + cell // 3, 2), str(int(digits[index])), fill="black")
+    for r, (label, images) in enumerate(rows):
+        y = 16 + r * (cell + pad)
+        draw.text((4, y + cell // 3), label, fill="black")
+        pixels = to_uint8(images[columns])
+        for c, tile in enumerate(pixels):
+            img = Image.fromarray(tile).resize((cell, cell), Image.NEAREST)
+            grid.paste(img, (label_w + c * (cell + pad), y))
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def markdown_table(results: list[MethodResult]) -> str:
+    lines = [
+        "| method | NFE (steps) | UNet evals / image | CFG | accuracy | Fréchet distance | wall time (s) | train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.label} | {r.nfe} | {r.unet_evals} | {'-' if r.guidance is None else f'{r.guidance:g}'} | "
+            f"{100 * r.accuracy:.1f} % | {r.frechet_distance:.1f} | {r.wall_s:.1f} | "
+            f"{'-' if r.train_s is None else f'{r.train_s:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def goal_checks(results: list[MethodResult]) -> dict:
+    """The benchmark's goal: 2-NFE student within 1.25x of the reference distance and 5 points of its
+    accuracy, while the teacher at 2 steps is clearly worse (distance above 1.25x the reference)."""
+    by_key = {(r.method, r.nfe): r for r in results}
+    ref = next((r for r in results if r.method == "teacher_reference"), None)
+    student, teacher2 = by_key.get(("flash", 2)), by_key.get(("teacher_dpmpp", 2))
+    if ref is None or student is None or teacher2 is None:
+        return {"complete": False}
+    return {
+        "complete": True,
+        "student_2nfe_distance_ratio": student.frechet_distance / max(ref.frechet_distance, 1e-9),
+        "student_2nfe_accuracy_gap_points": 100 * (ref.accuracy - student.accuracy),
+        "teacher_2nfe_distance_ratio": teacher2.frechet_distance / max(ref.frechet_distance, 1e-9),
+        "student_within_1.25x_distance": student.frechet_distance <= 1.25 * ref.frechet_distance,
+        "student_within_5_points_accuracy": ref.accuracy - student.accuracy <= 0.05,
+        "teacher_2nfe_clearly_worse": teacher2.frechet_distance > 1.25 * ref.frechet_distance,
+    }
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    out: Path = args.out
+    started = time.perf_counter()
+    teacher_config = TeacherConfig(steps=args.teacher_steps, vae_steps=args.teacher_vae_steps, seed=args.seed)
+    start = time.perf_counter()
+    teacher_dir = train_teacher(args.teacher, teacher_config)
+    teacher_prep_s = time.perf_counter() - start
+    pipe = load_teacher_pipeline(teacher_dir)
+    teacher_info = json.loads((Path(teacher_dir) / "flash_digits_teacher.json").read_text())
+    evaluator = load_evaluator()
+    train, held_out = load_splits()
+
+    digits = torch.arange(10).repeat_interleave(args.per_digit)
+    prompts = [canonical_prompt(int(d)) for d in digits]
+    latent_size = pipe.unet.config.sample_size
+    noise = torch.randn(len(prompts), pipe.unet.config.in_channels, latent_size, latent_size,
+                        generator=torch.Generator().manual_seed(args.seed))
+    cond_embeds = encode_prompts(pipe, prompts)
+
+    shutil.rmtree(out / "images", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: list[dict] = []
+    results: list[MethodResult] = []
+    grid_rows: list[tuple[str, torch.Tensor]] = []
+
+    def record(method, label, nfe, unet_evals, guidance, images, wall_s, train_s=None, extra=None, png=True):
+        result = MethodResult(method, label, nfe, unet_evals, guidance, evaluator.accuracy(images, digits),
+                              evaluator.frechet_distance(images, held_out.images), wall_s, train_s, extra or {})
+        results.append(result)
+        grid_rows.append((f"{label} @{nfe}" if nfe else label, images))
+        if png:
+            write_pngs(out, method, nfe, images, prompts, digits, manifest)
+        print(f"  {label:<34} nfe {nfe:>2}: accuracy {100 * result.accuracy:5.1f} %  "
+              f"Fréchet {result.frechet_distance:7.1f}  ({wall_s:.1f} s)", flush=True)
+        return result
+
+    # Real digits: the metrics' floor (same digit counts from the train split).
+    real_idx = torch.cat([torch.nonzero(train.digits == d).flatten()[: args.per_digit] for d in range(10)])
+    record("real_train", "real digits (train split)", 0, 0, None, train.images[real_idx], 0.0, png=False)
+
+    w = args.guidance
+    for method, label, steps in (("teacher_reference", "teacher DPM-Solver++ (reference)", args.reference_steps),
+                                 ("teacher_dpmpp", "teacher DPM-Solver++", 4),
+                                 ("teacher_dpmpp", "teacher DPM-Solver++", 2)):
+        start = time.perf_counter()
+        images = teacher_generate(pipe, prompts, noise, steps, w)
+        record(method, label, steps, 2 * steps, w, images, time.perf_counter() - start)
+
+    settings = StudentSettings(steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
+                               lora_rank=args.lora_rank, guidance_range=tuple(args.student_guidance),
+                               teacher_grid_steps=args.teacher_grid, seed=args.seed)
+    student_error = None
+    ablations = ABLATIONS if args.ablations else {"flash": ABLATIONS["flash"]}
+    labels = {"flash": "Flash student (distill+adv+DMD)", "ablation_distill_only": "ablation: distillation only",
+              "ablation_distill_adversarial": "ablation: distill + adversarial"}
+    for method, weights in ablations.items():
+        try:
+            distiller, train_s, losses = train_student(pipe, train, settings, weights, desc=f"distil {method}")
+        except RuntimeError as exc:
+            if "flash_core" not in str(exc):
+                raise
+            student_error = str(exc)
+            print(f"FAILED: student rows not computed: {exc}", flush=True)
+            break
+        print(f"  distilled {method} in {train_s:.0f} s: {losses}", flush=True)
+        if method == "flash":
+            save_student_lora(distiller)
+        for nfe in STUDENT_NFES:
+            start = time.perf_counter()
+            images = student_generate(distiller, pipe, cond_embeds, noise, nfe, args.seed + 1)
+            record(method, labels[method], nfe, nfe, None, images, time.perf_counter() - start, train_s, losses)
+
+    write_json(out / "manifest.json", manifest)
+    write_grid(out / "grid.png", grid_rows, digits, args.per_digit)
+    table = markdown_table(results)
+    summary = {
+        "settings": {
+            "per_digit": args.per_digit, "images_per_method": len(prompts), "seed": args.seed,
+            "teacher_guidance": w, "reference_steps": args.reference_steps, "student": asdict(settings),
+            "reference_set": f"held-out real digits ({len(held_out)})",
+        },
+        "teacher": {"folder": str(teacher_dir), **teacher_info, "prepare_s": teacher_prep_s},
+        "evaluator": {"held_out_accuracy": evaluator.held_out_accuracy},
+        "methods": [asdict(r) for r in results],
+        "goal": goal_checks(results),
+        "student_error": student_error,
+        "total_s": time.perf_counter() - started,
+    }
+    write_json(out / "results.json", summary)
+    (out / "results.md").write_text(table + "\n")
+    print()
+    print(table)
+    print()
+    print("goal:", json.dumps(summary["goal"]))
+    print(f"benchmark total {summary['total_s']:.0f} s; outputs in {out}")
+    if student_error is not None:
+        raise SystemExit(f"bench-quality: the student rows failed: {student_error}")
+    return summary
+
+
+def save_student_lora(distiller) -> Path:
+    """The full Flash student's LoRA (peft names) in the cache, for the ComfyUI demo."""
+    from safetensors.torch import save_file
+
+    path = cache_dir() / "digits" / "flash_student_lora.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in distiller.lora_state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    s = StudentSettings()
+    p = argparse.ArgumentParser(description="Flash quality benchmark on the digits teacher")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--teacher", type=Path, default=default_teacher_dir(), help="teacher pipeline folder (cached)")
+    p.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps)
+    p.add_argument("--teacher-vae-steps", type=int, default=TeacherConfig.vae_steps)
+    p.add_argument("--per-digit", type=int, default=20, help="images per digit and method")
+    p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale of the teacher rows")
+    p.add_argument("--reference-steps", type=int, default=50)
+    p.add_argument("--student-steps", type=int, default=s.steps)
+    p.add_argument("--student-batch", type=int, default=s.batch_size)
+    p.add_argument("--student-lr", type=float, default=s.lr)
+    p.add_argument("--lora-rank", type=int, default=s.lora_rank)
+    p.add_argument("--student-guidance", type=float, nargs=2, default=list(s.guidance_range))
+    p.add_argument("--teacher-grid", type=int, default=s.teacher_grid_steps, help="K of the teacher solver")
+    p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
