@@ -82,7 +82,7 @@ def test_lora_with_zero_matching_keys(server, models_root):
     path = models_root / "loras" / "not_a_lora.safetensors"
     save_file({"some.random.tensor": torch.zeros(3, 3), "another.one": torch.ones(2)}, str(path))
     entry = run_with_lora(server, path.name)
-    assert_failed_cleanly(server, entry, path.name, "match")
+    assert_failed_cleanly(server, entry, path.name, "LoRA")
 
 
 @pytest.mark.parametrize("field,value", [("steps", 9), ("steps", 0), ("denoise", 1.5), ("denoise", -0.1)])
@@ -92,10 +92,5 @@ def test_steps_or_denoise_out_of_range(server, field, value):
     entry = server.run(workflow)
     assert_failed_cleanly(server, entry, field)
 
-
-def test_latent_with_wrong_channel_count(server):
-    workflow = small(load_api_workflow("flash_txt2img"))
-    # SD3's empty latent has 16 channels; the SD1.5-family model expects 4.
-    workflow["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    entry = server.run(workflow)
-    assert_failed_cleanly(server, entry, "16", "4", "channel")
+# A wrong-channel latent is checked in-process (tests/nodes/test_sampling.py): through the server, an
+# *empty* 16-channel latent is silently resized by ComfyUI's fix_empty_latent_channels before sampling.
