@@ -114,7 +114,9 @@ class ProgressWatcher:
                 message = self.ws.recv()
             except Exception:
                 return
-            if isinstance(message, bytes):
+            if not message:  # the connection closed
+                return
+            if isinstance(message, bytes):  # binary preview frames
                 continue
             data = json.loads(message)
             if data.get("type") == "progress" and data["data"].get("node") == TRAIN_NODE:
