@@ -38,13 +38,14 @@ $(COMFYUI_PATH)/.flash-ready: $(VENV)/.installed
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 demo: setup
-	$(PY) -P -m training.demo
+	$(PY) -P -m training.demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -P -m pytest tests -q -p no:cacheprovider
 
 bench: setup
-	$(PY) bench/speed.py
+	$(PY) -P bench/speed.py
+	$(PY) -P bench/train_cost.py
 
 bench-quality: setup
 	$(PY) -P -m training.digits.benchmark

@@ -5,9 +5,9 @@ Node ids are stable forever: workflows saved by users refer to them.
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import loaders, sampling, training
+from . import loaders, pipelines, sampling, training
 
-NODE_MODULES = (sampling, loaders, training)
+NODE_MODULES = (sampling, loaders, training, pipelines)
 
 
 class FlashExtension(ComfyExtension):

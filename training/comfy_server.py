@@ -72,6 +72,7 @@ class ComfyServer:
 
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
@@ -164,9 +165,11 @@ class ComfyServer:
         return files
 
     # -- comfy-cli ---------------------------------------------------------------------------------
-    def comfy_cli_run(self, workflow: Path, timeout: float = 600.0) -> subprocess.CompletedProcess:
-        """Submit a workflow file (API or UI format) the way a user would: `comfy run --workflow F --wait`."""
+    def comfy_cli_run(self, workflow: Path, timeout: float = 600.0, stream: bool = False) -> subprocess.CompletedProcess:
+        """Submit a workflow file (API or UI format) the way a user would: `comfy run --workflow F --wait`.
+        With stream, comfy-cli writes to this process's terminal (its per-node progress bars) instead of
+        being captured."""
         comfy = shutil.which("comfy", path=str(Path(sys.executable).parent)) or "comfy"
         cmd = [comfy, "--skip-prompt", "--workspace", str(self.comfy), "run", "--workflow", str(workflow), "--wait",
                "--host", "127.0.0.1", "--port", str(self.port), "--timeout", str(int(timeout))]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60)
+        return subprocess.run(cmd, capture_output=not stream, text=True, timeout=timeout + 60)

@@ -10,6 +10,13 @@ from _meta.title, widgets set, `graph.arrange()` lays the nodes out left to righ
 Before writing, the exported graph is converted back to API format by the same frontend and compared with
 the source file, so a twin never drifts from its API workflow. Files are written atomically.
 
+The model files a workflow needs come from workflows/downloads/models.json (the one source of truth): each
+twin gets them as the frontend's top-level `models` list ({name, url, directory}), and each loader node whose
+widget names one of them gets that entry in its `properties.models`. Frontend 1.32 reads both on load
+(app.loadGraphData: `workflow.models`, plus the `properties.models` entries a node's widget values still
+select) and offers the files it cannot find in the server's model folders in its "Missing Models" dialog,
+with download buttons for https://huggingface.co/ or https://civitai.com/ URLs of .safetensors/.sft files.
+
     python -m workflows.regenerate                   # every workflows/api/*.json
     python -m workflows.regenerate flash_txt2img     # only these
     python -m workflows.regenerate --check           # exit 1 if a committed twin differs from a fresh export
@@ -21,6 +28,7 @@ packs are not installed in the server; their public signatures are in THIRD_PART
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -37,6 +45,10 @@ from training.comfy_server import ComfyServer
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
+MODELS_SIDECAR = WORKFLOWS_DIR / "downloads" / "models.json"
+# What the frontend's MissingModelsWarning dialog lets users download (others show only an error there).
+DOWNLOAD_URL_PREFIXES = ("https://huggingface.co/", "https://civitai.com/")
+DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
 
 # Seeds stay as written in the API file (a template reproduces its documented image); users switch the
 # frontend's "control after generate" widget to randomize themselves.
@@ -173,6 +185,41 @@ def api_from_ui(prompt: dict) -> dict:
     return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompt.items()}
 
 
+def model_downloads(sidecar_path: Path = MODELS_SIDECAR) -> dict[str, list[dict]]:
+    """{workflow name: its `models` list} from the sidecar: {"name", "url", "directory"} per file, in the
+    sidecar's order. Raises if an entry is one the frontend would refuse to download."""
+    sidecar = json.loads(sidecar_path.read_text())
+    files = sidecar["files"]
+    downloads = {}
+    for workflow, names in sidecar["workflows"].items():
+        unknown = [name for name in names if name not in files]
+        if unknown:
+            raise ValueError(f"{sidecar_path}: {workflow} lists {unknown}, which have no entry in `files`")
+        downloads[workflow] = [{"name": name, "url": files[name]["url"], "directory": files[name]["directory"]}
+                               for name in names]
+    for name, entry in files.items():
+        if not (entry["url"].startswith(DOWNLOAD_URL_PREFIXES) and name.endswith(DOWNLOAD_SUFFIXES)):
+            raise ValueError(f"{sidecar_path}: {name} ({entry['url']}): the frontend downloads only "
+                             f"{'/'.join(DOWNLOAD_SUFFIXES)} files from {', '.join(DOWNLOAD_URL_PREFIXES)}")
+    return downloads
+
+
+def with_models(workflow: dict, models: list[dict]) -> dict:
+    """The UI workflow with its model downloads: the top-level `models` list, and on each node whose widget
+    values name a file, that file's entry in `properties.models` (what the frontend filters by the current
+    widget values, so a node switched to another file no longer asks for this one)."""
+    workflow = copy.deepcopy(workflow)
+    for node in workflow["nodes"]:
+        values = node.get("widgets_values") or []
+        values = values.values() if isinstance(values, dict) else values
+        named = [dict(model) for model in models if model["name"] in values]
+        if named:
+            node.setdefault("properties", {})["models"] = named
+    if models:
+        workflow["models"] = [dict(model) for model in models]
+    return workflow
+
+
 def write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -182,6 +229,7 @@ def write_json_atomically(path: Path, data: dict) -> None:
 def regenerate(names: list[str] | None = None, check: bool = False) -> list[str]:
     """Write workflows/<name>.json for each API workflow; with check, only compare. Returns the changed names."""
     workflows = api_workflows(names)
+    downloads = model_downloads()
     changed = []
     with tempfile.TemporaryDirectory(prefix="flash-regenerate-") as tmp:
         state = Path(tmp)
@@ -190,7 +238,7 @@ def regenerate(names: list[str] | None = None, check: bool = False) -> list[str]
         with server, open_frontend(server.url) as frontend:
             register_third_party_nodes(frontend, {node["class_type"] for api in workflows.values() for node in api.values()})
             for name, api in workflows.items():
-                ui = export_ui_workflow(frontend, name, api)
+                ui = with_models(export_ui_workflow(frontend, name, api), downloads.get(name, []))
                 target = WORKFLOWS_DIR / f"{name}.json"
                 current = json.loads(target.read_text()) if target.is_file() else None
                 if current == ui:

@@ -28,15 +28,20 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1600, "height": 900}
 
+MISSING_MODELS_SETTING = "Comfy.Workflow.ShowMissingModelsWarning"
 # Server-side user settings written before the page opens: no first-run template browser over the canvas,
-# warnings about missing nodes stay on (the UI tests look for that dialog).
+# warnings about missing nodes stay on (the UI tests look for that dialog). The "Missing Models" dialog is
+# off: the shipped workflows name real model files the test servers do not have, so it would come up over
+# every one of them; the test of that dialog turns it on for itself (Frontend.set_setting).
 FRONTEND_SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Workflow.ShowMissingNodesWarning": True,
-    "Comfy.Workflow.ShowMissingModelsWarning": True,
+    MISSING_MODELS_SETTING: False,
 }
 # The title of the frontend's "missing nodes" dialog (locale en, missingNodes.oss.title).
 MISSING_NODES_TITLE = "This workflow has missing nodes"
+# The frontend's "Missing Models" dialog (MissingModelsWarning): a list box of this class, one option per file.
+MISSING_MODELS_LIST = ".comfy-missing-models"
 APP_READY = "() => window.app && window.app.graph && window.app.canvas && window.LiteGraph && window.app.vueAppReady"
 
 
@@ -110,6 +115,33 @@ class Frontend:
             except PlaywrightTimeoutError:
                 return False
         return title.is_visible()
+
+    def missing_models(self, wait_ms: int = 0) -> list[dict] | None:
+        """The rows of the frontend's "Missing Models" dialog (waiting up to wait_ms for it), None if it is not
+        up. Each row: {"label": "<directory> / <file name>", "url": the download URL (the row's hover title),
+        "error": the refusal the row shows, if any, "buttons": [{"text", "title", "disabled"}]}."""
+        listbox = self.page.locator(MISSING_MODELS_LIST).first
+        try:
+            listbox.wait_for(state="visible", timeout=max(wait_ms, 1))
+        except PlaywrightTimeoutError:
+            return None
+        return listbox.evaluate(
+            """(box) => [...box.querySelectorAll("[role=option]")].map(row => {
+                const label = row.querySelector("span[title]");
+                return {
+                    label: label?.textContent.trim() ?? null,
+                    url: label?.getAttribute("title") ?? null,
+                    error: row.querySelector(".p-message")?.textContent.trim() || null,
+                    buttons: [...row.querySelectorAll("button")].map(b => ({
+                        text: b.textContent.trim(), title: b.getAttribute("title"), disabled: b.disabled})),
+                };
+            })"""
+        )
+
+    def set_setting(self, setting_id: str, value) -> None:
+        """Change a user setting the way the Settings dialog does (the frontend's setting store; stored server-side)."""
+        self.page.evaluate("async ([id, value]) => { await window.app.extensionManager.setting.set(id, value); }",
+                           [setting_id, value])
 
     def close_dialogs(self) -> None:
         self.page.keyboard.press("Escape")

@@ -1,8 +1,10 @@
 """The pack in the real ComfyUI frontend, in a real (headless) Chromium against the session's live server.
 
 The node library shows the Flash nodes; every shipped UI workflow opens without missing nodes and converts
-to exactly its API twin; pressing Run on flash_txt2img renders an image in the UI; /workflow_templates
-serves the UI workflows as this pack's templates.
+to exactly its API twin; the UI workflows carry the model downloads of workflows/downloads/models.json, and
+opening one on a server without those files brings up the frontend's "Missing Models" dialog offering them;
+pressing Run on flash_txt2img renders an image in the UI; /workflow_templates serves the UI workflows as this
+pack's templates.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from PIL import Image
 
 from training import tiny_checkpoint
 
-from .browser import Frontend, frontend_fixture  # noqa: F401  (provides the `frontend` fixture)
+from .browser import MISSING_MODELS_SETTING, Frontend, frontend_fixture  # noqa: F401  (`frontend` fixture)
 from .conftest import WORKFLOWS
 
 PACK = "ComfyUI-Flash"  # our folder name under custom_nodes/, the key /workflow_templates lists
@@ -33,6 +35,7 @@ LATENT_SIZE = 64
 # 64 px -> 8x8 latents; the tiny fixture VAE upsamples 2 ** (len(ch_mult) - 1) = 4x, so 32 px images.
 DECODED_SIZE = LATENT_SIZE // 8 * 2 ** (len(tiny_checkpoint.TINY_VAE_DDCONFIG["ch_mult"]) - 1)
 SCREENSHOT = Path("/tmp/flash_ui_txt2img.png")  # for a human look; not an assertion
+MODELS_SIDECAR = WORKFLOWS / "downloads" / "models.json"
 
 
 def _api_inputs(prompt: dict) -> dict:
@@ -80,6 +83,7 @@ def test_ui_workflow_loads_with_no_missing_nodes(frontend: Frontend, path: Path)
     assert missing <= set(THIRD_PARTY_NODES), f"{path.name}: unknown node types {missing - set(THIRD_PARTY_NODES)}"
     assert frontend.missing_nodes_dialog_visible(wait_ms=5_000 if missing else 0) == bool(missing), path.name
     frontend.close_dialogs()
+    assert frontend.missing_models() is None  # off in the test settings (the test below turns it on)
     assert sorted(frontend.graph_node_types().items()) == sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
 
     # What Run would queue from this graph is exactly the API twin (same ids, classes, inputs), apart from
@@ -90,6 +94,52 @@ def test_ui_workflow_loads_with_no_missing_nodes(frontend: Frontend, path: Path)
         api = _api_inputs({k: v for k, v in json.loads(api_path.read_text()).items() if k not in absent})
         queued = _api_inputs({k: v for k, v in frontend.export()["output"].items() if k not in absent})
         assert queued == api, f"{path.name} differs from {api_path.name}: run python -m workflows.regenerate"
+
+
+def _sidecar_models() -> dict[str, list[dict]]:
+    """{workflow: [{"name", "url", "directory"}]} as workflows/downloads/models.json lists them."""
+    sidecar = json.loads(MODELS_SIDECAR.read_text())
+    return {name: [{"name": f, "url": sidecar["files"][f]["url"], "directory": sidecar["files"][f]["directory"]}
+                   for f in files] for name, files in sidecar["workflows"].items()}
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_ui_workflow_lists_its_model_downloads(path: Path):
+    """The top-level `models` list is the sidecar's entry for the workflow (none if it has none); each node
+    whose widgets name one of those files has that file's entry in properties.models. Out of date? Run
+    `python -m workflows.regenerate`."""
+    workflow = json.loads(path.read_text())
+    models = _sidecar_models().get(path.stem, [])
+    assert workflow.get("models", []) == models, path.name
+    by_name = {model["name"]: model for model in models}
+    for node in workflow["nodes"]:
+        values = node.get("widgets_values") or []
+        named = [v for v in (values.values() if isinstance(values, dict) else values) if v in by_name]
+        assert node.get("properties", {}).get("models", []) == [by_name[v] for v in named], (path.name, node["id"])
+
+
+def test_missing_models_dialog_offers_the_downloads(frontend: Frontend):
+    """flash_sd15_txt2img names SD1.5 and flash-sd, which the test server does not have: with the frontend's
+    missing-models warning on, opening it lists both files with their Hugging Face download."""
+    workflow = json.loads((WORKFLOWS / "flash_sd15_txt2img.json").read_text())
+    frontend.set_setting(MISSING_MODELS_SETTING, True)
+    try:
+        frontend.load_graph(workflow)
+        rows = frontend.missing_models(wait_ms=15_000)
+    finally:
+        frontend.close_dialogs()
+        frontend.set_setting(MISSING_MODELS_SETTING, False)
+    assert rows is not None, "no Missing Models dialog"
+    assert frontend.missing_models() is None  # closed: it does not stay over the canvas
+    listed = {row["label"]: row for row in rows}
+    expected = {f"{m['directory']} / {m['name']}": m for m in _sidecar_models()["flash_sd15_txt2img"]}
+    assert set(listed) == set(expected), rows
+    assert "loras / flash-sd.safetensors" in listed
+    for label, model in expected.items():
+        row = listed[label]
+        assert row["url"] == model["url"] and row["error"] is None, row
+        (download,) = [b for b in row["buttons"] if b["text"].startswith("Download")]
+        assert download["title"] == model["url"] and not download["disabled"], row
 
 
 def test_run_button_renders_an_image(frontend: Frontend, server):

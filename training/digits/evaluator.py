@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.comfy_env import cache_dir
 from training.digits.data import IMAGE_SIZE, load_splits, to_grey
 
 CLASSIFIER_VERSION = 1
@@ -47,8 +48,7 @@ class DigitClassifier(nn.Module):
 
 
 def _cache_dir() -> Path:
-    default = Path(__file__).resolve().parents[2] / ".cache"
-    return Path(os.environ.get("FLASH_CACHE_DIR", default)) / "digits"
+    return cache_dir() / "digits"
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from training.comfy_env import cache_dir, comfyui_path
 from training.digits.data import (
     DIGIT_WORDS,
     IMAGE_CHANNELS,
@@ -59,19 +60,8 @@ class TeacherConfig:
     seed: int = 0
 
 
-def cache_dir() -> Path:
-    """FLASH_CACHE_DIR, default <repo>/.cache (git-ignored)."""
-    default = Path(__file__).resolve().parents[2] / ".cache"
-    return Path(os.environ.get("FLASH_CACHE_DIR", default))
-
-
 def default_teacher_dir() -> Path:
     return cache_dir() / "digits" / "teacher"
-
-
-def comfyui_path() -> Path:
-    default = Path(__file__).resolve().parents[2] / ".comfyui"
-    return Path(os.environ.get("COMFYUI_PATH", default))
 
 
 def load_tokenizer():
