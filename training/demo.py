@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.digits.teacher import TeacherConfig, default_teacher_dir, train_teacher
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    demo_started = time.monotonic()
     demo = demo_dir()
     base, models_root, results_dir = demo / "comfyui", demo / "models", demo / "results"
     timings: dict[str, float] = {}
@@ -301,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         print("[5/5] scoring with the digit classifier...", flush=True)
         images = {path.key: read_images(output, path.key, args.per_digit) for path in PATHS}
         results = score(images, path_seconds)
+        timings["total_s"] = time.monotonic() - demo_started
         write_outputs(results_dir, results, images, args, timings)
         print("\n" + markdown_table(results))
         print(f"\ngrid:    {results_dir / 'grid.png'}\ntable:   {results_dir / 'results.md'}\n"
               f"json:    {results_dir / 'results.json'}\nimages:  {output}\nstudent: {lora}")
+        print(f"\ndemo finished in {timings['total_s'] / 60:.1f} min (teacher {timings['teacher_s']:.0f} s"
+              + (f", distillation {timings['distill_s']:.0f} s" if "distill_s" in timings else ", student cached") + ")")
         print(f"\nOpen {server.url} and load a workflow from the template browser "
               "(Workflow > Browse Templates > ComfyUI-Flash: flash_demo_compare, flash_demo_distill).")
         if args.serve:

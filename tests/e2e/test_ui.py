@@ -23,7 +23,8 @@ from .conftest import WORKFLOWS
 
 PACK = "ComfyUI-Flash"  # our folder name under custom_nodes/, the key /workflow_templates lists
 CATEGORY = "Flash Diffusion"
-FLASH_NODES = ("FlashSampler", "FlashSamplerSelect", "FlashScheduler", "FlashLoRALoader")
+FLASH_NODES = ("FlashSampler", "FlashSamplerSelect", "FlashScheduler", "FlashLoRALoader", "FlashDistillTrain",
+               "FlashDiffusersLoader")
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 # Node types of other packs that shipped workflows may use (the test server does not install them):
 # any other unregistered type fails the load test, and for these the missing-nodes dialog must show.

@@ -174,7 +174,7 @@ def test_denoise_starts_where_stock_ksampler_starts(comfy_nodes, sampling, model
 
 @pytest.mark.parametrize("steps,denoise", [(1, 0.25), (2, 0.5), (3, 0.75)])
 def test_steps_four_times_denoise_stay_on_the_training_grid(sampling, model, positive, negative, steps, denoise):
-    """The img2img / hi-res recipe of docs/gallery.md: steps = 4 x denoise samples only trained timesteps."""
+    """The img2img / hi-res recipe of the README: steps = 4 x denoise samples only trained timesteps."""
     recorded, seen = _recording(model)
     _flash(sampling, recorded, positive, negative, _latent(), steps=steps, denoise=denoise)
     assert seen == [float(t) for t in trailing_timesteps(4)[-steps:]]
@@ -189,7 +189,7 @@ def test_img2img_output_stays_closer_to_the_input_at_low_denoise(sampling, model
 
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
 def test_cfg_one_skips_the_negative_prompt_and_above_one_adds_its_pass(sampling, model, positive, negative, cfg):
-    """What docs/gallery.md says about cfg: at 1.0 one conditional model call per step, the negative prompt
+    """What the README says about cfg: at 1.0 one conditional model call per step, the negative prompt
     unused; above 1.0 every step also evaluates the negative (unconditional) prompt."""
     recorded = model.clone()
     passes: list[int] = []
