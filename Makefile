@@ -46,6 +46,7 @@ test: setup
 bench: setup
 	$(PY) -P bench/speed.py
 	$(PY) -P bench/train_cost.py
+	$(PY) -P bench/node_overhead.py
 
 bench-quality: setup
 	$(PY) -P -m training.digits.benchmark

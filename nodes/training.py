@@ -243,8 +243,15 @@ def model_fingerprint(model) -> str:
 
 
 def latent_rgb(latent_format, latents: torch.Tensor, upscale: int = 8) -> torch.Tensor:
-    """ComfyUI's latent2rgb preview (latent_format.latent_rgb_factors) of model-space latents -> [N, H, W, 3]."""
-    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)  # [C, 3]
+    """ComfyUI's latent2rgb preview (latent_format.latent_rgb_factors) of model-space latents -> [N, H, W, 3].
+    Latent formats without factors (custom VAEs) show their first three channels (or the first, in grey)."""
+    if latent_format.latent_rgb_factors is not None:
+        factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)  # [C, 3]
+    else:
+        channels = latents.shape[1]
+        factors = torch.zeros(channels, 3)
+        for rgb_channel in range(3):
+            factors[rgb_channel if channels >= 3 else 0, rgb_channel] = 1.0
     bias = latent_format.latent_rgb_factors_bias
     rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
     if bias is not None:

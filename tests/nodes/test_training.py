@@ -501,3 +501,17 @@ def test_node_schema(training):
     assert schema.is_output_node and schema.is_input_list
     assert [o.io_type for o in schema.outputs] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "IMAGE"]
     assert training.NODES == [training.FlashDistillTrain]
+
+
+def test_latent_preview_without_rgb_factors_shows_the_latent_channels(training):
+    """Pipelines with their own VAE (FlashDiffusersLoader) have no latent2rgb factors: the preview falls back to
+    the first three latent channels instead of failing at the end of training."""
+    import comfy.latent_formats
+
+    no_factors = comfy.latent_formats.SD15()
+    no_factors.latent_rgb_factors = no_factors.latent_rgb_factors_bias = None
+    latents = torch.zeros(2, 4, 3, 5)
+    latents[:, 1] = 1.0  # channel 1 -> green
+    rgb = training.latent_rgb(no_factors, latents, upscale=2)
+    assert rgb.shape == (2, 6, 10, 3)
+    assert torch.allclose(rgb[..., 1], torch.ones(())) and torch.allclose(rgb[..., 0], torch.full((), 0.5))
