@@ -66,14 +66,18 @@ def test_student_two_steps_beats_teacher_two_steps(demo_cache: Path):
     assert results["student_2"]["seconds_per_image"] < results["teacher_25"]["seconds_per_image"]
 
 
+def combo_options(server: ComfyServer, node_type: str, name: str) -> list[str]:
+    """A combo input's choices from /object_info (V1 lists them first, V3 as ["COMBO", {"options": [...]}])."""
+    spec = server.get(f"/object_info/{node_type}")[node_type]["input"]["required"][name]
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+
 def test_ui_opens_the_demo_workflows_with_their_files(demo_cache: Path, tmp_path: Path):
     models = demo_cache / "demo" / "models"
     server = ComfyServer(models_root=models, base_dir=demo_cache / "demo" / "comfyui", log_path=tmp_path / "comfyui.log")
     with server, open_frontend(server.url) as frontend:
-        info = server.get("/object_info/FlashDiffusersLoader")["FlashDiffusersLoader"]
-        assert TEACHER_PIPELINE in info["input"]["required"]["pipeline"][0]
-        loras = server.get("/object_info/FlashLoRALoader")["FlashLoRALoader"]["input"]["required"]["lora_name"][0]
-        assert f"flash/{LORA_NAME}.safetensors" in loras
+        assert TEACHER_PIPELINE in combo_options(server, "FlashDiffusersLoader", "pipeline")
+        assert f"flash/{LORA_NAME}.safetensors" in combo_options(server, "FlashLoRALoader", "lora_name")
         for name in DEMO_WORKFLOWS:
             workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
             frontend.load_graph(workflow)
