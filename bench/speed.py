@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from training import tiny_checkpoint
 from training.comfy_env import REPO_ROOT, cache_dir, import_comfy, load_pack
@@ -76,6 +75,7 @@ def model_evaluations(size: int) -> dict[str, int]:
     """UNet rows evaluated per image, counted through the wrapper ComfyUI gives every sampler."""
     import_comfy()
     import comfy.sd
+
     import nodes as comfy_nodes  # ComfyUI's nodes.py
 
     flash_sampler = load_pack().nodes.sampling.FlashSampler

@@ -26,7 +26,12 @@ import torch
 from training.comfy_env import REPO_ROOT
 from training.digits.benchmark import DigitsBatches, StudentSettings, make_distiller
 from training.digits.data import load_splits
-from training.digits.teacher import TeacherConfig, default_teacher_dir, load_teacher_pipeline, train_teacher
+from training.digits.teacher import (
+    TeacherConfig,
+    default_teacher_dir,
+    load_teacher_pipeline,
+    train_teacher,
+)
 
 RESULTS = REPO_ROOT / "bench" / "results" / "train_cost.json"
 PARTS = ("teacher_s", "student_s", "discriminator_s", "dmd_s")

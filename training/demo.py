@@ -254,7 +254,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training.digits.teacher import TeacherConfig, default_teacher_dir, train_teacher
+    try:
+        return run_demo(args)
+    except (RuntimeError, TimeoutError, OSError) as error:  # a failed workflow / server: its message, not a trace
+        print(f"\nmake demo failed: {error}", file=sys.stderr)
+        return 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from training.digits.teacher import (
+        TeacherConfig,
+        default_teacher_dir,
+        train_teacher,
+    )
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     demo_started = time.monotonic()
@@ -309,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
               f"json:    {results_dir / 'results.json'}\nimages:  {output}\nstudent: {lora}")
         print(f"\ndemo finished in {timings['total_s'] / 60:.1f} min (teacher {timings['teacher_s']:.0f} s"
               + (f", distillation {timings['distill_s']:.0f} s" if "distill_s" in timings else ", student cached") + ")")
-        print(f"\nOpen {server.url} and load a workflow from the template browser "
-              "(Workflow > Browse Templates > ComfyUI-Flash: flash_demo_compare, flash_demo_distill).")
         if args.serve:
+            print(f"\nOpen {server.url} and load a workflow from the template browser "
+                  "(Workflow > Browse Templates > ComfyUI-Flash: flash_demo_compare, flash_demo_distill).")
             print("ComfyUI keeps running; press Ctrl-C to stop.", flush=True)
             try:
                 while server.alive():
@@ -327,7 +339,7 @@ def write_outputs(folder: Path, results: list[PathResult], images: dict, args: a
     from training.digits.benchmark import write_grid, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_grid(folder / "grid.png", [(f"{p.label}" , images[p.key][0]) for p in PATHS], images[PATHS[0].key][1],
+    write_grid(folder / "grid.png", [(p.label, images[p.key][0]) for p in PATHS], images[PATHS[0].key][1],
                args.per_digit)
     write_json(folder / "results.json", {
         "settings": {k: v for k, v in vars(args).items() if k not in ("serve", "port")},
