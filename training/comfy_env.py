@@ -41,6 +41,23 @@ def import_comfy(cpu: bool = True) -> Path:
     return path
 
 
+def import_comfy_nodes():
+    """ComfyUI's own nodes.py (KSampler, LoraLoader, ...), loaded from its file and registered as `nodes` as
+    ComfyUI's main.py has it. A plain `import nodes` could find this pack's nodes/ package instead when the
+    repository root is on sys.path (it is under pytest)."""
+    import importlib.util
+
+    comfy_root = import_comfy()
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and Path(loaded.__file__).resolve() == (comfy_root / "nodes.py").resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 PACK_MODULE = "comfyui_flash"
 
 

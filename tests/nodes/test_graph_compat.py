@@ -22,7 +22,7 @@ import torch
 
 from flash_core.schedules import denoise_timesteps, trailing_timesteps
 from training import tiny_checkpoint, tiny_controlnet
-from training.comfy_env import import_comfy, load_pack
+from training.comfy_env import import_comfy_nodes, load_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_fixtures as F
@@ -43,17 +43,7 @@ def comfy_nodes():
     Loaded from its file and registered as `nodes`, as ComfyUI's main.py has it: under pytest the repository
     root is on sys.path, where a plain `import nodes` finds this pack's nodes/ package instead.
     """
-    import importlib.util
-
-    comfy_root = import_comfy()
-    loaded = sys.modules.get("nodes")
-    if loaded is not None and Path(loaded.__file__).resolve() == (comfy_root / "nodes.py").resolve():
-        return loaded
-    spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nodes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_comfy_nodes()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.comfy_env import import_comfy, load_pack
+from training.comfy_env import import_comfy_nodes, load_pack
 
 SCALE = 0.4417  # the VAE's scaling_factor (deliberately not SD's 0.18215)
 PROMPT = "a photo of the digit seven"
@@ -75,17 +75,7 @@ def pipelines(comfy_modules):
 @pytest.fixture(scope="module")
 def comfy_nodes(comfy_modules):
     """ComfyUI's own nodes.py, registered as `nodes` as main.py has it (see tests/nodes/test_graph_compat.py)."""
-    import importlib.util
-
-    comfy_root = import_comfy()
-    loaded = sys.modules.get("nodes")
-    if loaded is not None and Path(loaded.__file__).resolve() == (comfy_root / "nodes.py").resolve():
-        return loaded
-    spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nodes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_comfy_nodes()
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
