@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flash_core.files import write_atomic, write_text_atomic
 
 UNET = "unet"  # the denoiser (UNet or DiT transformer)
 TEXT_ENCODER = "text_encoder"
@@ -803,30 +804,9 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):
         raise ValueError(f"LoRA files are written as .safetensors; got '{path}'.")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(contiguous, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    write_atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
 def save_peft_adapter(directory: str | os.PathLike, modules: Sequence[LoraModule],
@@ -838,7 +818,7 @@ def save_peft_adapter(directory: str | os.PathLike, modules: Sequence[LoraModule
     weights_path = os.path.join(directory, "adapter_model.safetensors")
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     save_lora(weights_path, tensors, {"format": "pt"})
-    _write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
+    write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
     return weights_path, config_path
 
 

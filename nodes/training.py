@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from flash_core import lora_formats
 from flash_core.denoiser import Conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
+from flash_core.files import torch_save_atomic
 from flash_core.recipes import get_recipe
 from flash_core.schedules import trailing_timesteps
 
@@ -121,23 +122,9 @@ def ensure_writable(folder: str) -> None:
         ) from err
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".flashckpt")
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_checkpoint(folder: str, state: dict) -> str:
     path = os.path.join(folder, CHECKPOINT_FILE)
-    _atomic_torch_save(state, path)
+    torch_save_atomic(state, path)
     return path
 
 
