@@ -6,7 +6,7 @@ Grids and the timestep mixture itself live in `flash_core.schedules`; a recipe o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flash_core.schedules import PHASE_MODE_WEIGHTS
 
@@ -62,17 +62,16 @@ class Recipe:
         return len(self.phase_mode_weights)
 
 
+_SD15 = Recipe(
+    backbone="sd15", lora_rank=128, lora_alpha=128, lora_targets=UNET_LORA_TARGETS,
+    guidance_range=(3.0, 13.0), teacher_grid_steps=32, batch_size=4, uncond="empty_prompt",
+    adversarial_weights=(0.0, 0.1, 0.2, 0.3), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+)
+
 RECIPES: dict[str, Recipe] = {
-    "sd15": Recipe(
-        backbone="sd15", lora_rank=128, lora_alpha=128, lora_targets=UNET_LORA_TARGETS,
-        guidance_range=(3.0, 13.0), teacher_grid_steps=32, batch_size=4, uncond="empty_prompt",
-        adversarial_weights=(0.0, 0.1, 0.2, 0.3), dmd_weights=(0.0, 0.3, 0.5, 0.7),
-    ),
-    "sdxl": Recipe(
-        backbone="sdxl", lora_rank=64, lora_alpha=64, lora_targets=UNET_LORA_TARGETS,
-        guidance_range=(3.0, 13.0), teacher_grid_steps=32, batch_size=2, uncond="zeros",
-        adversarial_weights=(0.0, 0.1, 0.2, 0.3), dmd_weights=(0.0, 0.3, 0.5, 0.7),
-    ),
+    "sd15": _SD15,
+    # SDXL: SD1.5's recipe with half the rank and batch, and zeroed embeddings as the unconditional input
+    "sdxl": replace(_SD15, backbone="sdxl", lora_rank=64, lora_alpha=64, batch_size=2, uncond="zeros"),
     "pixart": Recipe(
         backbone="pixart", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
         guidance_range=(2.0, 9.0), teacher_grid_steps=16, batch_size=2, uncond="empty_prompt",
