@@ -1,34 +1,85 @@
-"""Atomic file writes: a temporary file in the target's folder, then os.replace.
+"""Every file the pack writes goes through here: atomic writes, the umask, orphans, full disks, output locks.
 
-Readers (ComfyUI's model lists, a resumed run, a crash) see the old file or the new one, never half a file;
-a failed write leaves no temporary file behind. Temporary names start with ".tmp-" (hidden, and never a
-model extension, so ComfyUI's lists do not show them).
+* `write_atomic`: a temporary file in the target's folder, flushed to disk, then os.replace. Readers
+  (ComfyUI's model lists, a resumed run, a crash) see the old file or the new one, never half a file; a
+  failed write leaves no temporary file behind and the previous file untouched. Temporary names start with
+  ".tmp-" (hidden, and never a model extension, so ComfyUI's lists do not show them). The result gets the
+  mode a plain `open(path, "w")` would give (0666 minus the umask), not mkstemp's private 0600.
+* A full disk (or any OS error) raises `FileWriteError`, which names the file and what to do.
+* `remove_orphaned_temporaries`: a process killed during a write (SIGKILL, power loss) leaves its ".tmp-"
+  file behind; the next run of the same output removes them when it starts (it holds the output's lock,
+  so no live writer can own them).
+* `OutputLock`: one training run per output; a second one refuses and names the holder. The lock is an
+  flock on a file in the output folder, released by the kernel when the holder dies, so a killed run
+  never leaves a stale lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 TEMP_PREFIX = ".tmp-"
+LOCK_NAME = ".flash.lock"
+
+
+class FileWriteError(OSError):
+    """A file could not be written; the message names it, the cause and what to do."""
+
+
+class OutputLockedError(RuntimeError):
+    """Another live run holds the output's lock; the message names it (pid, host, start time)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: str, err: OSError) -> FileWriteError:
+    """The one message for a failed write: which file, why, what to do (the previous file is kept)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "the disk is full: free some space"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "the folder is not writable: fix its permissions or choose another output folder"
+    else:
+        advice = "check the folder and the disk"
+    return FileWriteError(
+        err.errno, f"could not write '{path}' ({err.strerror or err}): {advice}, then run again; "
+        "the previous version of the file, if any, is unchanged"
+    )
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Create `path`'s folder, call write(temporary path), then move the result onto `path`."""
+    """Create `path`'s folder, call write(temporary path), fsync, then move the result onto `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=".tmp")
-    os.close(handle)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=".tmp")
+        os.close(handle)
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(written.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode open(path, "w") would give; mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(err, OSError) and not isinstance(err, FileWriteError):
+            raise write_error(path, err) from err
         raise
 
 
@@ -40,7 +91,119 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, write)
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_image_atomic(image, path: str | os.PathLike, format: str = "PNG") -> None:
+    """A PIL image, written atomically."""
+    write_atomic(path, lambda tmp: image.save(tmp, format=format))
+
+
+def replace_folder_atomic(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a fully written `staging` folder onto `final` (a checkpoint folder): the old one is renamed
+    aside first and removed last, so at every moment one complete folder exists under a known name."""
+    staging, final = os.fspath(staging), os.fspath(final)
+    old = None
+    if os.path.exists(final):
+        old = f"{os.path.join(os.path.dirname(final), TEMP_PREFIX)}{os.path.basename(final)}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Delete the ".tmp-" files and folders a killed writer left in `folder`; returns what was removed.
+
+    Call it only while holding the folder's OutputLock (no live writer then owns a temporary there).
+    """
+    removed: list[str] = []
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return removed
+    for root, dirs, names in os.walk(folder):
+        for name in list(dirs):
+            if name.startswith(TEMP_PREFIX):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(os.path.join(root, name))
+                dirs.remove(name)
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+        if not recursive:
+            break
+    return removed
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output folder for the lifetime of one run.
+
+        with OutputLock(folder, what="flash-distill --config x.yaml"):
+            ...  # a second run on the same folder raises OutputLockedError naming this one
+
+    The lock file records pid, host, start time and `what`; the flock itself is released by the kernel
+    when the process exits or is killed, so the file may stay without locking anything.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = ""):
+        self.folder = os.fspath(folder)
+        self.path = os.path.join(self.folder, LOCK_NAME)
+        self.what = what
+        self._handle = None
+
+    def holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.path, encoding="utf-8") as lock_file:
+                info = json.loads(lock_file.read() or "{}")
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
+            return f"pid {info.get('pid')} on {info.get('host')}, started {started} ({info.get('what') or 'a run'})"
+        return "another process"
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise write_error(self.path, err) from err
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise OutputLockedError(
+                f"'{self.folder}' is in use by another training run ({self.holder()}); wait for it to finish, "
+                "stop it, or choose another output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                 "what": self.what}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -219,10 +219,12 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         model_path = Path(_str(source, "model.path", model["path"])).expanduser()
         if not model_path.is_dir():
             raise ConfigError(f"{_where(source, 'model.path')}: model folder {model_path} does not exist")
-        if not (model_path / "model_index.json").is_file():
-            raise ConfigError(
-                f"{_where(source, 'model.path')}: {model_path} is not a diffusers pipeline folder (no model_index.json)"
-            )
+        from flash_core.model_folders import ModelFolderError, check_pipeline_folder
+
+        try:
+            check_pipeline_folder(model_path)  # no custom pipeline / component code ever runs
+        except ModelFolderError as error:
+            raise ConfigError(f"{_where(source, 'model.path')}: {error}") from None
     tiny_seed = _int(source, "model.tiny_seed", model.get("tiny_seed", 0), 0)
 
     data = raw["data"]

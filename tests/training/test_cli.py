@@ -123,6 +123,19 @@ def test_missing_config_file(tmp_path, capsys):
     assert_one_line(*main_in_process(["--config", str(tmp_path / "nope.yaml")], capsys), "nope.yaml does not exist")
 
 
+def test_custom_pipeline_code_in_the_model_folder_is_refused_and_never_runs(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    marker = tmp_path / "code-ran"
+    (model / "model_index.json").write_text(json.dumps({"_class_name": ["evil_pipeline", "EvilPipeline"]}))
+    (model / "evil_pipeline.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), model={"path": str(model)},
+                          data={"path": str(make_dataset(tmp_path / "d", 1))})
+    code, stderr = main_in_process(["--config", str(config)], capsys)
+    assert_one_line(code, stderr, "model.path", "custom pipeline", "never runs code from a model folder")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_resume_without_checkpoint_and_fresh_start_over_checkpoints_are_refused(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data={"path": str(make_dataset(tmp_path / "d", 1))})
     assert_one_line(*main_in_process(["--config", str(config), "--resume"], capsys), "no checkpoint in")
@@ -379,7 +392,7 @@ def test_shipped_configs_validate(tmp_path, name):
     raw = yaml.safe_load((REPO_ROOT / "training" / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))
     if "path" in raw["model"]:
         (tmp_path / "model").mkdir()
-        (tmp_path / "model" / "model_index.json").write_text("{}")
+        (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "DiffusionPipeline"}')
         raw["model"]["path"] = str(tmp_path / "model")
     raw["data"]["path"] = str(make_dataset(tmp_path / "data", 1))
     config = validate_config(raw, Path(f"{name}.yaml"))

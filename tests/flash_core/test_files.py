@@ -1,0 +1,125 @@
+"""flash_core.files: atomic writes keep the old file on failure, follow the umask, name a full disk; orphaned
+temporaries of a killed writer are removed; one run per output (a second one is refused, naming the holder)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from flash_core import files
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "lora.safetensors"
+    files.write_text_atomic(target, "good")
+
+    def broken(tmp: str) -> None:
+        with open(tmp, "w") as out:
+            out.write("half")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        files.write_atomic(target, broken)
+    assert target.read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
+def test_full_disk_names_the_file_and_what_to_do(tmp_path):
+    target = tmp_path / "state.flashckpt"
+    files.write_text_atomic(target, "previous")
+
+    def full(tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(files.FileWriteError) as error:
+        files.write_atomic(target, full)
+    message = str(error.value)
+    assert str(target) in message and "disk is full" in message and "unchanged" in message
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.flashckpt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        files.write_text_atomic(tmp_path / "a.txt", "x")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_sigkill_during_a_write_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    """A writer killed between writing and renaming leaves a full-size .tmp- file; starting again cleans it."""
+    target = tmp_path / "out" / "state.flashckpt"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from flash_core import files
+        def slow(tmp):
+            with open(tmp, "wb") as out:
+                out.write(b"x" * 1_000_000)
+            print("written", flush=True)
+            time.sleep(60)
+        files.write_atomic({str(target)!r}, slow)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "written"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    leftovers = [p for p in target.parent.iterdir() if p.name.startswith(files.TEMP_PREFIX)]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size == 1_000_000 and not target.exists()
+    with files.OutputLock(target.parent):
+        removed = files.remove_orphaned_temporaries(target.parent)
+    assert removed == [str(leftovers[0])]
+    assert not any(p.name.startswith(files.TEMP_PREFIX) for p in target.parent.iterdir())
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_told_who_holds_it(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from flash_core import files
+        with files.OutputLock({str(tmp_path)!r}, what="flash-distill --config first.yaml"):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(files.OutputLockedError) as error:
+            files.OutputLock(tmp_path).acquire()
+        assert f"pid {holder.pid}" in str(error.value) and "first.yaml" in str(error.value)
+        holder.send_signal(signal.SIGKILL)  # a killed holder releases the lock (the kernel drops the flock)
+        holder.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with files.OutputLock(tmp_path):
+                    break
+            except files.OutputLockedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        holder.kill()
+
+
+def test_replace_folder_atomic_swaps_a_whole_checkpoint_folder(tmp_path):
+    final, staging = tmp_path / "step-000002", tmp_path / ".tmp-step-000002"
+    final.mkdir()
+    (final / "trainer.pt").write_text("old")
+    staging.mkdir()
+    (staging / "trainer.pt").write_text("new")
+    files.replace_folder_atomic(staging, final)
+    assert (final / "trainer.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
