@@ -87,11 +87,21 @@ def identify(path: str | os.PathLike) -> str:
         except (OSError, zipfile.BadZipFile):
             return ZIP
         return TORCH_ZIP if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) else ZIP
-    if len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5:
+    if _starts_like_pickle(path):
         return PICKLE
     if os.fspath(path).lower().endswith(PICKLE_SUFFIXES):
         return PICKLE  # protocol 0/1 pickles (and legacy checkpoints) carry no signature; the name says pickle
     return UNKNOWN
+
+
+def _starts_like_pickle(path: str | os.PathLike) -> bool:
+    """The PROTO opcode and a protocol number 2-5: how every pickle of protocol 2 and up begins."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5
 
 
 def refusal(path: str | os.PathLike, kind: str, fix: str = "re-download it") -> FileFormatError:
@@ -99,6 +109,8 @@ def refusal(path: str | os.PathLike, kind: str, fix: str = "re-download it") -> 
     path = os.fspath(path)
     if kind in (PICKLE, TORCH_ZIP):
         what = "a PyTorch zip checkpoint with a pickle inside" if kind == TORCH_ZIP else "a pickle stream"
+        if kind == PICKLE and not _starts_like_pickle(path):
+            what = f"a pickle file by its {os.path.splitext(path)[1]} name; its bytes are not safetensors"
         return FileFormatError(
             f"'{path}' is a pickle-based checkpoint ({what}), not a .safetensors file. This pack never unpickles "
             f"files, because loading a pickle can run arbitrary code. {CONVERT_PICKLE}"

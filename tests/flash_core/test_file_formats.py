@@ -71,6 +71,20 @@ def test_a_pickle_payload_is_never_run(tmp_path):
     assert not marker.exists()
 
 
+def test_signatureless_pickles_are_named_by_their_suffix(tmp_path):
+    """Protocol 0/1 pickles have no signature: a pickle suffix that is not safetensors is refused as a pickle."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(marker), protocol=0))
+    assert FF.identify(path) == FF.PICKLE
+    with pytest.raises(FF.FileFormatError, match=r"old\.ckpt' is a pickle-based checkpoint \(a pickle file by its "
+                                                 r"\.ckpt name; its bytes are not safetensors\)"):
+        FF.read_safetensors(path)
+    assert not marker.exists()
+    (tmp_path / "text.safetensors").write_bytes(b"hello, not a model")
+    assert FF.identify(tmp_path / "text.safetensors") == FF.UNKNOWN
+
+
 def test_a_zip_archive_is_named_as_a_zip(tmp_path):
     inner = tmp_path / "inner.safetensors"
     save_file(TENSORS, str(inner))
