@@ -272,6 +272,17 @@ TINY_PIXART_COMFY = {
     "image_model": "pixart_alpha", "hidden_size": 96, "num_heads": 2, "depth": 2, "patch_size": 2, "in_channels": 4,
     "caption_channels": 32, "input_size": 8, "micro_condition": True, "model_max_length": 120, "pe_interpolation": 1,
 }
+# PixArt-alpha 512 (the flash-pixart base): diffusers' and ComfyUI's configs.
+PIXART_DIFFUSERS = {
+    "sample_size": 64, "num_layers": 28, "attention_head_dim": 72, "num_attention_heads": 16, "in_channels": 4,
+    "out_channels": 8, "cross_attention_dim": 1152, "caption_channels": 4096, "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single", "use_additional_conditions": False,
+}
+PIXART_COMFY = {
+    "image_model": "pixart_alpha", "hidden_size": 1152, "num_heads": 16, "depth": 28, "patch_size": 2,
+    "in_channels": 4, "caption_channels": 4096, "input_size": 64, "micro_condition": False, "model_max_length": 120,
+    "pe_interpolation": 1,
+}
 # Module counts of the recipe's DiT targets on these tiny models (every Linear/Conv the targets name).
 TINY_SD3_LORA_MODULES = 24
 TINY_PIXART_LORA_MODULES = 31

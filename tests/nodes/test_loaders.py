@@ -1,5 +1,7 @@
 """FlashLoRALoader on real ComfyUI: every published Flash LoRA format maps fully onto real SD1.5 / SDXL key
-names, and patches a (tiny, SD1.5-named) ComfyUI model exactly as W + strength * (alpha / rank) * B @ A."""
+names, and patches a (tiny, SD1.5-named) ComfyUI model exactly as W + strength * (alpha / rank) * B @ A; the
+trainer's SD3 / PixArt exports give ComfyUI's own SD3 / PixArt models the student's weights; bad files (pickles,
+zips, NaN, malformed adapter_config.json) are refused naming the file and key."""
 
 from __future__ import annotations
 
@@ -178,6 +180,34 @@ def test_flash_sd3_peft_file_maps_every_key_of_full_sd3_with_config_alpha():
     patches = comfy.lora.load_lora(tensors, to_load, log_missing=False)
     assert len(patches) == 340
     assert {p.weights[2] for p in patches.values()} == {8.0}  # ComfyUI scales by weights[2] / rank
+
+
+@pytest.mark.parametrize("backbone", ["sd3", "pixart"])
+def test_full_size_dit_comfyui_export_maps_every_recipe_module(backbone):
+    """Full SD3-medium / PixArt-alpha names: every module the recipe's DiT targets pick in the diffusers model
+    (SD3 222, PixArt 287) is in ComfyUI's key map for the comfyui export's transformer.* keys."""
+    import comfy.supported_models
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+
+    from flash_core.recipes import DIT_LORA_TARGETS
+
+    meta = torch.device("meta")
+    if backbone == "sd3":
+        model = comfy.supported_models.SD3(dict(F.SD3_COMFY)).get_model({}, device=meta)
+        with meta:
+            diffusers_model = SD3Transformer2DModel(**F.SD3_DIFFUSERS)
+    else:
+        model = comfy.supported_models.PixArtAlpha(dict(F.PIXART_COMFY)).get_model({}, device=meta)
+        with meta:
+            diffusers_model = PixArtTransformer2DModel(**F.PIXART_DIFFUSERS)
+    layers = {n: m for n, m in diffusers_model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and any(n == t or n.endswith("." + t) for t in DIT_LORA_TARGETS)}  # peft's target_modules rule
+    assert len(layers) == {"sd3": 222, "pixart": 287}[backbone]
+    modules = [L.LoraModule(L.UNET, x.path, False, x.down, x.up, x.alpha) for x in F.make_loras(layers, 1, 1.0)]
+    tensors = L.build_lora_export(modules, backbone, "comfyui").tensors
+    _, plan = _map(model, tensors)
+    assert len(plan.unet) == len(layers)
+    assert any(isinstance(m.target, tuple) for m in plan.unet)  # fused q/k/v: (weight key, offset) targets
 
 
 def test_text_encoder_keys_map_onto_clip(tiny):
