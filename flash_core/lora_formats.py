@@ -22,7 +22,8 @@ already contain the diffusers -> LDM UNet mapping for SD1.x/SDXL via ``comfy.uti
 this module never imports ComfyUI. :func:`map_lora` then maps every module or raises
 :class:`LoraMappingError` saying which keys did not map and the likely reason.
 
-Files are only read as ``.safetensors``; pickle-based files (.ckpt/.pt/.pth/.bin) are refused, never unpickled.
+Files are only read as safetensors, recognised by their structure (flash_core.file_formats); pickle-based files
+(.ckpt/.pt/.pth/.bin, torch zip checkpoints) are refused, never unpickled. LoRAs holding NaN / Inf are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from typing import Any
 
 import torch
 
+from flash_core import file_formats
+from flash_core.file_formats import PICKLE_SUFFIXES  # noqa: F401  (re-exported: names that say "pickle")
 from flash_core.files import write_atomic, write_text_atomic
 
 UNET = "unet"  # the denoiser (UNet or DiT transformer)
@@ -46,7 +49,6 @@ TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights writes the LoraConfig here
 
@@ -81,8 +83,8 @@ PEFT = "peft"
 BARE = "bare"
 
 
-class LoraFormatError(ValueError):
-    """The file cannot be read as a LoRA (wrong container, corrupt, unknown keys)."""
+class LoraFormatError(file_formats.FileFormatError):
+    """The file cannot be read as a LoRA (wrong container, corrupt, non-finite, unknown keys, bad config)."""
 
 
 class LoraMappingError(ValueError):
@@ -164,47 +166,71 @@ class LoraPlan:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def refuse_pickle(path: str | os.PathLike) -> None:
-    """Raise LoraFormatError for pickle-based checkpoints (never unpickled: they can run arbitrary code)."""
-    name = os.path.basename(os.fspath(path))
-    raise LoraFormatError(
-        f"'{name}' is a pickle-based checkpoint (.ckpt/.pt/.pth/.bin). Flash LoRA Loader never unpickles files "
-        "because loading a pickle can run arbitrary code. Convert it to .safetensors first (for example with "
-        "the `safetensors` convert tool or by re-downloading the .safetensors release) and load that file."
-    )
-
-
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a .safetensors file; refuse anything else.
 
-    Raises LoraFormatError for pickle files, missing files and truncated / corrupt safetensors.
+    The file is recognised by its structure (flash_core.file_formats), not its name or first bytes.
+    Raises LoraFormatError for missing files, pickles, zips and truncated / corrupt files.
     """
-    path = os.fspath(path)
-    name = os.path.basename(path)
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        refuse_pickle(path)
-    if not os.path.isfile(path):
-        raise LoraFormatError(f"LoRA file '{path}' does not exist.")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch zip archive or a raw pickle stream
-        refuse_pickle(path)
-    if not path.lower().endswith(".safetensors"):
-        raise LoraFormatError(f"'{name}' is not a .safetensors file; Flash LoRA Loader only reads .safetensors.")
-
-    from safetensors import safe_open
-
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            for key in handle.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
-                tensors[key] = handle.get_tensor(key)
-    except Exception as error:  # safetensors raises its own error types (and OSError) for damaged files
+        return file_formats.read_safetensors(path, fix="re-download it")
+    except file_formats.FileFormatError as error:
+        raise LoraFormatError(str(error)) from error
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise LoraFormatError naming the keys whose tensors hold NaN or Inf (a diverged training run)."""
+    bad = sorted(k for k, t in tensors.items()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
         raise LoraFormatError(
-            f"'{name}' is not a valid .safetensors file (truncated or corrupt): re-download it. ({error})"
-        ) from error
-    return tensors, metadata
+            f"'{name}' holds non-finite values (NaN or Inf) in {len(bad)} of its {len(tensors)} tensors, e.g. "
+            f"{', '.join(bad[:5])}. Applying it would turn the model's outputs into NaN, so it is refused. The "
+            "training run that wrote it diverged: use an export or checkpoint from before it diverged, or train "
+            "again with a lower learning rate."
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_lora_config(config: Any, source: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    """Check the fields of a PEFT LoraConfig-like dict that set scales; raise LoraFormatError naming the key.
+
+    Checked: ``peft_type`` (LORA), ``r`` (a positive integer), ``lora_alpha`` (a finite number), ``use_rslora``
+    (true/false), ``rank_pattern`` / ``alpha_pattern`` (objects of numbers). `required` keys must be present.
+    source: the file (and where in it) the config came from, for messages.
+    """
+    fix = (f"Fix it (PEFT's save_pretrained writes r and lora_alpha as numbers) or replace it with the "
+           f"{ADAPTER_CONFIG_NAME} published with this LoRA.")
+    if not isinstance(config, Mapping):
+        raise LoraFormatError(f"{source} must be a JSON object (a PEFT LoraConfig), got {type(config).__name__}. {fix}")
+    for key in required:
+        if key not in config:
+            raise LoraFormatError(f"{source} has no '{key}' key, so the LoRA's scale (lora_alpha / r) is unknown. {fix}")
+    peft_type = config.get("peft_type")
+    if peft_type is not None and str(peft_type).upper() != "LORA":
+        raise LoraFormatError(
+            f"{source}: 'peft_type' is {peft_type!r}; Flash LoRA Loader applies LoRA adapters only (peft_type LORA)."
+        )
+    if "r" in config:
+        r = config["r"]
+        if not _is_number(r) or r != int(r) or r < 1:
+            raise LoraFormatError(f"{source}: key 'r' must be a positive integer (the LoRA rank), got {r!r}. {fix}")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise LoraFormatError(f"{source}: key 'lora_alpha' must be a number, got {config['lora_alpha']!r}. {fix}")
+    if "use_rslora" in config and config["use_rslora"] is not None and not isinstance(config["use_rslora"], bool):
+        raise LoraFormatError(f"{source}: key 'use_rslora' must be true or false, got {config['use_rslora']!r}. {fix}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, Mapping) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
+            raise LoraFormatError(
+                f"{source}: key '{key}' must be an object of module pattern -> number, got {pattern!r}. {fix}"
+            )
+    return dict(config)
 
 
 def find_adapter_config(path: str | os.PathLike, include_shared: bool = True) -> dict | None:
@@ -212,7 +238,8 @@ def find_adapter_config(path: str | os.PathLike, include_shared: bool = True) ->
 
     Looked for next to the file: ``<stem>.adapter_config.json`` (several adapters in one folder), then, when
     include_shared, ``adapter_config.json`` (the layout PEFT's save_pretrained writes and the flash-pixart /
-    flash-sd3 releases use).
+    flash-sd3 releases use). A malformed config (bad JSON, missing r / lora_alpha, wrong types) raises
+    LoraFormatError naming the file and the key.
     """
     path = Path(path)
     candidates = [path.with_name(f"{path.stem}.{ADAPTER_CONFIG_NAME}")]
@@ -220,13 +247,12 @@ def find_adapter_config(path: str | os.PathLike, include_shared: bool = True) ->
         candidates.append(path.with_name(ADAPTER_CONFIG_NAME))
     for candidate in candidates:
         if candidate.is_file():
+            fix = f"fix it or replace it with the {ADAPTER_CONFIG_NAME} published with this LoRA"
             try:
-                config = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise LoraFormatError(f"'{candidate}' is not valid JSON: {error}") from error
-            if not isinstance(config, dict):
-                raise LoraFormatError(f"'{candidate}' does not hold a PEFT LoraConfig (a JSON object).")
-            return config
+                config = file_formats.read_json(candidate, what="the PEFT adapter config of this LoRA", fix=fix)
+            except file_formats.FileFormatError as error:
+                raise LoraFormatError(str(error)) from error
+            return validate_lora_config(config, f"'{candidate}'", required=("r", "lora_alpha"))
     return None
 
 
@@ -237,6 +263,7 @@ def read_lora(path: str | os.PathLike, adapter_config: dict | None = None) -> Lo
     so one left in a shared loras folder cannot rescale unrelated kohya / diffusers LoRAs.
     """
     tensors, metadata = load_safetensors(path)
+    refuse_non_finite(tensors, os.fspath(path))
     if adapter_config is None:
         shared = PEFT in detect_format(tensors) or os.path.basename(os.fspath(path)) == "adapter_model.safetensors"
         adapter_config = find_adapter_config(path, include_shared=shared)
@@ -337,11 +364,22 @@ def alpha_configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict]:
         if embedded and "lora_alpha" in embedded:
             configs.setdefault("*", {}).update(embedded)
     if "lora_alpha" in metadata:
-        plain = {"lora_alpha": float(metadata["lora_alpha"])}
+        plain = {"lora_alpha": _metadata_number(metadata, "lora_alpha")}
         if "r" in metadata:
-            plain["r"] = int(float(metadata["r"]))
+            plain["r"] = _metadata_number(metadata, "r")
         configs.setdefault("*", {}).update(plain)
     return configs
+
+
+def _metadata_number(metadata: Mapping[str, str], key: str) -> float | int:
+    """A number from a metadata string (``"8"``, ``"8.0"``), or LoraFormatError naming the metadata key."""
+    try:
+        value = float(metadata[key])
+    except (TypeError, ValueError):
+        raise LoraFormatError(
+            f"metadata key '{key}' must be a number, got {metadata[key]!r}: re-export the LoRA, or remove the key."
+        ) from None
+    return int(value) if value.is_integer() else value
 
 
 def _config_for(component: str, configs: Mapping[str, dict]) -> dict | None:
@@ -430,7 +468,16 @@ def parse_lora_state_dict(
             f"e.g. {', '.join(incomplete[:3])}: the file is incomplete; re-download or re-export it."
         )
 
-    metadata_configs = alpha_configs_from_metadata(metadata)
+    try:
+        metadata_configs = {
+            component: validate_lora_config(
+                config, "the LoRA config in its metadata" + ("" if component == "*" else f" for '{component}'"))
+            for component, config in alpha_configs_from_metadata(metadata).items()
+        }
+        if adapter_config is not None:
+            adapter_config = validate_lora_config(adapter_config, "the adapter config")
+    except LoraFormatError as error:
+        raise LoraFormatError(f"'{name}': {error}") from error
     modules: list[LoraModule] = []
     formats: set[str] = set()
     peft_without_alpha = 0
@@ -741,14 +788,16 @@ def _lora_config_fields(modules: Sequence[LoraModule]) -> dict[str, Any]:
 
 
 def to_diffusers_state_dict(
-    modules: Sequence[LoraModule], dtype: torch.dtype | None = None
+    modules: Sequence[LoraModule], dtype: torch.dtype | None = None, denoiser_prefix: str = "unet"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """diffusers tensors (``unet.<path>.lora_A.weight`` / ``lora_B``) and metadata carrying the alphas.
 
+    denoiser_prefix: the pipeline's name for the denoiser, ``unet`` (SD1.5, SDXL) or ``transformer`` (PixArt,
+    SD3: diffusers' loaders for those pipelines read ``transformer.`` keys only).
     The metadata is diffusers' ``lora_adapter_metadata`` (what ``save_lora_weights`` writes), so diffusers and
     this module read the same alphas back.
     """
-    prefixes = {UNET: "unet", TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder_2"}
+    prefixes = {UNET: denoiser_prefix, TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder_2"}
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
     for component in COMPONENTS:
@@ -839,3 +888,149 @@ def modules_from_peft_state_dict(
         LoraModule(component, m.path, m.flat, m.down, m.up, m.alpha, m.source_keys, "")
         for m in parsed.modules
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export of a trained student, per backbone and format (the one entry point trainers call)
+# ----------------------------------------------------------------------------------------------------------
+
+EXPORT_FORMATS = (COMFYUI, DIFFUSERS, PEFT)
+# diffusers' name of the denoiser in each backbone's pipeline (and the key prefix its LoRA loaders read)
+DENOISER_NAMES = {"sd15": "unet", "sdxl": "unet", "pixart": "transformer", "sd3": "transformer"}
+# Top-level module names that exist only in ComfyUI's (LDM / original-repo) models, never in diffusers ones
+_COMFY_ONLY_ROOTS = ("input_blocks", "middle_block", "output_blocks", "joint_blocks", "x_embedder", "t_embedder",
+                     "y_embedder", "t_block", "final_layer", "blocks")
+
+
+@dataclass(frozen=True)
+class LoraExport:
+    """One exported LoRA: the .safetensors tensors and metadata, where they go, and the files beside them.
+
+    relative_path: the .safetensors file's path inside an export folder.
+    sidecars: relative path -> text of files written with it (PEFT's ``adapter_config.json``).
+    """
+
+    format: str
+    relative_path: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    sidecars: dict[str, str] = field(default_factory=dict)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write every file atomically under `folder` (sidecars first: a config without weights is harmless,
+        weights without their config would load at the wrong scale); returns the .safetensors path."""
+        folder = Path(folder)
+        for relative, text in self.sidecars.items():
+            write_text_atomic(folder / relative, text)
+        path = folder / self.relative_path
+        save_lora(path, self.tensors, self.metadata)
+        return path
+
+
+# Formats a backbone's student cannot be written in, and why (the CLI's config refuses them with this reason).
+UNAVAILABLE_EXPORTS = {
+    ("pixart", DIFFUSERS): (
+        "diffusers has no LoRA loader for PixArt (PixArtTransformer2DModel has no load_lora_adapter and the PixArt "
+        "pipelines no load_lora_weights, diffusers 0.35); export peft instead, which diffusers users load with "
+        "peft.PeftModel.from_pretrained(pipe.transformer, '<output_dir>/export/peft')"
+    ),
+}
+
+
+def export_formats(backbone: str) -> tuple[str, ...]:
+    """The LoRA export formats a backbone's student can be written in (ComfyUI and PEFT for all; diffusers for
+    every backbone diffusers can load a LoRA into: not PixArt)."""
+    if backbone not in DENOISER_NAMES:
+        raise ValueError(f"unknown backbone {backbone!r}: LoRA exports know {', '.join(DENOISER_NAMES)}")
+    return tuple(f for f in EXPORT_FORMATS if (backbone, f) not in UNAVAILABLE_EXPORTS)
+
+
+def check_export_format(backbone: str, export_format: str) -> None:
+    """Raise ValueError saying why `export_format` cannot be written for `backbone` (unknown, or unavailable)."""
+    formats = export_formats(backbone)
+    if export_format in formats:
+        return
+    reason = UNAVAILABLE_EXPORTS.get((backbone, export_format))
+    if reason:
+        raise ValueError(f"LoRA export format {export_format!r} is not available for {backbone}: {reason}")
+    raise ValueError(f"unknown LoRA export format {export_format!r}: use one of {', '.join(formats)}")
+
+
+def build_lora_export(
+    modules: Sequence[LoraModule],
+    backbone: str,
+    export_format: str,
+    name: str = "flash-lora",
+    metadata: Mapping[str, str] | None = None,
+    base_model: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoraExport:
+    """A trained student's LoRA in one format, with the keys that format's loader maps for this backbone.
+
+    modules: the student's LoRA modules, named by the diffusers model the trainer wraps (from
+        :func:`modules_from_peft_state_dict`); component UNET is the denoiser (UNet or DiT transformer).
+    backbone: "sd15" | "sdxl" | "pixart" | "sd3".
+    export_format:
+      * "comfyui": one file for ComfyUI's LoraLoader and FlashLoRALoader, alphas stored as tensors.
+        UNets: kohya ``lora_unet_<diffusers path>`` (ComfyUI maps it onto its LDM UNet). DiTs: ComfyUI maps no
+        kohya keys onto PixArt, so ``transformer.<diffusers path>.lora_down/lora_up.weight`` + ``.alpha``, the
+        keys ComfyUI's SD3 and PixArt key maps share (fused q/k/v become offset patches there).
+      * "diffusers": ``<unet|transformer>.<path>.lora_A/lora_B.weight`` + ``lora_adapter_metadata`` (alphas),
+        read by ``pipe.load_lora_weights`` (SD1.5, SDXL, SD3). Not for PixArt (see UNAVAILABLE_EXPORTS).
+      * "peft": ``base_model.model.<path>`` + ``adapter_config.json`` (the flash-pixart / flash-sd3 layout).
+    name: the file-name stem of the ComfyUI file (``<name>_comfyui.safetensors``).
+    metadata: extra safetensors metadata (training settings), merged into every format's own.
+    base_model: written as the PEFT config's ``base_model_name_or_path``.
+    dtype: cast the A/B tensors (alphas stay float32); None keeps theirs.
+    Students trained on ComfyUI's own models (LDM / original-repo module names) export as "comfyui" only:
+    kohya keys for UNets, ``diffusion_model.<path>`` keys for DiTs.
+    Raises ValueError for an unknown or unavailable format / backbone, ComfyUI-named modules in the diffusers /
+    peft formats,
+    and LoraFormatError for NaN / Inf tensors (nothing is written for a diverged student).
+    """
+    check_export_format(backbone, export_format)
+    refuse_non_finite({f"{m.path}.{part}": t for m in modules for part, t in (("lora_A", m.down), ("lora_B", m.up))},
+                      f"the {backbone} student's LoRA")
+    denoiser = DENOISER_NAMES[backbone]
+    comfy_named = sorted({m.path for m in modules if not m.flat and m.path.split(".")[0] in _COMFY_ONLY_ROOTS})
+    extra = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if export_format == COMFYUI:
+        if denoiser == "unet":  # kohya keys map onto ComfyUI's UNets from diffusers and from LDM paths alike
+            tensors = to_kohya_state_dict(modules, dtype)
+        else:
+            prefix = "diffusion_model." if comfy_named else "transformer."
+            tensors = _to_comfy_transformer_state_dict(modules, prefix, dtype)
+        return LoraExport(COMFYUI, f"{name}_comfyui.safetensors", tensors, {"format": "pt", **extra})
+    if comfy_named:
+        raise ValueError(
+            f"{len(comfy_named)} LoRA modules are named by a ComfyUI (LDM) model, e.g. {comfy_named[0]}: the "
+            f"{export_format} export of a {backbone} student needs the diffusers model's module names. Export "
+            "format comfyui instead, or rename the modules with rename_modules first."
+        )
+    if export_format == DIFFUSERS:
+        tensors, own = to_diffusers_state_dict(modules, dtype, denoiser_prefix=denoiser)
+        return LoraExport(DIFFUSERS, "diffusers/pytorch_lora_weights.safetensors", tensors, {**own, **extra})
+    tensors, config = to_peft_state_dict(modules, dtype)
+    config["base_model_name_or_path"] = base_model
+    return LoraExport(PEFT, "peft/adapter_model.safetensors", tensors, {"format": "pt", **extra},
+                      {f"peft/{ADAPTER_CONFIG_NAME}": json.dumps(config, indent=2, sort_keys=True)})
+
+
+def _to_comfy_transformer_state_dict(
+    modules: Sequence[LoraModule], prefix: str, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``<prefix><path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` for ComfyUI's DiTs.
+
+    prefix ``transformer.``: diffusers module paths (ComfyUI's SD3 / PixArt key maps list them);
+    ``diffusion_model.``: ComfyUI's own module paths (its generic format, for students trained on ComfyUI models).
+    """
+    others = sorted({m.component for m in modules} - {UNET})
+    if others:
+        raise ValueError(f"the ComfyUI export of a DiT student holds the transformer only; got modules of {others}")
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        base = prefix + _dotted(m, "the ComfyUI transformer format")
+        out[f"{base}.lora_down.weight"] = m.down if dtype is None else m.down.to(dtype)
+        out[f"{base}.lora_up.weight"] = m.up if dtype is None else m.up.to(dtype)
+        out[f"{base}.alpha"] = torch.tensor(float(m.alpha))
+    return out

@@ -27,8 +27,8 @@ Outputs under `output_dir`:
     checkpoints/step-000500/         resumable state (trainer incl. optimisers, discriminator, RNG; data order)
     losses.jsonl                     one JSON line of losses every `log_every` steps
     samples/step-000500.png          teacher | student 1 | 2 | 4 steps, one row per prompt
-    export/<name>_comfyui.safetensors  ComfyUI-native (kohya) LoRA: copy into ComfyUI/models/loras
-    export/diffusers/pytorch_lora_weights.safetensors  diffusers load_lora_weights format
+    export/<name>_comfyui.safetensors  ComfyUI-native LoRA (kohya keys; SD3 / PixArt: transformer.*): copy into ComfyUI/models/loras
+    export/diffusers/pytorch_lora_weights.safetensors  diffusers load_lora_weights format (not for pixart)
     export/peft/adapter_model.safetensors + adapter_config.json  PEFT format
 """
 
@@ -57,7 +57,6 @@ EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 BACKBONES = ("sd15", "sdxl", "pixart", "sd3")
-EXPORT_FORMATS = ("comfyui", "diffusers", "peft")
 CHECKPOINT_PREFIX = "step-"
 LATEST_FILE = "latest"
 
@@ -270,9 +269,17 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
     sample_steps = raw.get("sample_steps", [1, 2, 4])
     if not isinstance(sample_steps, list) or not sample_steps or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 8 for s in sample_steps):
         raise ConfigError(f"{_where(source, 'sample_steps')} must be a list of step counts between 1 and 8, got {sample_steps!r}")
-    export = raw.get("export", list(EXPORT_FORMATS))
-    if not isinstance(export, list) or not all(f in EXPORT_FORMATS for f in export):
-        raise ConfigError(f"{_where(source, 'export')} must be a list drawn from {', '.join(EXPORT_FORMATS)}, got {export!r}")
+    from flash_core.lora_formats import check_export_format, export_formats
+
+    formats = export_formats(backbone)  # the LoRA formats this backbone's student can be written in
+    export = raw.get("export", list(formats))
+    if not isinstance(export, list) or not all(isinstance(f, str) for f in export):
+        raise ConfigError(f"{_where(source, 'export')} must be a list drawn from {', '.join(formats)}, got {export!r}")
+    for export_format in export:
+        try:
+            check_export_format(backbone, export_format)
+        except ValueError as error:
+            raise ConfigError(f"{_where(source, 'export')}: {error}") from None
     distill = raw.get("distill") or {}
     if not isinstance(distill, dict):
         raise ConfigError(f"{_where(source, 'distill')} must be a mapping of DistillConfig fields")
@@ -537,7 +544,6 @@ def image_grid(rows: list[list[torch.Tensor]]):
 # --------------------------------------------------------------------------------------------------
 
 NETWORK_SUBFOLDER = {"sd15": "unet", "sdxl": "unet", "pixart": "transformer", "sd3": "transformer"}
-DIT_BACKBONES = ("pixart", "sd3")
 COND_FIELDS = ("encoder_hidden_states", "pooled", "time_ids", "attention_mask")
 EXTRA_PREFIX = "extra."
 T5_OFFSET_SD3 = 77  # SD3 prompt embeddings: 77 CLIP tokens, then the T5 tokens
@@ -825,27 +831,10 @@ def export_lora(config: TrainConfig, distiller, base_model: str) -> dict[str, Pa
     }
     export_dir = config.output_dir / "export"
     written: dict[str, Path] = {}
-    if "comfyui" in config.export and config.backbone in DIT_BACKBONES:
-        # kohya `lora_unet_*` keys only map onto ComfyUI UNets; ComfyUI's PixArt / SD3 loaders map
-        # `transformer.<path>` keys, which flash_core.lora_formats does not write yet: the PEFT export (with
-        # adapter_config.json, read by FlashLoRALoader) is the file to use for these backbones.
-        print(f"flash-distill: warning: no ComfyUI-native export for {config.backbone} yet; use export/peft with FlashLoRALoader", file=sys.stderr)
-    elif "comfyui" in config.export:
-        path = export_dir / f"{config.export_name}_comfyui.safetensors"
-        lora_formats.save_lora(path, lora_formats.to_kohya_state_dict(modules), metadata)
-        written["comfyui"] = path
-    if "diffusers" in config.export:
-        tensors, diffusers_metadata = lora_formats.to_diffusers_state_dict(modules)
-        path = export_dir / "diffusers" / "pytorch_lora_weights.safetensors"
-        lora_formats.save_lora(path, tensors, {**diffusers_metadata, **metadata})
-        written["diffusers"] = path
-    if "peft" in config.export:
-        tensors, adapter_config = lora_formats.to_peft_state_dict(modules)
-        adapter_config["base_model_name_or_path"] = base_model
-        path = export_dir / "peft" / "adapter_model.safetensors"
-        lora_formats.save_lora(path, tensors, {"format": "pt", **metadata})
-        write_text_atomic(path.with_name(lora_formats.ADAPTER_CONFIG_NAME), json.dumps(adapter_config, indent=2, sort_keys=True))
-        written["peft"] = path
+    for export_format in config.export:
+        export = lora_formats.build_lora_export(modules, config.backbone, export_format, name=config.export_name,
+                                                metadata=metadata, base_model=base_model)
+        written[export_format] = export.save(export_dir)
     return written
 
 

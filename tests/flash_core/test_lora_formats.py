@@ -94,7 +94,7 @@ def test_damaged_safetensors_is_a_clear_error_naming_the_file(tmp_path, damage):
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x10\x00\x00\x00\x00\x00\x00\x00{nope",
                       "empty": b""}[damage])
     with pytest.raises(L.LoraFormatError,
-                       match=r"'flash\.safetensors' is not a valid \.safetensors file \(truncated or corrupt\): "
+                       match=r"flash\.safetensors' is not a valid \.safetensors file \(truncated or corrupt\): "
                              r"re-download it"):
         L.read_lora(path)
 
@@ -234,6 +234,74 @@ def test_alpha_tensor_beats_config_and_diffusers_default_is_alpha_equals_rank():
     assert modules["a"].scale == 0.25  # its own .alpha tensor
     assert modules["b"].scale == 0.5  # the metadata alpha
     assert {m.path: m.scale for m in L.parse_lora_state_dict(tensors).modules} == {"a": 0.25, "b": 1.0}
+
+
+@pytest.mark.parametrize("config_text, fragments", [
+    ('{"r": 64, "lora_alpha": 8', ["is not valid JSON", "line 1, column 26"]),
+    ('{"r": "abc", "lora_alpha": 8}', ["key 'r' must be a positive integer", "'abc'"]),
+    ('{"r": 64}', ["has no 'lora_alpha' key"]),
+    ('{"lora_alpha": 8}', ["has no 'r' key"]),
+    ('{"r": 64, "lora_alpha": "8"}', ["key 'lora_alpha' must be a number", "'8'"]),
+    ('{"r": 0, "lora_alpha": 8}', ["key 'r' must be a positive integer", "got 0"]),
+    ('{"r": 64, "lora_alpha": 8, "alpha_pattern": ["to_q"]}', ["key 'alpha_pattern' must be an object"]),
+    ('{"r": 64, "lora_alpha": 8, "rank_pattern": {"to_q": "big"}}', ["key 'rank_pattern' must be an object"]),
+    ('{"r": 64, "lora_alpha": 8, "use_rslora": "yes"}', ["key 'use_rslora' must be true or false"]),
+    ('{"r": 64, "lora_alpha": 8, "peft_type": "LOHA"}', ["'peft_type' is 'LOHA'", "LoRA adapters only"]),
+    ("[64, 8]", ["must hold a JSON object"]),
+], ids=["bad-json", "r-string", "no-alpha", "no-r", "alpha-string", "r-zero", "alpha-pattern-list",
+        "rank-pattern-values", "rslora-string", "loha", "not-object"])
+def test_malformed_adapter_config_names_the_file_and_the_key(tmp_path, config_text, fragments):
+    folder = tmp_path / "flash-sd3"
+    folder.mkdir()
+    path = _write(folder / "adapter_model.safetensors", _peft_file())
+    (folder / "adapter_config.json").write_text(config_text)
+    with pytest.raises(L.LoraFormatError) as error:
+        L.read_lora(path)
+    message = str(error.value)
+    assert str(folder / "adapter_config.json") in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "adapter_config.json" in message.split("'")[1]  # the file comes first, in quotes
+
+
+@pytest.mark.parametrize("metadata, fragment", [
+    ({"lora_alpha": "eight"}, "metadata key 'lora_alpha' must be a number, got 'eight'"),
+    ({"lora_alpha": "8", "r": "x"}, "metadata key 'r' must be a number"),
+    ({"lora_adapter_metadata": json.dumps({"unet.r": 64, "unet.lora_alpha": "8"})}, "key 'lora_alpha' must be a number"),
+])
+def test_malformed_alpha_metadata_names_the_file_and_the_key(tmp_path, metadata, fragment):
+    path = _write(tmp_path / "odd.safetensors", _peft_file(), metadata=metadata)
+    with pytest.raises(L.LoraFormatError, match="'odd.safetensors': .*" + fragment.replace("(", r"\(")):
+        L.read_lora(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_lora_is_refused_naming_the_file_and_keys(tmp_path, bad):
+    tensors = _peft_file()
+    key = sorted(tensors)[1]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = bad
+    path = _write(tmp_path / "diverged.safetensors", tensors)
+    with pytest.raises(L.LoraFormatError) as error:
+        L.read_lora(path)
+    message = str(error.value)
+    assert str(path) in message and key in message and "non-finite values (NaN or Inf) in 1 of its 4 tensors" in message
+    assert "from before it diverged" in message and "lower learning rate" in message  # what to do
+
+
+@pytest.mark.parametrize("start", [b"\x80", b"PK"], ids=["0x80", "PK"])
+def test_lora_whose_header_length_looks_like_a_pickle_or_zip_signature_loads(tmp_path, start):
+    """About 3 % of valid files start like this; byte sniffing refused them as pickles."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes"))
+    import lora_fixtures as F
+
+    tensors = {"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(4, 2),
+               "lora_unet_a.alpha": torch.tensor(1.0)}
+    path = F.safetensors_with_header_start(tmp_path / "flash.safetensors", tensors, start)
+    (module,) = L.read_lora(path).modules
+    assert (module.path, module.scale) == ("a", 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------

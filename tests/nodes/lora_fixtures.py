@@ -250,3 +250,159 @@ def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
     finally:
         patcher.unpatch_model(device_to=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny DiT students (SD3, PixArt): diffusers transformers, trained-looking LoRAs on the recipe's targets
+# ---------------------------------------------------------------------------------------------------------
+
+# SD3: ComfyUI derives depth = hidden / 64 and heads = depth, so 2 heads of 64 = hidden 128, 2 blocks.
+TINY_SD3_DIFFUSERS = {
+    "sample_size": 16, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": 64,
+    "num_attention_heads": 2, "joint_attention_dim": 64, "caption_projection_dim": 128, "pooled_projection_dim": 64,
+    "out_channels": 16, "pos_embed_max_size": 16,
+}
+# PixArt-alpha, micro-conditions on (hidden divisible by 3): hidden 96, 2 blocks; ComfyUI's config of the same.
+TINY_PIXART_DIFFUSERS = {
+    "sample_size": 8, "num_layers": 2, "attention_head_dim": 48, "num_attention_heads": 2, "in_channels": 4,
+    "out_channels": 8, "cross_attention_dim": 96, "caption_channels": 32, "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single", "use_additional_conditions": True,
+}
+TINY_PIXART_COMFY = {
+    "image_model": "pixart_alpha", "hidden_size": 96, "num_heads": 2, "depth": 2, "patch_size": 2, "in_channels": 4,
+    "caption_channels": 32, "input_size": 8, "micro_condition": True, "model_max_length": 120, "pe_interpolation": 1,
+}
+# PixArt-alpha 512 (the flash-pixart base): diffusers' and ComfyUI's configs.
+PIXART_DIFFUSERS = {
+    "sample_size": 64, "num_layers": 28, "attention_head_dim": 72, "num_attention_heads": 16, "in_channels": 4,
+    "out_channels": 8, "cross_attention_dim": 1152, "caption_channels": 4096, "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single", "use_additional_conditions": False,
+}
+PIXART_COMFY = {
+    "image_model": "pixart_alpha", "hidden_size": 1152, "num_heads": 16, "depth": 28, "patch_size": 2,
+    "in_channels": 4, "caption_channels": 4096, "input_size": 64, "micro_condition": False, "model_max_length": 120,
+    "pe_interpolation": 1,
+}
+# Module counts of the recipe's DiT targets on these tiny models (every Linear/Conv the targets name).
+TINY_SD3_LORA_MODULES = 24
+TINY_PIXART_LORA_MODULES = 31
+
+
+def dit_transformer(backbone: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny diffusers SD3Transformer2DModel / PixArtTransformer2DModel with seeded random weights."""
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if backbone == "sd3":
+            model = SD3Transformer2DModel(**TINY_SD3_DIFFUSERS)
+        else:
+            model = PixArtTransformer2DModel(**TINY_PIXART_DIFFUSERS)
+        with torch.no_grad():  # diffusers zero-initialises some output layers; a trained model has none
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model.eval()
+
+
+def dit_student(backbone: str, transformer: torch.nn.Module, rank: int = 4, alpha: float = 2.0, seed: int = 1):
+    """What a Flash run on `transformer` produces: flash_core's Denoiser with the recipe's DiT LoRA targets on a
+    copy, A and B random as after training. Returns (LoraModules with diffusers paths, the student transformer)."""
+    import copy
+
+    from flash_core import lora_formats
+    from flash_core.backends.diffusers import make_diffusers_denoiser
+    from flash_core.recipes import DIT_LORA_TARGETS
+
+    denoiser = make_diffusers_denoiser(backbone, copy.deepcopy(transformer))
+    denoiser.add_lora(rank, alpha, DIT_LORA_TARGETS, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in denoiser.lora_module.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    modules = lora_formats.modules_from_peft_state_dict(denoiser.lora_state_dict(), alpha)
+    return modules, denoiser.lora_module.eval()
+
+
+def merged_state_dict(model: torch.nn.Module, modules) -> dict[str, torch.Tensor]:
+    """model's state dict with every LoRA module merged: W + (alpha / rank) B A at each module's weight."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for module in modules:
+        key = module.path + ".weight"
+        state[key] = state[key] + module.delta().reshape(state[key].shape)  # W + (alpha/r) B A
+    return state
+
+
+def safetensors_with_header_start(path: Path, tensors: dict[str, torch.Tensor], start: bytes) -> Path:
+    """A valid safetensors file whose 8-byte header length begins with `start` (b"\\x80", b"PK"): metadata
+    padding grows the JSON header until its length has those low bytes (what byte sniffers take for a
+    pickle / zip signature)."""
+    from safetensors.torch import save
+
+    modulus = 256 ** len(start)
+    residue = int.from_bytes(start, "little")  # the header length's low bytes, little-endian
+
+    def header_length(padding: int) -> tuple[int, bytes]:
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"padding": "x" * padding})
+        return int.from_bytes(data[:8], "little"), data
+
+    length, data = header_length(0)
+    target = length + (residue - length) % modulus  # the next length with those low bytes (a multiple of 8)
+    padding = 0
+    for _ in range(100):
+        if length == target:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            assert data.startswith(start)
+            return path
+        padding += target - length
+        length, data = header_length(padding)
+    raise AssertionError(f"could not reach header length {target}")
+
+
+def comfy_dit(backbone: str, transformer: torch.nn.Module):
+    """ComfyUI's own SD3 / PixArt model holding `transformer`'s weights, as a ModelPatcher.
+
+    SD3 goes through ComfyUI's loader for diffusers transformers (comfy.sd.load_diffusion_model_state_dict,
+    which detects the config from the weights). ComfyUI's PixArt detection fixes the width at 1152, so the
+    tiny PixArt is built from TINY_PIXART_COMFY and its weights converted with ComfyUI's own key map.
+    """
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    state = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    if backbone == "sd3":
+        patcher = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float32})
+        assert type(patcher.model).__name__ == "SD3", type(patcher.model)
+        return patcher
+    model = comfy.supported_models.PixArtAlpha(dict(TINY_PIXART_COMFY)).get_model({}, device=torch.device("cpu"))
+    converted = comfy_weights_from_diffusers("pixart", state)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    # not in diffusers' PixArt: the caption-dropout embedding (training only) and ComfyUI's sampling buffers
+    assert not unexpected and all(k == "diffusion_model.y_embedder.y_embedding" or k.startswith("model_sampling.")
+                                  for k in missing), (missing, unexpected)
+    return model_patcher(model)
+
+
+def comfy_weights_from_diffusers(backbone: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI weights (``diffusion_model.*``) from a diffusers SD3 / PixArt state dict, through ComfyUI's maps:
+    fused q/k/v rows at their offsets, the adaLN scale/shift swap of SD3's last layers."""
+    import comfy.model_detection
+    import comfy.utils
+
+    if backbone == "sd3":
+        return comfy.model_detection.convert_diffusers_mmdit(dict(state), "diffusion_model.")
+    key_map = comfy.utils.pixart_to_diffusers(TINY_PIXART_COMFY, output_prefix="diffusion_model.")
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, target in key_map.items():
+        if key not in state:
+            continue
+        if isinstance(target, str):
+            out[target] = state[key]
+        else:  # (fused weight, (dim 0, row offset, rows)): q / k / v stacked in ComfyUI's qkv / kv layers
+            fused.setdefault(target[0], []).append((target[1][1], state[key]))
+    for key, parts in fused.items():
+        out[key] = torch.cat([tensor for _, tensor in sorted(parts, key=lambda part: part[0])])
+    return out

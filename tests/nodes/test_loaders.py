@@ -1,8 +1,11 @@
 """FlashLoRALoader on real ComfyUI: every published Flash LoRA format maps fully onto real SD1.5 / SDXL key
-names, and patches a (tiny, SD1.5-named) ComfyUI model exactly as W + strength * (alpha / rank) * B @ A."""
+names, and patches a (tiny, SD1.5-named) ComfyUI model exactly as W + strength * (alpha / rank) * B @ A; the
+trainer's SD3 / PixArt exports give ComfyUI's own SD3 / PixArt models the student's weights; bad files (pickles,
+zips, NaN, malformed adapter_config.json) are refused naming the file and key."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -179,6 +182,34 @@ def test_flash_sd3_peft_file_maps_every_key_of_full_sd3_with_config_alpha():
     assert {p.weights[2] for p in patches.values()} == {8.0}  # ComfyUI scales by weights[2] / rank
 
 
+@pytest.mark.parametrize("backbone", ["sd3", "pixart"])
+def test_full_size_dit_comfyui_export_maps_every_recipe_module(backbone):
+    """Full SD3-medium / PixArt-alpha names: every module the recipe's DiT targets pick in the diffusers model
+    (SD3 222, PixArt 287) is in ComfyUI's key map for the comfyui export's transformer.* keys."""
+    import comfy.supported_models
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+
+    from flash_core.recipes import DIT_LORA_TARGETS
+
+    meta = torch.device("meta")
+    if backbone == "sd3":
+        model = comfy.supported_models.SD3(dict(F.SD3_COMFY)).get_model({}, device=meta)
+        with meta:
+            diffusers_model = SD3Transformer2DModel(**F.SD3_DIFFUSERS)
+    else:
+        model = comfy.supported_models.PixArtAlpha(dict(F.PIXART_COMFY)).get_model({}, device=meta)
+        with meta:
+            diffusers_model = PixArtTransformer2DModel(**F.PIXART_DIFFUSERS)
+    layers = {n: m for n, m in diffusers_model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and any(n == t or n.endswith("." + t) for t in DIT_LORA_TARGETS)}  # peft's target_modules rule
+    assert len(layers) == {"sd3": 222, "pixart": 287}[backbone]
+    modules = [L.LoraModule(L.UNET, x.path, False, x.down, x.up, x.alpha) for x in F.make_loras(layers, 1, 1.0)]
+    tensors = L.build_lora_export(modules, backbone, "comfyui").tensors
+    _, plan = _map(model, tensors)
+    assert len(plan.unet) == len(layers)
+    assert any(isinstance(m.target, tuple) for m in plan.unet)  # fused q/k/v: (weight key, offset) targets
+
+
 def test_text_encoder_keys_map_onto_clip(tiny):
     model, clip, _, clip_layers = tiny
     te = F.make_loras(clip_layers, rank=2, alpha=2.0, component="text_encoder")
@@ -272,6 +303,90 @@ def test_node_applies_peft_alpha_from_adapter_config(tiny, loras_dir, loaders, c
 
 
 # ---------------------------------------------------------------------------------------------------------
+# DiT students (SD3, PixArt): the exports apply to ComfyUI's own SD3 / PixArt models with every key mapped
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["sd3", "pixart"])
+def dit(request, comfy_modules):
+    """(backbone, ComfyUI model patcher of a tiny diffusers transformer, the student's LoRA modules, the
+    ComfyUI weights the student has: its diffusers weights with the LoRA merged, converted by ComfyUI's maps)."""
+    backbone = request.param
+    base = F.dit_transformer(backbone)
+    modules, _ = F.dit_student(backbone, base)
+    patcher = F.comfy_dit(backbone, base)
+    expected = F.comfy_weights_from_diffusers(backbone, F.merged_state_dict(base, modules))
+    return backbone, patcher, modules, expected
+
+
+def _assert_student_weights(patched, expected, base):
+    """Every weight ComfyUI's conversion of the merged student names is patched to it; nothing else moved."""
+    changed = {k for k in base if not torch.equal(patched[k], base[k])}
+    assert changed and changed <= expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(patched[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_dit_comfyui_export_applies_every_key_to_comfyui_dit_models(dit, loras_dir, loaders, caplog):
+    """The CLI's ComfyUI export of an SD3 / PixArt student: FlashLoRALoader maps every module (fused q/k/v as
+    offset patches, SD3's swapped adaLN rows) and the model gets the student's weights; stock Load LoRA too."""
+    backbone, patcher, modules, expected = dit
+    export = L.build_lora_export(modules, backbone, "comfyui", name=f"flash-{backbone}")
+    path = export.save(loras_dir)
+    assert path.name == f"flash-{backbone}_comfyui.safetensors"
+    assert len(modules) == {"sd3": F.TINY_SD3_LORA_MODULES, "pixart": F.TINY_PIXART_LORA_MODULES}[backbone]
+    base = F.patched_state_dict(patcher)
+
+    with caplog.at_level(logging.INFO):
+        flash_model, _ = loaders.FlashLoRALoader.execute(patcher, path.name, 1.0, 1.0).args
+    applied = [r.getMessage() for r in caplog.records if "applied to" in r.getMessage()]
+    assert applied == [(f"Flash LoRA Loader: '{path.name}' (diffusers) applied to {len(modules)} model and 0 "
+                        "text-encoder weights.")]
+    flash_weights = F.patched_state_dict(flash_model)
+    _assert_student_weights(flash_weights, expected, base)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stock_model, _ = comfy.sd.load_lora_for_models(
+            patcher, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0.0)
+    assert [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage().lower()] == []
+    torch.testing.assert_close(F.patched_state_dict(stock_model), flash_weights, rtol=1e-6, atol=1e-7)
+
+
+def test_dit_peft_export_gives_the_same_student_in_comfyui(dit, loras_dir, loaders):
+    backbone, patcher, modules, expected = dit
+    path = L.build_lora_export(modules, backbone, "peft").save(loras_dir / backbone)
+    base = F.patched_state_dict(patcher)
+    out = loaders.FlashLoRALoader.execute(patcher, f"{backbone}/peft/{path.name}", 1.0, 1.0)
+    _assert_student_weights(F.patched_state_dict(out.args[0]), expected, base)
+
+
+def test_dit_student_trained_on_comfyui_model_exports_comfyui_native_keys(loaders, loras_dir):
+    """A LoRA on ComfyUI's own SD3 modules (what the node trains) exports as diffusion_model.<path> keys,
+    which FlashLoRALoader maps completely."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from flash_core.recipes import DIT_LORA_TARGETS
+
+    patcher = F.comfy_dit("sd3", F.dit_transformer("sd3"))
+    network = copy.deepcopy(patcher.model.diffusion_model)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=1, target_modules=list(DIT_LORA_TARGETS)), network)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    modules = L.modules_from_peft_state_dict(get_peft_model_state_dict(network), 1.0)
+    assert any(m.path.startswith("joint_blocks.") for m in modules)
+    path = L.build_lora_export(modules, "sd3", "comfyui", name="node-sd3").save(loras_dir)
+    assert all(k.startswith("diffusion_model.") for k in L.load_safetensors(path)[0])
+    base = F.patched_state_dict(patcher)
+    patched = F.patched_state_dict(loaders.FlashLoRALoader.execute(patcher, path.name, 1.0, 1.0).args[0])
+    for m in modules:
+        key = f"diffusion_model.{m.path}.weight"
+        torch.testing.assert_close(patched[key], base[key] + m.delta().reshape(base[key].shape), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Errors the user can hit, through the node
 # ---------------------------------------------------------------------------------------------------------
 
@@ -294,6 +409,59 @@ def test_node_refuses_pickle_checkpoint_without_unpickling(tiny, loras_dir, load
     with pytest.raises(L.LoraFormatError, match=r"evil\.ckpt.*never unpickles.*\.safetensors"):
         loaders.FlashLoRALoader.execute(model, "evil.ckpt", 1.0, 1.0)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("start", [b"\x80", b"PK"], ids=["0x80", "PK"])
+def test_node_loads_lora_whose_header_length_looks_like_a_pickle_or_zip_signature(tiny, loras_dir, loaders, start):
+    model, _, unet_layers, _ = tiny
+    loras = F.make_loras(dict(sorted(unet_layers.items())[:2]), rank=2, alpha=1.0)
+    F.safetensors_with_header_start(loras_dir / "lucky.safetensors", F.kohya_state_dict(loras), start)
+    base = F.patched_state_dict(model)
+    new_model = loaders.FlashLoRALoader.execute(model, "lucky.safetensors", 1.0, 1.0).args[0]
+    to_ldm = _to_ldm(model.model)
+    expected = _expected(base, loras, 1.0, lambda x: "diffusion_model." + to_ldm(x.path) + ".weight")
+    _assert_weights(F.patched_state_dict(new_model), expected, base, len(loras))
+
+
+def test_node_refuses_torch_checkpoint_and_zip_naming_the_file(tiny, loras_dir, loaders):
+    model = tiny[0]
+    torch.save({"lora_unet_a.lora_down.weight": torch.zeros(1, 1)}, loras_dir / "trained.pt")
+    with pytest.raises(L.LoraFormatError, match=r"trained\.pt' is a pickle-based checkpoint.*Convert it to \.safetensors"):
+        loaders.FlashLoRALoader.execute(model, "trained.pt", 1.0, 1.0)
+    import zipfile
+
+    with zipfile.ZipFile(loras_dir / "download.safetensors", "w") as archive:  # a zipped LoRA, renamed
+        archive.writestr("flash/lora.safetensors", b"...")
+    with pytest.raises(L.LoraFormatError, match=r"download\.safetensors' is a zip archive.*unzip it"):
+        loaders.FlashLoRALoader.execute(model, "download.safetensors", 1.0, 1.0)
+
+
+def test_node_refuses_nan_lora_naming_file_and_keys(tiny, loras_dir, loaders):
+    model, _, unet_layers, _ = tiny
+    tensors = F.kohya_state_dict(F.make_loras(unet_layers, rank=2, alpha=2.0))
+    bad = sorted(k for k in tensors if k.endswith(".lora_up.weight"))[:2]
+    for key in bad:
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+    F.write(loras_dir / "diverged.safetensors", tensors)
+    with pytest.raises(L.LoraFormatError) as error:
+        loaders.FlashLoRALoader.execute(model, "diverged.safetensors", 1.0, 1.0)
+    message = str(error.value)
+    assert "diverged.safetensors" in message and all(key in message for key in bad)
+    assert "non-finite values (NaN or Inf)" in message and "lower learning rate" in message
+
+
+def test_node_refuses_malformed_adapter_config_naming_file_and_key(tiny, loras_dir, loaders):
+    model, _, unet_layers, _ = tiny
+    folder = loras_dir / "flash-peft"
+    F.write(folder / "adapter_model.safetensors", F.peft_state_dict(F.make_loras(unet_layers, rank=2, alpha=1.0)),
+            adapter_config={"peft_type": "LORA", "r": "abc", "lora_alpha": 8})
+    with pytest.raises(L.LoraFormatError, match=r"flash-peft/adapter_config\.json': key 'r' must be a positive "
+                                                r"integer \(the LoRA rank\), got 'abc'"):
+        loaders.FlashLoRALoader.execute(model, "flash-peft/adapter_model.safetensors", 1.0, 1.0)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    with pytest.raises(L.LoraFormatError, match=r"adapter_config\.json' has no 'lora_alpha' key"):
+        loaders.FlashLoRALoader.execute(model, "flash-peft/adapter_model.safetensors", 1.0, 1.0)
 
 
 def test_node_refuses_lora_that_matches_nothing(tiny, loras_dir, loaders):
