@@ -11,7 +11,6 @@ explains everything else in one line (which file, which key, what to do).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,16 +23,15 @@ class ModelFolderError(ValueError):
 
 def read_model_index(folder: str | os.PathLike) -> dict:
     """model_index.json of a diffusers pipeline folder as a dict, or a ModelFolderError naming the file."""
+    from flash_core.file_formats import FileFormatError, read_json
+
     path = Path(folder) / "model_index.json"
     if not path.is_file():
         raise ModelFolderError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFolderError(f"{path} cannot be read as JSON ({err}); re-download or re-save the pipeline") from None
-    if not isinstance(index, dict):
-        raise ModelFolderError(f"{path} must hold a JSON object, got {type(index).__name__}")
-    return index
+        return read_json(path, "the pipeline's model_index.json", "re-download or re-save the pipeline")
+    except FileFormatError as err:
+        raise ModelFolderError(str(err)) from None
 
 
 def _library_class(library: str, name: str) -> bool:

@@ -53,5 +53,5 @@ def test_custom_code_is_refused_with_the_file_and_key(tmp_path, index_change, fi
 
 def test_unreadable_model_index_names_the_file(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
-    with pytest.raises(ModelFolderError, match="model_index.json cannot be read as JSON"):
+    with pytest.raises(ModelFolderError, match="model_index.json.*is not valid JSON"):
         check_pipeline_folder(tmp_path)
