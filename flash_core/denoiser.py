@@ -128,7 +128,14 @@ class Denoiser(ABC):
         return self.prediction_type == "flow"
 
     def add_lora(self, rank: int, alpha: int, targets: Sequence[str], seed: int = 0) -> None:
-        """Inject a Gaussian-initialised peft LoRA (adapter "default") on the `targets` modules."""
+        """Inject a Gaussian-initialised peft LoRA (adapter "default") on the `targets` modules, in float32.
+
+        Mixed precision as in accelerate / Lightning "bf16-mixed": the frozen base weights may be bf16, the
+        trainable adapters (and so their optimiser state) are always float32. peft would create them in the
+        base layer's dtype, where Adam's ~lr-sized updates (1e-5) fall below half a bf16 ulp and vanish.
+        peft casts each adapter's input to the adapter's dtype and its output back, so float32 adapters on
+        bf16 layers run with or without autocast.
+        """
         from peft import LoraConfig, inject_adapter_in_model
 
         if self.has_lora:
@@ -139,6 +146,8 @@ class Denoiser(ABC):
             inject_adapter_in_model(config, self.lora_module)
         for name, param in self.lora_module.named_parameters():
             param.requires_grad_("lora_" in name)
+            if "lora_" in name and param.dtype != torch.float32:
+                param.data = param.data.float()  # float32 master weights of the student
 
     @property
     def has_lora(self) -> bool:

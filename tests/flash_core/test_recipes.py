@@ -32,7 +32,7 @@ def test_sd15_recipe():
     assert r.batch_size == 4
     assert r.uncond == "empty_prompt"
     assert r.adversarial_weights == (0.0, 0.1, 0.2, 0.3)
-    assert r.discriminator_channels == (40, 80)
+    assert r.discriminator_channels == (64, 128)  # the reference head (flash_core.losses.DiscriminatorHead)
 
 
 def test_sdxl_recipe():
