@@ -197,6 +197,28 @@ class Denoiser(ABC):
             if checkpointing:
                 self.set_gradient_checkpointing(True)
 
+    @contextlib.contextmanager
+    def merged_lora(self) -> Iterator[Denoiser]:
+        """Run the student with its LoRA merged into the base weights (inference without per-call adapter cost).
+
+        peft's merge adds scale * B @ A to each target weight; on exit every merged weight is restored bit for
+        bit from a copy taken on entry (peft's unmerge subtracts the delta again, which rounds, badly in bf16).
+        Costs one copy of the target layers' weights while inside. For no-grad sampling only: do not train or
+        enter teacher() inside (peft would unmerge by subtraction).
+        """
+        layers = [layer for layer in self._lora_layers() if not layer.merged]
+        saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    layer.merge()  # W <- W + scale * B A
+            yield self
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    layer.get_base_layer().weight.copy_(weight)
+                    layer.merged_adapters.clear()  # peft's "merged" flag: adapters run per call again
+
     def lora_state_dict(self) -> dict[str, Tensor]:
         """peft-named LoRA tensors (`<module>.lora_A.weight`, ...), detached CPU copies."""
         from peft import get_peft_model_state_dict

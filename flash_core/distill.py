@@ -23,7 +23,7 @@ Public API (used by training/cli.py, training/digits/ and the ComfyUI training n
         .train_step(batch) -> dict[str, float]        # one iteration: the student OR the discriminator updates
                                                       # (alternating), losses, student_update / discriminator_update
                                                       # flags, seconds: teacher_s, student_s, discriminator_s, dmd_s
-        .student_sample(noise, cond, num_steps=4, generator=None) -> Tensor
+        .student_sample(noise, cond, num_steps=4, generator=None) -> Tensor   # LoRA merged while sampling
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
         .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
 
@@ -498,7 +498,11 @@ class FlashDistiller:
     def student_sample(
         self, noise: Tensor, cond: Conditioning, num_steps: int = 4, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid)."""
+        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid).
+
+        The LoRA is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
+        the weights restored exactly afterwards.
+        """
         den = self.denoiser
         cond = cond.to(self.device)
 
@@ -507,11 +511,12 @@ class FlashDistiller:
                 return den.predict(x, self._timestep(t, x.shape[0]), cond).float()
 
         noise = noise.to(self.device, torch.float32)
-        if den.is_flow:
-            return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator)
-        return sampling.sample_discrete(
-            model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator
-        )
+        with den.merged_lora():
+            if den.is_flow:
+                return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator)
+            return sampling.sample_discrete(
+                model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator
+            )
 
     # ---- checkpointing ----
     def lora_state_dict(self) -> dict[str, Tensor]:
