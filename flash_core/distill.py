@@ -129,6 +129,7 @@ class DistillConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        self.recipe()  # the overrides make a valid recipe (per-phase weights, K a multiple of the 4-step grid)
 
     def recipe(self) -> Recipe:
         """The backbone's recipe with this config's overrides applied."""

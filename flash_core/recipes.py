@@ -56,6 +56,11 @@ class Recipe:
                     f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.teacher_grid_steps < 1 or self.teacher_grid_steps % self.student_steps:
+            raise ValueError(
+                f"recipe {self.backbone!r}: teacher_grid_steps (K = {self.teacher_grid_steps}) must be a multiple of "
+                f"the {self.student_steps}-step sampling grid the timestep mixture sits on (the recipe: 32, PixArt 16)"
+            )
         low, high = self.guidance_range
         if not 0 <= low <= high:
             raise ValueError(f"recipe {self.backbone!r}: guidance_range must be (min, max) with 0 <= min <= max")
