@@ -344,9 +344,10 @@ class FlashDistiller:
         alternate_updates (default, the paper): even iterations update the student, odd iterations the
         discriminator head; otherwise both update on every iteration (the student first).
         Logs (all floats): student_update / discriminator_update (1.0 if that side was updated now);
-        loss, loss_distill (+ loss_adversarial, loss_dmd, guidance where weighted > 0) from the student's
+        loss, loss_distill, guidance (+ loss_adversarial, loss_dmd where weighted > 0) from the student's
         latest update and loss_discriminator from the head's latest update, so a discriminator iteration
-        repeats the student's last losses (they are absent only before a side's first update);
+        repeats the student's last losses (filter on student_update for one value per update); a side's keys
+        are absent only before its first update (loss_discriminator on iteration 0);
         phase; grid_index (of this iteration's student input: trained on, or the fake sample's);
         seconds: teacher_s = the teacher's multi-step CFG solve; student_s = student forward, adversarial
         generator pass through the frozen encoder, backward and optimiser step; dmd_s = the DMD scores
