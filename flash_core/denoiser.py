@@ -128,7 +128,14 @@ class Denoiser(ABC):
         return self.prediction_type == "flow"
 
     def add_lora(self, rank: int, alpha: int, targets: Sequence[str], seed: int = 0) -> None:
-        """Inject a Gaussian-initialised peft LoRA (adapter "default") on the `targets` modules."""
+        """Inject a Gaussian-initialised peft LoRA (adapter "default") on the `targets` modules, in float32.
+
+        Mixed precision as in accelerate / Lightning "bf16-mixed": the frozen base weights may be bf16, the
+        trainable adapters (and so their optimiser state) are always float32. peft would create them in the
+        base layer's dtype, where Adam's ~lr-sized updates (1e-5) fall below half a bf16 ulp and vanish.
+        peft casts each adapter's input to the adapter's dtype and its output back, so float32 adapters on
+        bf16 layers run with or without autocast.
+        """
         from peft import LoraConfig, inject_adapter_in_model
 
         if self.has_lora:
@@ -139,6 +146,8 @@ class Denoiser(ABC):
             inject_adapter_in_model(config, self.lora_module)
         for name, param in self.lora_module.named_parameters():
             param.requires_grad_("lora_" in name)
+            if "lora_" in name and param.dtype != torch.float32:
+                param.data = param.data.float()  # float32 master weights of the student
 
     @property
     def has_lora(self) -> bool:
@@ -187,6 +196,28 @@ class Denoiser(ABC):
             self.set_lora_enabled(True)
             if checkpointing:
                 self.set_gradient_checkpointing(True)
+
+    @contextlib.contextmanager
+    def merged_lora(self) -> Iterator[Denoiser]:
+        """Run the student with its LoRA merged into the base weights (inference without per-call adapter cost).
+
+        peft's merge adds scale * B @ A to each target weight; on exit every merged weight is restored bit for
+        bit from a copy taken on entry (peft's unmerge subtracts the delta again, which rounds, badly in bf16).
+        Costs one copy of the target layers' weights while inside. For no-grad sampling only: do not train or
+        enter teacher() inside (peft would unmerge by subtraction).
+        """
+        layers = [layer for layer in self._lora_layers() if not layer.merged]
+        saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    layer.merge()  # W <- W + scale * B A
+            yield self
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    layer.get_base_layer().weight.copy_(weight)
+                    layer.merged_adapters.clear()  # peft's "merged" flag: adapters run per call again
 
     def lora_state_dict(self) -> dict[str, Tensor]:
         """peft-named LoRA tensors (`<module>.lora_A.weight`, ...), detached CPU copies."""

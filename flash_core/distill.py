@@ -2,15 +2,17 @@
 
 Public API (used by training/cli.py, training/digits/ and the ComfyUI training node):
 
-    DistillConfig(backbone="sd15", total_steps=10_000, seed=0, batch_size=None, lora_rank=None,
+    DistillConfig(backbone="sd15", total_steps=20_000, seed=0, batch_size=None, lora_rank=None,
                   lora_alpha=None, lora_targets=None, lr=None, guidance_range=None, teacher_grid_steps=None,
                   distill_weights=None, adversarial_weights=None, dmd_weights=None, distill_loss="l2",
-                  grad_checkpointing=False, mixed_precision="no")      # None = the recipe's number
+                  grad_checkpointing=False, mixed_precision="no", alternate_updates=True)
+                                                                         # None = the recipe's number
         .recipe() -> Recipe                                              # recipe with overrides applied
     Batch(latents, cond, uncond)                                         # uncond may have batch size 1
-    teacher_target(denoiser, z_t, grid_index, cond, uncond, guidance, grid_steps) -> x0   # DPM-Solver++ / flow Euler
+    teacher_target(denoiser, z_t, grid_index, cond, uncond, guidance, grid_steps, student_steps=None) -> x0
+                                                                         # DPM-Solver++ / flow Euler
     guided_output(denoiser, x_t, t, cond, uncond, guidance) -> raw       # CFG: w*out_c + (1-w)*out_u
-    training_grid(denoiser, grid_steps) -> list[float]                   # K-step grid in model timesteps
+    training_grid(denoiser, grid_steps, student_steps=None) -> list[float]   # K-step grid in model timesteps
     FlashDistiller(denoiser, config, device=None, backward=None, process_index=0, reduce_gradients=None)
         .step: int                .phase -> int            .recipe: Recipe
         .student_params: list[Parameter]     .discriminator: DiscriminatorHead
@@ -18,8 +20,10 @@ Public API (used by training/cli.py, training/digits/ and the ComfyUI training n
         .sample_grid_index(phase=None) -> int                           # the timestep-mixture sampler
         .student_x0(z_t, t, cond) -> Tensor                             # LCM-boundary student output
         .distribution_matching_loss(x, cond, uncond) -> Tensor          # DMD loss of a student sample
-        .train_step(batch) -> dict[str, float]        # losses + seconds: teacher_s, student_s, discriminator_s, dmd_s
-        .student_sample(noise, cond, num_steps=4, generator=None) -> Tensor
+        .train_step(batch) -> dict[str, float]        # one iteration: the student OR the discriminator updates
+                                                      # (alternating), losses, student_update / discriminator_update
+                                                      # flags, seconds: teacher_s, student_s, discriminator_s, dmd_s
+        .student_sample(noise, cond, num_steps=4, generator=None) -> Tensor   # LoRA merged while sampling
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
         .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
 
@@ -28,6 +32,16 @@ with predict / encoder_features / add_lora / lora_parameters / set_lora_enabled 
 zero_conditioning, noise_coefficients, add_noise, output_to_x0_eps), flash_core.losses (distillation_loss,
 DiscriminatorHead, discriminator_loss, generator_adversarial_loss, dmd_gradient, dmd_loss) and
 flash_core.backends.diffusers (UNetDenoiser, PixArtDenoiser, SD3Denoiser, make_diffusers_denoiser).
+
+The recipe as implemented: `step` / `total_steps` count iterations, as the paper does ("20k iterations"). By
+default iterations alternate: even ones update the student (LoRA), odd ones the discriminator head, so 20k
+iterations are 10k student updates (alternate_updates=False: both on every iteration). The four phases split
+the iterations. Every sample of a batch draws its own adversarial re-noising level (t in {10, 250, 500, 750})
+and its own DMD timestep; the student's grid index and the teacher guidance w are drawn once per batch.
+
+Mixed precision ("bf16", as accelerate / Lightning "bf16-mixed"): frozen weights may be bf16, the forward
+passes run under bf16 autocast, and everything trainable (LoRA adapters, discriminator head) and so the AdamW
+state is float32; FlashDistiller refuses trainable parameters of another dtype.
 
 accelerate / DDP: pass `backward=accelerator.backward`, `process_index=accelerator.process_index` (distinct
 noise per process) and `reduce_gradients=` a callable that all-reduces (averages) the `.grad` of the given
@@ -58,18 +72,19 @@ from flash_core.denoiser import (
 )
 from flash_core.losses import (
     DISTILL_LOSSES,
+    LPIPS_REMOVED,
     DiscriminatorHead,
     discriminator_loss,
     distillation_loss,
     dmd_gradient,
     dmd_loss,
     generator_adversarial_loss,
-    make_lpips_loss,
 )
 from flash_core.recipes import Recipe, get_recipe
 from flash_core.schedules import (
     NUM_TRAIN_TIMESTEPS,
     flow_sigmas,
+    flow_training_sigmas,
     phase_of_step,
     timestep_mixture_probs,
     trailing_timesteps,
@@ -80,10 +95,15 @@ MIXED_PRECISION = ("no", "bf16")
 
 @dataclass
 class DistillConfig:
-    """Run settings; every `None` falls back to the backbone's Recipe (flash_core/recipes.py)."""
+    """Run settings; every `None` falls back to the backbone's Recipe (flash_core/recipes.py).
+
+    total_steps: training iterations (the paper's count; the four phases split them). With
+    alternate_updates (the paper) even iterations update the student and odd ones the discriminator, so the
+    student gets total_steps / 2 updates; alternate_updates=False updates both on every iteration.
+    """
 
     backbone: str = "sd15"
-    total_steps: int = 10_000
+    total_steps: int = 20_000
     seed: int = 0
     batch_size: int | None = None
     lora_rank: int | None = None
@@ -98,14 +118,18 @@ class DistillConfig:
     distill_loss: str = "l2"
     grad_checkpointing: bool = False
     mixed_precision: str = "no"
+    alternate_updates: bool = True
 
     def __post_init__(self) -> None:
+        if self.distill_loss == "lpips":
+            raise ValueError(LPIPS_REMOVED)
         if self.distill_loss not in DISTILL_LOSSES:
             raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, got {self.distill_loss!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        self.recipe()  # the overrides make a valid recipe (per-phase weights, K a multiple of the 4-step grid)
 
     def recipe(self) -> Recipe:
         """The backbone's recipe with this config's overrides applied."""
@@ -134,10 +158,19 @@ class Batch:
 
 
 # ---- teacher --------------------------------------------------------------------------------------
-def training_grid(denoiser: Denoiser, grid_steps: int) -> list[float]:
-    """The K-step training grid in model timesteps: trailing DDPM timesteps, or flow sigmas * 1000."""
-    if denoiser.is_flow:
-        return [s * NUM_TRAIN_TIMESTEPS for s in flow_sigmas(grid_steps)]  # SD3: shifted sigmas, t = sigma*T
+def _flow_grid(grid_steps: int, student_steps: int | None) -> list[float]:
+    """Flow sigmas of a K-step solve: around the student's sampling grid in training, plain otherwise."""
+    return flow_sigmas(grid_steps) if student_steps is None else flow_training_sigmas(grid_steps, student_steps)
+
+
+def training_grid(denoiser: Denoiser, grid_steps: int, student_steps: int | None = None) -> list[float]:
+    """The K-step grid in model timesteps: trailing DDPM timesteps, or flow sigmas * 1000.
+
+    student_steps (training): flow models use schedules.flow_training_sigmas, whose index j*K/n is the
+    student's sampling sigma j; the trailing grid has that property already (index 8 of K=32 is 749).
+    """
+    if denoiser.is_flow:  # SD3: shifted sigmas, t = sigma*T
+        return [s * NUM_TRAIN_TIMESTEPS for s in _flow_grid(grid_steps, student_steps)]
     return [float(t) for t in trailing_timesteps(grid_steps)]  # K=32: 999, 968, ..., 30
 
 
@@ -153,13 +186,13 @@ def guided_output(
     return guidance * raw_cond + (1.0 - guidance) * raw_uncond  # eps = w eps_c + (1-w) eps_u
 
 
-def _teacher_scheduler(denoiser: Denoiser, grid_steps: int):
+def _teacher_scheduler(denoiser: Denoiser, grid_steps: int, student_steps: int | None = None):
     """diffusers solver of the teacher on the K grid: DPM-Solver++(2M) trailing, or flow Euler (SD3)."""
     if denoiser.is_flow:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
-        scheduler.set_timesteps(sigmas=flow_sigmas(grid_steps))  # already shifted by schedules.flow_sigmas
+        scheduler.set_timesteps(sigmas=_flow_grid(grid_steps, student_steps))  # already shifted
         return scheduler
     from diffusers import DPMSolverMultistepScheduler
 
@@ -178,13 +211,13 @@ def _teacher_scheduler(denoiser: Denoiser, grid_steps: int):
 @torch.no_grad()
 def teacher_target(
     denoiser: Denoiser, z_t: Tensor, grid_index: int, cond: Conditioning, uncond: Conditioning,
-    guidance: float, grid_steps: int,
+    guidance: float, grid_steps: int, student_steps: int | None = None,
 ) -> Tensor:
     """Teacher's fully denoised x0: multi-step solve with CFG from grid index `grid_index` to the end.
 
-    Run under the caller's teacher context (LoRA disabled); no gradient.
+    Run under the caller's teacher context (LoRA disabled); no gradient. student_steps: see training_grid.
     """
-    scheduler = _teacher_scheduler(denoiser, grid_steps)
+    scheduler = _teacher_scheduler(denoiser, grid_steps, student_steps)
     sample = z_t.float()
     for t in scheduler.timesteps[grid_index:]:
         raw = guided_output(denoiser, sample, t.to(sample.device), cond, uncond, guidance)
@@ -226,6 +259,7 @@ class FlashDistiller:
             self.discriminator = DiscriminatorHead(
                 denoiser.encoder_feature_channels, self.recipe.discriminator_channels
             ).to(self.device)
+        self._check_float32_trainables()
         self.student_optimizer = torch.optim.AdamW(self.student_params, lr=self.recipe.lr)
         self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.recipe.lr)
 
@@ -233,9 +267,25 @@ class FlashDistiller:
         seed = config.seed + 1000 * process_index
         self.cpu_generator = torch.Generator("cpu").manual_seed(seed)
         self.noise_generator = torch.Generator(self.device).manual_seed(seed + 1)
-        self.grid = training_grid(denoiser, self.recipe.teacher_grid_steps)
+        self.grid = training_grid(denoiser, self.recipe.teacher_grid_steps, self.recipe.student_steps)
         self._mixture_probs: dict[int, Tensor] = {}
-        self._lpips = make_lpips_loss().to(self.device) if config.distill_loss == "lpips" else None
+        # The latest losses of each side, reported on the other side's iterations (and kept by checkpoints).
+        self._student_logs: dict[str, float] = {}
+        self._discriminator_logs: dict[str, float] = {}
+
+    def _check_float32_trainables(self) -> None:
+        """Refuse trainable parameters that are not float32 (their AdamW updates would round away in bf16)."""
+        trainables = [(f"LoRA {n}", p) for n, p in self.denoiser.named_lora_parameters()]
+        trainables += [(f"discriminator {n}", p) for n, p in self.discriminator.named_parameters()]
+        wrong = [(name, p.dtype) for name, p in trainables if p.dtype != torch.float32]
+        if wrong:
+            name, dtype = wrong[0]
+            raise TypeError(
+                f"FlashDistiller: {len(wrong)} trainable parameters are not float32 (e.g. {name}: {dtype}). Mixed "
+                "precision keeps only the frozen weights in bf16; LoRA adapters and the discriminator head must "
+                "be float32 or Adam's small updates vanish. Add the LoRA with Denoiser.add_lora (float32 "
+                "adapters) or cast the adapters with .float() before training."
+            )
 
     # ---- sampling of the training randomness ----
     @property
@@ -257,8 +307,10 @@ class FlashDistiller:
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.cpu_generator, dtype=torch.float64))
 
-    def _choice(self, values) -> float:
-        return float(values[int(torch.randint(len(values), (), generator=self.cpu_generator))])
+    def _choices(self, values, size: int) -> Tensor:
+        """One of `values` per sample (model timesteps, float, on the device)."""
+        picks = torch.randint(len(values), (size,), generator=self.cpu_generator)
+        return torch.tensor([float(v) for v in values])[picks].to(self.device)
 
     def _noise(self, like: Tensor) -> Tensor:
         return torch.randn(like.shape, generator=self.noise_generator, device=self.device, dtype=torch.float32)
@@ -285,43 +337,89 @@ class FlashDistiller:
             return x0_pred  # the SD3 sampler (flash_core.sampling.sample_flow) uses x0 = x - sigma v as is
         return sampling.lcm_boundary_x0(x0_pred, z_t, t)  # x = c_skip z_t + c_out x0_pred
 
-    # ---- one step ----
+    # ---- one iteration ----
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One student optimiser step, then one discriminator step on the same batch.
+        """One training iteration; `step` counts iterations (the paper's "20k iterations").
 
-        Timing split (seconds): teacher_s = the teacher's multi-step CFG solve; student_s = student forward,
-        adversarial generator pass through the frozen encoder, backward and optimiser step; dmd_s = the DMD
-        scores (teacher CFG + student, no grad); discriminator_s = the head's LSGAN step.
+        alternate_updates (default, the paper): even iterations update the student, odd iterations the
+        discriminator head; otherwise both update on every iteration (the student first).
+        Logs (all floats): student_update / discriminator_update (1.0 if that side was updated now);
+        loss, loss_distill, guidance (+ loss_adversarial, loss_dmd where weighted > 0) from the student's
+        latest update and loss_discriminator from the head's latest update, so a discriminator iteration
+        repeats the student's last losses (filter on student_update for one value per update); a side's keys
+        are absent only before its first update (loss_discriminator on iteration 0);
+        phase; grid_index (of this iteration's student input: trained on, or the fake sample's);
+        seconds: teacher_s = the teacher's multi-step CFG solve; student_s = student forward, adversarial
+        generator pass through the frozen encoder, backward and optimiser step; dmd_s = the DMD scores
+        (teacher CFG + student, no grad); discriminator_s = the head's LSGAN step (with the student's no-grad
+        fake sample on a discriminator iteration). A non-finite student loss stops with FloatingPointError.
         """
-        den, recipe, phase = self.denoiser, self.recipe, self.phase
+        den, phase = self.denoiser, self.phase
+        alternate = self.config.alternate_updates
+        update_student = not alternate or self.step % 2 == 0
+        update_discriminator = not alternate or self.step % 2 == 1
         latents = batch.latents.to(self.device, torch.float32)
         size = latents.shape[0]
         cond = batch.cond.to(self.device)
         uncond = batch.uncond.to(self.device).expand_to(size)
-        w_distill = recipe.distill_weights[phase]
-        w_adv = recipe.adversarial_weights[phase]
-        w_dmd = recipe.dmd_weights[phase]
+        timings = {"teacher_s": 0.0, "student_s": 0.0, "dmd_s": 0.0, "discriminator_s": 0.0}
 
-        # Student input on the K grid (one timestep per batch); index 0 = pure Gaussian noise.
+        # 1. Student input on the K grid (one grid index per batch); index 0 = pure Gaussian noise.
         grid_index = self.sample_grid_index(phase)
         t = self._timestep(self.grid[grid_index], size)
         noise = self._noise(latents)
         z_t = noise if grid_index == 0 else add_noise(den, latents, noise, t)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps
-        guidance = self._uniform(*recipe.guidance_range)  # w ~ U[min, max]
+        # 2. Adversarial re-noising, per sample: t in {10, 250, 500, 750} (flow: sigma = t/1000), the SAME
+        #    noise for real and fake.
+        t_adv = self._choices(self.recipe.adversarial_timesteps, size)
+        adv_noise = self._noise(latents)
+
+        # 3. The student's update, or (discriminator iteration) its fake sample without gradient.
+        fake_features = None
+        if update_student:
+            x, fake_features = self._student_update(latents, z_t, t, grid_index, cond, uncond, phase, t_adv,
+                                                    adv_noise, timings)
+        else:
+            start = self._sync()
+            with torch.no_grad():
+                x = self.student_x0(z_t, t, cond)
+            timings["discriminator_s"] += self._sync() - start
+
+        # 4. The discriminator head's LSGAN update: real latents vs the student's x0.
+        if update_discriminator:
+            start = self._sync()
+            loss_disc = self._discriminator_step(latents, x.detach(), fake_features, adv_noise, t_adv, cond)
+            self._discriminator_logs = {"loss_discriminator": loss_disc}
+            timings["discriminator_s"] += self._sync() - start
+
+        self.step += 1
+        return {
+            **self._student_logs, **self._discriminator_logs,
+            "student_update": float(update_student), "discriminator_update": float(update_discriminator),
+            "phase": float(phase), "grid_index": float(grid_index), **timings,
+        }
+
+    def _student_update(
+        self, latents: Tensor, z_t: Tensor, t: Tensor, grid_index: int, cond: Conditioning, uncond: Conditioning,
+        phase: int, t_adv: Tensor, adv_noise: Tensor, timings: dict[str, float],
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher target, the weighted losses, one AdamW step of the LoRA. Returns x and its encoder features."""
+        den, recipe = self.denoiser, self.recipe
+        w_distill, w_adv, w_dmd = recipe.distill_weights[phase], recipe.adversarial_weights[phase], recipe.dmd_weights[phase]
+        guidance = self._uniform(*recipe.guidance_range)  # w ~ U[min, max], once per batch
 
         start = self._sync()
         with torch.no_grad(), den.teacher(), self._autocast():
-            x0_teacher = teacher_target(den, z_t, grid_index, cond, uncond, guidance, recipe.teacher_grid_steps)
-        teacher_s = self._sync() - start
+            x0_teacher = teacher_target(den, z_t, grid_index, cond, uncond, guidance, recipe.teacher_grid_steps,
+                                        recipe.student_steps)
+        timings["teacher_s"] += self._sync() - start
 
         start = self._sync()
         x = self.student_x0(z_t, t, cond)
-        loss_distill = distillation_loss(x, x0_teacher.float(), self.config.distill_loss, self._lpips)
+        loss_distill = distillation_loss(x, x0_teacher.float(), self.config.distill_loss)
         total = w_distill * loss_distill
-        # Adversarial re-noising: t in {10, 250, 500, 750} (flow: sigma = t/1000), SAME noise for real and fake.
-        t_adv = self._timestep(self._choice(recipe.adversarial_timesteps), size)
-        adv_noise = self._noise(latents)
-        logs: dict[str, float] = {}
+        logs: dict[str, float] = {"guidance": guidance}
+        fake_features = None
         if w_adv > 0:
             with den.teacher(), self._autocast():  # frozen teacher encoder; grads flow to x only
                 fake_features = den.encoder_features(add_noise(den, x, adv_noise, t_adv), t_adv, cond)
@@ -329,17 +427,22 @@ class FlashDistiller:
             total = total + w_adv * loss_adv
             logs["loss_adversarial"] = float(loss_adv.detach())
             fake_features = fake_features.detach()
-        else:
-            fake_features = None
-        student_s = self._sync() - start
+        timings["student_s"] += self._sync() - start
 
-        dmd_s = 0.0
         if w_dmd > 0:
             start = self._sync()
             loss_dmd = self.distribution_matching_loss(x, cond, uncond)
             total = total + w_dmd * loss_dmd
             logs["loss_dmd"] = float(loss_dmd.detach())
-            dmd_s = self._sync() - start
+            timings["dmd_s"] += self._sync() - start
+
+        logs.update(loss=float(total.detach()), loss_distill=float(loss_distill.detach()))
+        if not torch.isfinite(total.detach()):
+            raise FloatingPointError(
+                f"FlashDistiller: the student's loss is not finite at iteration {self.step} (phase {phase}): "
+                f"{ {k: v for k, v in logs.items() if k.startswith('loss')} }. Lower the learning rate, or train "
+                "with mixed_precision 'no' to rule out bf16 overflow; the LoRA was not updated."
+            )
 
         start = self._sync()
         self.student_optimizer.zero_grad(set_to_none=True)
@@ -348,27 +451,18 @@ class FlashDistiller:
             self.reduce_gradients(self.student_params)
         self.student_optimizer.step()
         self.student_optimizer.zero_grad(set_to_none=True)
-        student_s += self._sync() - start
-
-        start = self._sync()
-        loss_disc = self._discriminator_step(latents, x.detach(), fake_features, adv_noise, t_adv, cond)
-        discriminator_s = self._sync() - start
-
-        self.step += 1
-        logs.update(
-            loss=float(total.detach()), loss_distill=float(loss_distill.detach()), loss_discriminator=loss_disc,
-            phase=float(phase), grid_index=float(grid_index), guidance=guidance,
-            teacher_s=teacher_s, student_s=student_s, discriminator_s=discriminator_s, dmd_s=dmd_s,
-        )
-        return logs
+        self.discriminator.zero_grad(set_to_none=True)  # the generator pass also reached the head
+        timings["student_s"] += self._sync() - start
+        self._student_logs = logs
+        return x, fake_features
 
     def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
-        """DMD: re-noise x at t ~ U{0..999}; real score = CFG teacher, fake score = the student (cond, no grad)."""
+        """DMD: re-noise x at t ~ U{0..999} per sample; real score = CFG teacher, fake = the student (cond, no grad)."""
         den, size = self.denoiser, x.shape[0]
         uncond = uncond.expand_to(size)
-        t_dmd = self._timestep(int(torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=self.cpu_generator)), size)
+        t_dmd = torch.randint(NUM_TRAIN_TIMESTEPS, (size,), generator=self.cpu_generator).float().to(self.device)
         x_noisy = add_noise(den, x.detach(), self._noise(x), t_dmd)  # re-noised student sample
-        guidance = self._uniform(*self.recipe.guidance_range)  # fresh w for the real score
+        guidance = self._uniform(*self.recipe.guidance_range)  # fresh w for the real score, once per batch
         with torch.no_grad():
             with den.teacher(), self._autocast():
                 raw_real = guided_output(den, x_noisy, t_dmd, cond, uncond, guidance)
@@ -384,7 +478,7 @@ class FlashDistiller:
         self, latents: Tensor, fake_x0: Tensor, fake_features: Tensor | None, noise: Tensor, t: Tensor,
         cond: Conditioning,
     ) -> float:
-        """LSGAN step of the head: real = dataset latents, fake = student x0, same noise and t."""
+        """LSGAN step of the head: real = dataset latents, fake = student x0, same noise and t (per sample)."""
         den = self.denoiser
         with torch.no_grad(), den.teacher(), self._autocast():
             real_features = den.encoder_features(add_noise(den, latents, noise, t), t, cond)
@@ -406,7 +500,11 @@ class FlashDistiller:
     def student_sample(
         self, noise: Tensor, cond: Conditioning, num_steps: int = 4, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid)."""
+        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid).
+
+        The LoRA is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
+        the weights restored exactly afterwards.
+        """
         den = self.denoiser
         cond = cond.to(self.device)
 
@@ -415,11 +513,12 @@ class FlashDistiller:
                 return den.predict(x, self._timestep(t, x.shape[0]), cond).float()
 
         noise = noise.to(self.device, torch.float32)
-        if den.is_flow:
-            return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator)
-        return sampling.sample_discrete(
-            model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator
-        )
+        with den.merged_lora():
+            if den.is_flow:
+                return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator)
+            return sampling.sample_discrete(
+                model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator
+            )
 
     # ---- checkpointing ----
     def lora_state_dict(self) -> dict[str, Tensor]:
@@ -439,6 +538,8 @@ class FlashDistiller:
             "noise_generator": self.noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_random": random.getstate(),
+            "student_logs": dict(self._student_logs),
+            "discriminator_logs": dict(self._discriminator_logs),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -462,6 +563,8 @@ class FlashDistiller:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
+        self._student_logs = dict(state.get("student_logs", {}))
+        self._discriminator_logs = dict(state.get("discriminator_logs", {}))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -10,13 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DISTILL_LOSSES = ("l2", "l1", "huber", "lpips")
+DISTILL_LOSSES = ("l2", "l1", "huber")
 HUBER_C = 0.001  # pseudo-Huber constant (latent space)
+# Why the paper's LPIPS distillation loss is not offered (DistillConfig rejects "lpips" with this text).
+LPIPS_REMOVED = (
+    "distill_loss 'lpips' is not supported: the paper's LPIPS compares VAE-decoded 64x64-latent centre crops "
+    "with ImageNet VGG features, which needs the VAE decoder in the training step and VGG weights that this "
+    "pack does not ship (and cannot download offline). Use distill_loss 'l2' (the default), 'l1' or 'huber', "
+    "which compare latents."
+)
 
 
 # ---- distillation -------------------------------------------------------------------------------
-def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, kind: str = "l2", lpips_fn=None) -> Tensor:
-    """Student x0 vs teacher multi-step x0 (latent space; "lpips" needs `lpips_fn` on decoded images)."""
+def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, kind: str = "l2") -> Tensor:
+    """Student x0 vs teacher multi-step x0, in latent space."""
     if kind == "l2":
         return F.mse_loss(student_x0.float(), teacher_x0.float())  # ||x - x0_teacher||^2
     if kind == "l1":
@@ -25,69 +32,44 @@ def distillation_loss(student_x0: Tensor, teacher_x0: Tensor, kind: str = "l2", 
         diff2 = (student_x0.float() - teacher_x0.float()) ** 2
         return (torch.sqrt(diff2 + HUBER_C**2) - HUBER_C).mean()  # pseudo-Huber sqrt(d^2 + c^2) - c
     if kind == "lpips":
-        if lpips_fn is None:
-            raise ValueError("distill_loss 'lpips' needs an LPIPS callable (see make_lpips_loss)")
-        return lpips_fn(student_x0, teacher_x0).mean()
+        raise ValueError(LPIPS_REMOVED)
     raise ValueError(f"unknown distill_loss {kind!r}; choose one of {DISTILL_LOSSES}")
-
-
-def make_lpips_loss():
-    """LPIPS(VGG) if the `lpips` package and its weights are installed locally, else a clear error."""
-    try:
-        import lpips  # type: ignore
-    except ImportError:
-        raise RuntimeError(
-            "distill_loss 'lpips' needs the `lpips` package and its VGG weights, which are not installed "
-            "(and cannot be downloaded on offline machines). Use distill_loss 'l2', 'l1' or 'huber'."
-        ) from None
-    try:
-        return lpips.LPIPS(net="vgg", verbose=False)
-    except Exception as exc:  # weights missing / no network
-        raise RuntimeError(
-            f"LPIPS(VGG) could not load its weights ({exc}). Put the torchvision VGG16 weights in the torch hub "
-            "cache or use distill_loss 'l2', 'l1' or 'huber'."
-        ) from exc
 
 
 # ---- adversarial --------------------------------------------------------------------------------
 class DiscriminatorHead(nn.Module):
-    """Trainable head on frozen-teacher encoder features (PatchGAN-style logits map).
+    """Trainable head on frozen-teacher features (the paper's latent discriminator): a map of logits.
 
-    conv4x4/2 (no bias) -> GroupNorm -> SiLU -> conv4x4/2 (no bias) -> GroupNorm -> SiLU -> conv1x1 -> 1.
-    On the SD1.5 mid block (1280 ch) with widths (40, 80):
-      1280*40*16 + 2*40 + 40*80*16 + 2*80 + 80 = 819,280 + 51,360 + 80 = 870,720 parameters.
-    Convolutions followed by GroupNorm carry no bias (the norm's shift replaces it).
-    Feature maps smaller than 4x4 are upsampled (nearest) to 4x4 so the two stride-2 convs apply.
+    conv3x3 (in -> hidden, bias) -> SiLU -> conv4x4 stride 2 (hidden -> width, no bias) -> SiLU ->
+    GroupNorm(4 groups, width) -> conv4x4 valid (width -> 1, no bias).
+    The SD1.5 reference head, (64, 128) on the 1280-channel mid block:
+      1280*64*9 + 64 + 64*128*16 + 2*128 + 128*16 = 737,344 + 131,072 + 256 + 2,048 = 870,720 parameters.
+    Widths per backbone: Recipe.discriminator_channels (flash_core/recipes.py).
+    On an 8x8 map (SD1.5 at 512 px) it gives one logit; larger maps give a map of logits (averaged by the
+    LSGAN losses). Maps smaller than 8x8 (tiny test models: 2x2 or 4x4 mid blocks) are upsampled (nearest)
+    to 8x8 first, the smallest size on which the stride-2 and the valid 4x4 convolution leave a logit.
     """
 
-    MIN_SIZE = 4
+    MIN_SIZE = 8
+    GROUPS = 4
 
-    def __init__(self, in_channels: int, channels: tuple[int, int] = (40, 80), num_groups: int = 8):
+    def __init__(self, in_channels: int, channels: tuple[int, int] = (64, 128)):
         super().__init__()
-        c1, c2 = channels
+        hidden, width = channels
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, c1, kernel_size=4, stride=2, padding=1, bias=False),
-            nn.GroupNorm(_groups(c1, num_groups), c1),
+            nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1, bias=True),
             nn.SiLU(),
-            nn.Conv2d(c1, c2, kernel_size=4, stride=2, padding=1, bias=False),
-            nn.GroupNorm(_groups(c2, num_groups), c2),
+            nn.Conv2d(hidden, width, kernel_size=4, stride=2, padding=1, bias=False),
             nn.SiLU(),
-            nn.Conv2d(c2, 1, kernel_size=1, bias=False),
+            nn.GroupNorm(self.GROUPS, width),
+            nn.Conv2d(width, 1, kernel_size=4, bias=False),
         )
 
     def forward(self, features: Tensor) -> Tensor:
         h, w = features.shape[-2:]
         if min(h, w) < self.MIN_SIZE:
-            features = F.interpolate(features, size=(max(h, self.MIN_SIZE), max(w, self.MIN_SIZE)), mode="nearest")
+            features = F.interpolate(features.float(), size=(max(h, self.MIN_SIZE), max(w, self.MIN_SIZE)), mode="nearest")
         return self.layers(features.float())
-
-
-def _groups(channels: int, wanted: int) -> int:
-    """Largest divisor of `channels` not above `wanted` (GroupNorm needs channels % groups == 0)."""
-    for g in range(min(wanted, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ class Recipe:
     lora_rank: int
     lora_alpha: int
     lora_targets: tuple[str, ...]
-    guidance_range: tuple[float, float]  # teacher CFG scale w ~ U[min, max], once per batch
+    guidance_range: tuple[float, float]  # teacher CFG scale w ~ U[min, max], once per batch (DMD: a fresh one)
     teacher_grid_steps: int  # K: teacher DPM-Solver++ grid (32; PixArt 16)
     batch_size: int  # per GPU
     uncond: str  # "empty_prompt" | "zeros" | "negative_prompt"
@@ -40,8 +40,11 @@ class Recipe:
     student_steps: int = 4  # the few-step grid the mixture's modes sit on
     adversarial_timesteps: tuple[int, ...] = (10, 250, 500, 750)  # re-noising levels of the discriminator
     lr: float = 1e-5  # AdamW, student and discriminator, constant
-    # Discriminator head widths (conv4x4/2 -> c1, conv4x4/2 -> c2, conv1x1 -> 1): 870,720 params on 1280 ch.
-    discriminator_channels: tuple[int, int] = (40, 80)
+    # Discriminator head widths (hidden, width) of flash_core.losses.DiscriminatorHead: conv3x3 -> hidden,
+    # conv4x4/2 -> width, GroupNorm(4), conv4x4 valid -> 1 logit. SD1.5's (64, 128) on the 1280-channel mid
+    # block is the reference head, 870,720 parameters; the other backbones' widths are chosen to give the
+    # published head sizes with the same layer pattern (the table above _SD15).
+    discriminator_channels: tuple[int, int] = (64, 128)
 
     def __post_init__(self) -> None:
         if self.uncond not in UNCOND_MODES:
@@ -53,6 +56,11 @@ class Recipe:
                     f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.teacher_grid_steps < 1 or self.teacher_grid_steps % self.student_steps:
+            raise ValueError(
+                f"recipe {self.backbone!r}: teacher_grid_steps (K = {self.teacher_grid_steps}) must be a multiple of "
+                f"the {self.student_steps}-step sampling grid the timestep mixture sits on (the recipe: 32, PixArt 16)"
+            )
         low, high = self.guidance_range
         if not 0 <= low <= high:
             raise ValueError(f"recipe {self.backbone!r}: guidance_range must be (min, max) with 0 <= min <= max")
@@ -61,6 +69,14 @@ class Recipe:
     def num_phases(self) -> int:
         return len(self.phase_mode_weights)
 
+
+# Discriminator heads (Recipe.discriminator_channels = (hidden, width)) and their size on the full-size
+# teacher's features:
+#   sd15   (64, 128)  on the 1280-ch UNet mid block:   870,720 (the paper's reference head)
+#   sdxl   (608, 896) on the 1280-ch UNet mid block:   15,737,184 (published: 15.7M)
+#   sd3    (256, 672) on SD3's 16-ch final output:      2,801,728 (published: 2.8M)
+#   pixart (256, 672) on PixArt's 8-ch final output:    2,783,296 (not published: SD3's DiT head widths)
+# DiTs have no encoder / decoder split, so their head reads the teacher's final output map (paper).
 
 _SD15 = Recipe(
     backbone="sd15", lora_rank=128, lora_alpha=128, lora_targets=UNET_LORA_TARGETS,
@@ -71,16 +87,19 @@ _SD15 = Recipe(
 RECIPES: dict[str, Recipe] = {
     "sd15": _SD15,
     # SDXL: SD1.5's recipe with half the rank and batch, and zeroed embeddings as the unconditional input
-    "sdxl": replace(_SD15, backbone="sdxl", lora_rank=64, lora_alpha=64, batch_size=2, uncond="zeros"),
+    "sdxl": replace(_SD15, backbone="sdxl", lora_rank=64, lora_alpha=64, batch_size=2, uncond="zeros",
+                    discriminator_channels=(608, 896)),
     "pixart": Recipe(
         backbone="pixart", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
         guidance_range=(2.0, 9.0), teacher_grid_steps=16, batch_size=2, uncond="empty_prompt",
         adversarial_weights=(0.0, 0.05, 0.1, 0.2), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+        discriminator_channels=(256, 672),
     ),
     "sd3": Recipe(
         backbone="sd3", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
         guidance_range=(7.0, 13.0), teacher_grid_steps=32, batch_size=2, uncond="negative_prompt",
         adversarial_weights=(0.0, 0.1, 0.3, 0.5), dmd_weights=(0.0, 0.3, 0.5, 0.7),
+        discriminator_channels=(256, 672),
     ),
 }
 

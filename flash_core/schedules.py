@@ -2,7 +2,7 @@
 
 This module is the single home of:
   * the trailing timestep grid (sampling *and* training use it),
-  * the flow-matching sigma grid (SD3),
+  * the flow-matching sigma grids (SD3: sampling, and the teacher's K grid around it),
   * the LCM boundary-condition scalings of the student's output,
   * the discrete DDPM noise schedule (alphas_cumprod) used by SD1.5 / SDXL / PixArt,
   * the training-time timestep mixture over the K-step grid, per phase.
@@ -70,6 +70,27 @@ def flow_sigmas(num_steps: int, shift: float = SD3_FLOW_SHIFT, sigma_min: float 
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     base = torch.linspace(1.0, sigma_min, num_steps, dtype=torch.float64)
     return [float(s) for s in shift_sigma(base, shift)]
+
+
+def flow_training_sigmas(
+    grid_steps: int, student_steps: int = 4, shift: float = SD3_FLOW_SHIFT, sigma_min: float = 1.0 / NUM_TRAIN_TIMESTEPS
+) -> list[float]:
+    """The flow models' K-step teacher grid, built around the student's few-step sampling grid.
+
+    Each of the student's `student_steps` sampling intervals (flow_sigmas(n) followed by 0) is split into
+    K/n equal steps in unshifted sigma, then the grid is shifted. So grid index j*K/n is exactly the student's
+    sampling sigma j, as on the discrete trailing grid (index 8j of K=32 = 999/749/499/249): K=32, n=4 puts
+    the timestep mixture's modes at sigma ≈ 1.0 / 0.857 / 0.601 / 0.003 (flow_sigmas(4)), not at the
+    1.0 / 0.896 / 0.738 / 0.468 of flow_sigmas(32)[::8].
+    """
+    if grid_steps < 1 or student_steps < 1 or grid_steps % student_steps:
+        raise ValueError(
+            f"the K={grid_steps} teacher grid must be a multiple of the {student_steps}-step sampling grid"
+        )
+    nodes = [float(s) for s in torch.linspace(1.0, sigma_min, student_steps, dtype=torch.float64)] + [0.0]
+    per_interval = grid_steps // student_steps
+    base = [a + (b - a) * k / per_interval for a, b in zip(nodes[:-1], nodes[1:]) for k in range(per_interval)]
+    return [float(shift_sigma(s, shift)) for s in base]  # sigma' = shift s / (1 + (shift - 1) s)
 
 
 def lcm_boundary_scalings(timestep, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):

@@ -220,13 +220,7 @@ class ComfyDenoiser(Denoiser):
         self.transformer_options = copy.copy(model.model_options.get("transformer_options", {}))
         self.dtype = self.base_model.manual_cast_dtype or self.base_model.get_dtype()
 
-    # ---- LoRA -------------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: int, targets: Sequence[str], seed: int = 0) -> None:
-        """peft LoRA on the copy (flash_core's shared injection); adapters kept in float32 for the optimiser."""
-        super().add_lora(rank, alpha, targets, seed)
-        for param in self.lora_parameters():
-            param.data = param.data.to(device=self.device, dtype=torch.float32)
-
+    # ---- LoRA (flash_core's Denoiser.add_lora: float32 adapters on the copy) --------------------------
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint every input / middle / output block of ComfyUI's UNetModel (recompute in backward)."""
         dm = self.diffusion_model

@@ -92,7 +92,7 @@ TOP_LEVEL_KEYS = {
     "log_every": "append losses to losses.jsonl every N steps",
     "export": "list of LoRA formats written at the end: comfyui, diffusers, peft",
     "export_name": "file name stem of the exported LoRA",
-    "distill": "mapping of flash_core DistillConfig overrides (e.g. teacher_steps, loss weights)",
+    "distill": "mapping of flash_core DistillConfig overrides (e.g. teacher_grid_steps, loss weights)",
 }
 MODEL_KEYS = {"path", "random_tiny", "tiny_seed"}
 DATA_KEYS = {"path", "kind", "captions", "image_column", "text_column", "split", "resolution", "max_items", "cache_dir", "encode_batch_size"}

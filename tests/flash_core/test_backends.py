@@ -16,10 +16,10 @@ from flash_core.backends.diffusers import (
     make_diffusers_denoiser,
 )
 from flash_core.denoiser import Conditioning, zero_conditioning
-from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
+from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target, training_grid
 from flash_core.losses import DiscriminatorHead
 from flash_core.recipes import get_recipe
-from flash_core.schedules import flow_sigmas, scaled_linear_alphas_cumprod
+from flash_core.schedules import flow_sigmas, flow_training_sigmas, scaled_linear_alphas_cumprod
 
 TEXT_DIM = 32
 
@@ -102,8 +102,8 @@ def tiny_sd3() -> tuple[torch.nn.Module, Batch]:
 
 
 def tiny_config(backbone: str, **overrides) -> DistillConfig:
-    """4 phases of one step each, K=4 teacher grid, a small LoRA."""
-    settings = {"backbone": backbone, "total_steps": 4, "lora_rank": 4, "lora_alpha": 4, "teacher_grid_steps": 4}
+    """4 phases of two iterations each (a student, then a discriminator update), K=4 teacher grid, a small LoRA."""
+    settings = {"backbone": backbone, "total_steps": 8, "lora_rank": 4, "lora_alpha": 4, "teacher_grid_steps": 4}
     settings.update(overrides)
     return DistillConfig(**settings)
 
@@ -114,23 +114,32 @@ def snapshot(params) -> list[torch.Tensor]:
 
 # ---- tests ---------------------------------------------------------------------------------------
 def _train_one_step_in_last_phase(backbone: str, model: torch.nn.Module, batch: Batch):
+    """The last phase's two iterations: a student update, then a discriminator update (alternating)."""
     denoiser = make_diffusers_denoiser(backbone, model)
     distiller = FlashDistiller(denoiser, tiny_config(backbone))
-    distiller.step = 3  # last phase: distillation, adversarial and DMD losses all weighted > 0
+    distiller.step = 6  # last phase: distillation, adversarial and DMD losses all weighted > 0
     base, lora = snapshot(denoiser.base_parameters()), snapshot(distiller.student_params)
     head = snapshot(distiller.discriminator.parameters())
     logs = distiller.train_step(batch)
-    for key in ("loss", "loss_distill", "loss_adversarial", "loss_dmd", "loss_discriminator"):
+    for key in ("loss", "loss_distill", "loss_adversarial", "loss_dmd"):
         assert torch.isfinite(torch.tensor(logs[key])), key
-    assert logs["phase"] == 3 and distiller.step == 4
+    assert (logs["student_update"], logs["discriminator_update"]) == (1.0, 0.0)
+    assert logs["phase"] == 3 and distiller.step == 7
     after = distiller.student_params
     assert any(not torch.equal(a, b) for a, b in zip(lora, after)), "the LoRA did not train"
     for name, before, p in zip([n for n, _ in denoiser.named_lora_parameters()], lora, after):
         if "lora_B" in name:  # lora_B starts at 0 and receives the first gradient
             assert not torch.equal(before, p), name
+    assert all(torch.equal(a, b) for a, b in zip(head, distiller.discriminator.parameters())), "head moved"
+
+    lora = snapshot(distiller.student_params)
+    logs = distiller.train_step(batch)  # odd iteration: the discriminator's turn
+    assert (logs["student_update"], logs["discriminator_update"]) == (0.0, 1.0)
+    assert torch.isfinite(torch.tensor(logs["loss_discriminator"])) and logs["phase"] == 3
+    assert any(not torch.equal(a, b) for a, b in zip(head, distiller.discriminator.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(lora, distiller.student_params)), "the LoRA moved"
     assert all(torch.equal(a, b) for a, b in zip(base, denoiser.base_parameters())), "teacher weights changed"
     assert all(p.grad is None for p in denoiser.base_parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(head, distiller.discriminator.parameters()))
     return denoiser, distiller
 
 
@@ -174,22 +183,29 @@ def test_sd3_flow_training_step():
     assert isinstance(denoiser, SD3Denoiser) and denoiser.is_flow and denoiser.alphas_cumprod is None
 
 
-def test_sd3_teacher_target_is_flow_euler_on_the_shifted_grid():
-    """Independent reference: CFG Euler steps x += (s_next - s) v on schedules.flow_sigmas(K) + [0]."""
+@pytest.mark.parametrize("student_steps", [None, 4])
+def test_sd3_teacher_target_is_flow_euler_on_the_shifted_grid(student_steps):
+    """Independent reference: CFG Euler steps x += (s_next - s) v on the K-step flow grid + [0].
+
+    Training (student_steps=4) uses schedules.flow_training_sigmas (the 4-step sampling grid refined);
+    previews (None) the plain shifted grid schedules.flow_sigmas(K).
+    """
     model, batch = tiny_sd3()
     denoiser = SD3Denoiser(model)
-    grid_steps, start, w = 6, 2, 7.5
+    grid_steps, start, w = 8, 2, 7.5
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     uncond = batch.uncond.expand_to(2)
-    sigmas = flow_sigmas(grid_steps) + [0.0]
+    grid = flow_sigmas(grid_steps) if student_steps is None else flow_training_sigmas(grid_steps, student_steps)
+    sigmas = grid + [0.0]
     with torch.no_grad():
         x = z.clone()
         for s, s_next in zip(sigmas[start:-1], sigmas[start + 1:]):
             t = torch.full((2,), s * 1000)
             v = w * denoiser.predict(x, t, batch.cond) + (1 - w) * denoiser.predict(x, t, uncond)
             x = x + (s_next - s) * v
-        target = teacher_target(denoiser, z, start, batch.cond, batch.uncond, w, grid_steps)
+        target = teacher_target(denoiser, z, start, batch.cond, batch.uncond, w, grid_steps, student_steps)
     assert torch.allclose(target, x, atol=1e-5, rtol=1e-4)
+    assert training_grid(denoiser, grid_steps, student_steps) == pytest.approx([g * 1000 for g in grid])
 
 
 def test_published_sd15_parameter_counts_on_meta_device():
@@ -209,7 +225,7 @@ def test_published_sd15_parameter_counts_on_meta_device():
     assert denoiser.encoder_feature_channels == 1280
     assert sum(p.numel() for p in denoiser.lora_parameters()) == 25_509_888
     assert sum(p.numel() for p in head.parameters()) == 870_720
-    assert all(p.requires_grad for p in denoiser.lora_parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in denoiser.lora_parameters())
     assert not any(p.requires_grad for p in denoiser.base_parameters())
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from flash_core.losses import (
     DiscriminatorHead,
@@ -15,8 +14,8 @@ from flash_core.losses import (
     dmd_gradient,
     dmd_loss,
     generator_adversarial_loss,
-    make_lpips_loss,
 )
+from flash_core.recipes import RECIPES
 
 
 def test_distillation_losses():
@@ -32,22 +31,63 @@ def test_distillation_losses():
         distillation_loss(a, b, "l3")
 
 
-def test_lpips_missing_is_a_clear_error():
-    if importlib.util.find_spec("lpips") is not None:
-        pytest.fail("lpips is installed here: this test expects the offline environment without it")
-    with pytest.raises(RuntimeError, match="'l2', 'l1' or 'huber'"):
-        make_lpips_loss()
-    with pytest.raises(ValueError, match="LPIPS"):
-        distillation_loss(torch.zeros(1), torch.zeros(1), "lpips")
+def test_lpips_is_refused_with_the_reason():
+    from flash_core.distill import DistillConfig
+
+    for make in (lambda: DistillConfig(distill_loss="lpips"),
+                 lambda: distillation_loss(torch.zeros(1), torch.zeros(1), "lpips")):
+        with pytest.raises(ValueError) as err:
+            make()
+        assert "VAE-decoded" in str(err.value) and "VGG" in str(err.value) and "'l2'" in str(err.value)
 
 
-def test_discriminator_head_size_and_shapes():
-    head = DiscriminatorHead(1280)
-    assert sum(p.numel() for p in head.parameters()) == 870_720
-    assert head(torch.randn(2, 1280, 8, 8)).shape == (2, 1, 2, 2)  # SD1.5 512px: 8x8 mid block
-    assert head(torch.randn(1, 1280, 2, 2)).shape == (1, 1, 1, 1)  # small maps are upsampled to 4x4
-    small = DiscriminatorHead(16, (8, 12))
-    assert small(torch.randn(3, 16, 16, 16)).shape == (3, 1, 4, 4)
+def _head_params(head) -> int:
+    return sum(p.numel() for p in head.parameters())
+
+
+def test_discriminator_head_is_the_reference_architecture():
+    """SD1.5: conv3x3 1280->64 (bias), SiLU, conv4x4/2 64->128, SiLU, GroupNorm(4, 128), conv4x4 valid 128->1."""
+    head = DiscriminatorHead(1280, RECIPES["sd15"].discriminator_channels)
+    layers = list(head.layers)
+    assert [type(m) for m in layers] == [nn.Conv2d, nn.SiLU, nn.Conv2d, nn.SiLU, nn.GroupNorm, nn.Conv2d]
+    conv1, conv2, norm, conv3 = layers[0], layers[2], layers[4], layers[5]
+    assert (conv1.weight.shape, conv1.bias.shape, conv1.stride, conv1.padding) == ((64, 1280, 3, 3), (64,), (1, 1), (1, 1))
+    assert (conv2.weight.shape, conv2.bias, conv2.stride, conv2.padding) == ((128, 64, 4, 4), None, (2, 2), (1, 1))
+    assert (norm.num_groups, norm.num_channels, norm.affine) == (4, 128, True)
+    assert (conv3.weight.shape, conv3.bias, conv3.stride, conv3.padding) == ((1, 128, 4, 4), None, (1, 1), (0, 0))
+    counts = [_head_params(m) for m in (conv1, conv2, norm, conv3)]
+    assert counts == [737_344, 131_072, 256, 2_048] and _head_params(head) == 870_720
+    assert head(torch.randn(2, 1280, 8, 8)).shape == (2, 1, 1, 1)  # SD1.5 512 px: 8x8 mid block -> one logit
+    assert head(torch.randn(1, 1280, 16, 16)).shape == (1, 1, 5, 5)  # larger maps: a map of logits
+
+
+@pytest.mark.parametrize("backbone, feature_channels, total, published", [
+    ("sd15", 1280, 870_720, 870_720),  # UNet mid block
+    ("sdxl", 1280, 15_737_184, 15.7e6),  # UNet mid block
+    ("sd3", 16, 2_801_728, 2.8e6),  # DiT: the teacher's final output (SD3 medium: 16 latent channels)
+    ("pixart", 8, 2_783_296, None),  # DiT final output with learned sigma; no published size: SD3's widths
+])
+def test_discriminator_head_sizes_per_backbone(backbone, feature_channels, total, published):
+    hidden, width = RECIPES[backbone].discriminator_channels
+    head = DiscriminatorHead(feature_channels, (hidden, width))
+    shapes = [tuple(p.shape) for p in head.parameters()]
+    assert shapes == [(hidden, feature_channels, 3, 3), (hidden,), (width, hidden, 4, 4), (width,), (width,),
+                      (1, width, 4, 4)]
+    assert _head_params(head) == total
+    if published is not None:
+        assert round(total / 1e5) == round(published / 1e5)  # the paper's sizes, to its 0.1M precision
+    if backbone == "pixart":
+        assert RECIPES["pixart"].discriminator_channels == RECIPES["sd3"].discriminator_channels
+
+
+def test_discriminator_head_upsamples_small_feature_maps():
+    head = DiscriminatorHead(16, (8, 12))
+    torch.manual_seed(0)
+    small = torch.randn(3, 16, 2, 2)  # tiny test models: 2x2 / 4x4 mid blocks
+    assert head(small).shape == (3, 1, 1, 1)
+    upsampled = F.interpolate(small, size=(8, 8), mode="nearest")
+    assert torch.equal(head(small), head.layers(upsampled))  # nearest upsampling to 8x8, then the layers
+    assert head(torch.randn(1, 16, 4, 12)).shape == (1, 1, 1, 3)  # each side at least 8
 
 
 def test_lsgan_losses():

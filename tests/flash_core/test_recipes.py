@@ -32,7 +32,7 @@ def test_sd15_recipe():
     assert r.batch_size == 4
     assert r.uncond == "empty_prompt"
     assert r.adversarial_weights == (0.0, 0.1, 0.2, 0.3)
-    assert r.discriminator_channels == (40, 80)
+    assert r.discriminator_channels == (64, 128)  # the reference head (flash_core.losses.DiscriminatorHead)
 
 
 def test_sdxl_recipe():
@@ -87,3 +87,7 @@ def test_config_rejects_bad_options():
         DistillConfig(distill_loss="l3")
     with pytest.raises(ValueError, match="mixed_precision"):
         DistillConfig(mixed_precision="fp16")
+    with pytest.raises(ValueError, match=r"teacher_grid_steps \(K = 30\) must be a multiple of the 4-step"):
+        DistillConfig(teacher_grid_steps=30)  # the mixture's modes must sit on the K grid
+    with pytest.raises(ValueError, match="one weight per phase"):
+        DistillConfig(dmd_weights=[0.1, 0.2])  # a bad override fails when the config is made

@@ -80,6 +80,22 @@ def test_flow_sigmas_equal_diffusers_flow_match_shift_3(num_steps):
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
 
 
+def test_flow_training_grid_contains_the_four_step_sampling_grid():
+    grid = schedules.flow_training_sigmas(32, 4)
+    assert len(grid) == 32 and all(a > b > 0 for a, b in zip(grid, grid[1:]))
+    modes = grid[0::8]  # the timestep mixture's modes sit at grid indices 0, 8, 16, 24
+    assert modes == pytest.approx(schedules.flow_sigmas(4), abs=1e-12)
+    assert modes == pytest.approx([1.0, 0.857, 0.601, 0.003], abs=5e-4)  # not 1.0 / 0.896 / 0.738 / 0.468
+    assert schedules.flow_sigmas(32)[8::8] == pytest.approx([0.896, 0.738, 0.468], abs=5e-4)  # the old modes
+    # Between two sampling sigmas: K/n equal steps in unshifted sigma (the last interval ends at 0).
+    unshifted = [s / (3 - 2 * s) for s in grid]  # inverse of sigma' = 3s / (1 + 2s)
+    steps = [a - b for a, b in zip(unshifted[:8], unshifted[1:9])]
+    assert steps == pytest.approx([0.333 / 8] * 8, abs=1e-9)
+    assert unshifted[-1] == pytest.approx(0.001 / 8)
+    with pytest.raises(ValueError, match="multiple"):
+        schedules.flow_training_sigmas(30, 4)
+
+
 def test_shift_sigma_is_the_sd3_time_shift():
     s = torch.linspace(0, 1, 11, dtype=torch.float64)
     shifted = schedules.shift_sigma(s, 3.0)
