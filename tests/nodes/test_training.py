@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -289,8 +290,9 @@ def test_saved_file_gives_identical_samples_through_flash_and_stock_loaders(dist
         name = "flash/distilled.safetensors"
         with safe_open(str(distilled["folder"] / name), "pt") as handle:
             metadata = handle.metadata()
-        assert metadata["flash_steps"] == "120" and metadata["flash_rank"] == "8" and metadata["flash_nfe"] == "2"
-        assert metadata["flash_base_model"] == "SD15" and metadata["flash_grid"] == "999,499"
+        assert metadata["flash.steps"] == "120" and metadata["flash.rank"] == "8" and metadata["flash.nfe"] == "2"
+        assert metadata["flash.base_model"] == "SD15" and json.loads(metadata["flash.timesteps"]) == [999, 499]
+        assert metadata["ss_network_dim"] == "8" and metadata["flash.dtype"] == "float32"
         loaders = importlib.import_module(f"{pack.__name__}.nodes.loaders")
         teacher = distilled["teacher"]
         with caplog.at_level(logging.WARNING):
@@ -347,9 +349,9 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
     flash = loras_dir / "flash"
     assert not (flash / "cancelled.safetensors").exists()
     assert not [p for p in flash.rglob("*") if p.name.startswith(".tmp-")]
-    checkpoint = flash / ".checkpoints" / "cancelled" / "state.flashckpt"
+    checkpoint = flash / ".checkpoints" / "cancelled" / "step-000003" / "state.pt"
     state = torch.load(checkpoint, weights_only=True)
-    assert state["distiller"]["step"] == 3 and len(state["losses"]["loss"]) == 3
+    assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
 
     _, lora, loss_map, _ = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="cancelled"))
     assert len(loss_map["loss"]) == 6
@@ -437,7 +439,7 @@ def test_full_disk_at_save_leaves_no_partial_file(training, small_case, loras_di
     flash = loras_dir / "flash"
     assert not (flash / "full.safetensors").exists()
     assert not [p for p in flash.iterdir() if p.name.startswith(".tmp-")]
-    assert (flash / ".checkpoints" / "full" / "state.flashckpt").is_file()  # the training is not lost
+    assert (flash / ".checkpoints" / "full" / "step-000002" / "state.pt").is_file()  # the training is not lost
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,7 +490,7 @@ def test_sdxl_teacher_trains_through_the_node(training, loras_dir):
     from safetensors import safe_open
 
     with safe_open(str(loras_dir / "flash" / "sdxl.safetensors"), "pt") as handle:
-        assert handle.metadata()["flash_backbone"] == "sdxl"
+        assert handle.metadata()["flash.backbone"] == "sdxl"
     inputs["positive"] = [[[positives[0][0], {}]]]  # SDXL conditioning without pooled output
     inputs["lora_name"] = ["sdxl_nopool"]
     with pytest.raises(ValueError, match="pooled_output"):

@@ -21,6 +21,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from flash_core.run import GRID_LABEL_WIDTH
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "training" / "configs" / "tiny_sd15.yaml"
 PYTHON = sys.executable
@@ -199,7 +201,7 @@ def test_run_writes_checkpoints_losses_samples_and_exports(reference_run):
     assert "loss_dmd" in records[-1] and "loss_adversarial" in records[-1] and "loss_dmd" not in records[0]
 
     grid = Image.open(out / "samples" / "step-000012.png")
-    assert grid.size == (32 * 4, 32 * 2)  # teacher + student 1/2/4 steps, one row per sample prompt
+    assert grid.size == (GRID_LABEL_WIDTH + 32 * 2, 32 * 4)  # rows: teacher + student 1/2/4 steps; a column per prompt
     assert (out / "samples" / "step-000006.png").is_file()
 
     trained = load_lora(out / "debug" / "lora-rank0.safetensors")
@@ -294,7 +296,7 @@ def test_ctrl_c_then_kill_then_resume_reaches_the_uninterrupted_lora(tmp_path, r
     wait_for(stopped_at + 2 - stopped_at % 2, process)
     process.kill()
     process.communicate(timeout=60)
-    assert (checkpoints / (checkpoints / "latest").read_text().strip() / "trainer.pt").is_file()
+    assert (checkpoints / (checkpoints / "latest").read_text().strip() / "state.pt").is_file()
 
     # 3) Resume to the end: the same LoRA and the same losses as the run that was never interrupted.
     result = run_cli(["--config", str(config), "--dump-rank-lora", "--resume"])
@@ -441,6 +443,6 @@ def test_sdxl_backbone_from_a_diffusers_folder(tmp_path, capsys, run_data):
     assert cache["cond.encoder_hidden_states"].shape == (4, 77, 64)  # CLIP-L + CLIP-G penultimate states
     assert cache["cond.pooled"].shape == (4, 32)
     assert cache["cond.time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 4  # size, crop, target
-    assert Image.open(tmp_path / "out" / "samples" / "step-000004.png").size == (32 * 4, 32 * 2)
+    assert Image.open(tmp_path / "out" / "samples" / "step-000004.png").size == (GRID_LABEL_WIDTH + 32 * 2, 32 * 4)
     assert (tmp_path / "out" / "export" / "flash-tiny-sdxl_comfyui.safetensors").is_file()
     assert (tmp_path / "out" / "export" / "peft" / "adapter_config.json").is_file()
