@@ -923,13 +923,13 @@ def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_cha
                                       process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                                       barrier=accelerator.wait_for_everyone)
     losses_path = config.output_dir / "losses.jsonl"
-    progress = tqdm(total=config.steps, desc="flash-distill", disable=not main_process, dynamic_ncols=True)
     stop = StopRequest()
+    hooks = CliHooks(config, accelerator, None, stop, losses_path)
     preview = sample_preview(config, distiller, teacher, sample_cond, uncond_tensors) if main_process and config.sample_every else None
     trainer = flash_run.Run(
         distiller, EncodedRows(encoded, uncond_tensors),
         flash_run.run_settings(distill_config, base_model=base_model, resolution=config.resolution),
-        store=store, hooks=CliHooks(config, accelerator, progress, stop, losses_path), preview=preview,
+        store=store, hooks=hooks, preview=preview,
         preview_every=config.sample_every, checkpoint_every=config.checkpoint_every,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         fresh_hint=f"Start fresh with another output_dir (or delete {checkpoint_root(config)}), or pass --allow-changes "
@@ -940,7 +940,6 @@ def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_cha
             differences = trainer.resume(resume_folder, allow_changes=allow_changes)
         except (flash_run.ResumeMismatchError, flash_run.CheckpointError) as error:
             raise ConfigError(f"--resume: {error}") from None
-        progress.update(distiller.step)
         if main_process:
             truncate_losses(losses_path, distiller.step)
             for difference in differences:
@@ -951,6 +950,8 @@ def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_cha
 
         write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
 
+    progress = hooks.progress = tqdm(total=config.steps, initial=distiller.step, desc="flash-distill",
+                                     disable=not main_process, dynamic_ncols=True)
     stop.install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
     try:
         status = trainer.train()

@@ -367,6 +367,30 @@ def test_resume_with_other_settings_is_refused(training, small_case, loras_dir):
         run_node(training, **node_inputs(model, latents, prompts, steps=4, rank=8, lora_name="settings", overwrite=True))
 
 
+def test_resume_on_other_data_is_refused(training, small_case, loras_dir):
+    model, latents, prompts = small_case
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="data"))
+    with pytest.raises(ValueError, match="other settings, teacher or data.*training data.*resume off"):
+        run_node(training, **node_inputs(model, latents + 1.0, prompts, steps=2, lora_name="data", overwrite=True))
+
+
+def test_nan_latents_stop_with_a_clear_error_and_keep_the_good_files(training, small_case, loras_dir):
+    model, latents, prompts = small_case
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="nan"))
+    flash = loras_dir / "flash"
+    good_lora = (flash / "nan.safetensors").read_bytes()
+    good_state = (flash / ".checkpoints" / "nan" / "step-000002" / "state.pt").read_bytes()
+    bad = latents.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"Flash Distill Train: training stopped at step [12]: the training latents "
+                                           r"\(dataset rows .*\) is not finite.*re-encode"):
+        run_node(training, **node_inputs(model, bad, prompts, steps=2, lora_name="nan", resume=False, overwrite=True))
+    assert (flash / "nan.safetensors").read_bytes() == good_lora  # the last good LoRA is untouched
+    assert [p.name for p in (flash / ".checkpoints" / "nan").iterdir() if p.is_dir()] == ["step-000002"]
+    assert (flash / ".checkpoints" / "nan" / "step-000002" / "state.pt").read_bytes() == good_state
+    assert not [p for p in flash.rglob("*") if p.name.startswith(".tmp-")]
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
