@@ -189,16 +189,42 @@ def _conditioning_tensors(prefix: str, cond: Conditioning) -> list[tuple[str, Te
 # --------------------------------------------------------------------------------------------------
 
 
+_CHECKSUM_CHUNK = 1 << 22  # elements per int64 pass (bounded temporary memory)
+_WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+_KNUTH = 2 * 2_654_435_761  # weights 2 K i + 1: odd for every position i
+_BASE_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _checksums(tensor: Tensor) -> tuple[int, int]:
+    """Two exact integer checksums of a tensor's bits, computed where the tensor lives (GPU or CPU): the sum of
+    its words and their sum weighted by 2 K i + 1 at position i, both mod 2^64 (wrapping int64 arithmetic is
+    exact, so every device gives the same numbers). Any change of one element changes the weighted sum; this
+    detects changed weights, it is not a cryptographic hash."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    words = flat.view(_WORD_DTYPES[flat.element_size()])
+    base = _BASE_WEIGHTS.get(words.device)
+    if base is None:
+        base = _BASE_WEIGHTS[words.device] = torch.arange(_CHECKSUM_CHUNK, device=words.device, dtype=torch.int64) * _KNUTH + 1
+    plain = weighted = 0
+    for start in range(0, words.numel(), _CHECKSUM_CHUNK):
+        chunk = words[start : start + _CHECKSUM_CHUNK].to(torch.int64)
+        chunk_sum = int(chunk.sum())
+        # sum_j w_j (2K (start + j) + 1) = sum_j w_j (2K j + 1) + 2K start sum_j w_j
+        weighted += int((chunk * base[: chunk.numel()]).sum()) + _KNUTH * start * chunk_sum
+        plain += chunk_sum
+    return plain % 2**64, weighted % 2**64
+
+
 def tensor_fingerprint(named: Sequence[tuple[str, Tensor]]) -> str:
-    """sha256 over names, shapes, dtypes and the bytes of every tensor (one tensor on the CPU at a time)."""
+    """sha256 over the names, shapes, dtypes and exact bit checksums of every tensor (see _checksums)."""
     digest = hashlib.sha256()
     for name, tensor in named:
-        tensor = tensor.detach()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        flat = tensor.to("cpu").contiguous().reshape(-1)
-        if flat.dtype == torch.bfloat16:
-            flat = flat.view(torch.int16)
-        digest.update(flat.numpy().tobytes())
+        plain, weighted = _checksums(tensor)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{plain}|{weighted}\n".encode())
     return digest.hexdigest()[:32]
 
 
