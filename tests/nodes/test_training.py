@@ -374,6 +374,19 @@ def test_resume_on_other_data_is_refused(training, small_case, loras_dir):
         run_node(training, **node_inputs(model, latents + 1.0, prompts, steps=2, lora_name="data", overwrite=True))
 
 
+def test_resume_on_a_patched_teacher_is_refused(training, small_case, loras_dir):
+    """The teacher fingerprint covers every tensor as the trainer sees it: a weight patch applied upstream (what a
+    style LoRA does to an attention projection) makes it another teacher."""
+    _, latents, prompts = small_case
+    model = micro_model(MICRO_SD15, seed=1)  # its own weights: the patch below never touches small_case's model
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="patched"))
+    patched = model.clone()
+    key = next(k for k in patched.model.state_dict() if k.endswith("attn2.to_k.weight"))
+    patched.add_patches({key: (torch.full_like(patched.model.state_dict()[key], 1e-3),)}, 1.0)  # a "diff" patch
+    with pytest.raises(ValueError, match=r"teacher weights \(fingerprint of every tensor\).*resume off"):
+        run_node(training, **node_inputs(patched, latents, prompts, steps=2, lora_name="patched", overwrite=True))
+
+
 def test_nan_latents_stop_with_a_clear_error_and_keep_the_good_files(training, small_case, loras_dir):
     model, latents, prompts = small_case
     run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="nan"))
