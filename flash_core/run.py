@@ -370,7 +370,7 @@ class StepReport:
 
 class RunHooks:
     """Override to follow a run. on_step runs after every finished step on every process; an exception it
-    raises (ComfyUI's Cancel) saves a checkpoint of that step and propagates. should_stop -> True saves a
+    raises (ComfyUI's Cancel) saves a checkpoint of that step (single process) and propagates. should_stop -> True saves a
     checkpoint and ends the run with "stopped" (multi-process: return the same answer on every process)."""
 
     def on_step(self, report: StepReport) -> None:
@@ -617,7 +617,8 @@ class Run:
             try:
                 self.hooks.on_step(StepReport(done, total, logs, rate, image))
             except BaseException:
-                self._checkpoint()  # a cancel: the state after the last finished step
+                if self.num_processes == 1:  # (a collective save cannot run on one process alone)
+                    self._checkpoint()  # a cancel: the state after the last finished step
                 raise
             if self.hooks.should_stop():
                 self._checkpoint()
