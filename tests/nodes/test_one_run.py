@@ -141,8 +141,10 @@ def test_node_and_cli_give_the_same_loss_log_and_lora(cli_run, node_run):
     assert all(v.dtype == torch.float32 for v in node_lora.values())
     trained = [k for k in cli_lora if k.endswith("lora_up.weight")]
     assert all(cli_lora[k].abs().max() > 0 for k in trained)  # both moved away from B = 0
+    # Observed: LoRA entries differ by <= 1.2e-5 (lora_B entries are ~2.6e-3 after 8 Adam steps of lr 1e-3), losses
+    # by <= 7e-5 relative. atol 1e-4 is a tenth of one Adam step: one update with another sign (2e-3) fails.
     for key in cli_lora:
-        torch.testing.assert_close(node_lora[key], cli_lora[key], rtol=1e-3, atol=1e-5, msg=key)
+        torch.testing.assert_close(node_lora[key], cli_lora[key], rtol=1e-3, atol=1e-4, msg=key)
 
     with safe_open(str(node_file), "pt") as node_handle, safe_open(str(cli_file), "pt") as cli_handle:
         node_meta, cli_meta = node_handle.metadata(), cli_handle.metadata()
