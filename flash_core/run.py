@@ -36,13 +36,15 @@ API:
     CheckpointStore(root, keep=2, process_index=0, num_processes=1, barrier=None)
         .latest() / .list() / .save(run) / .load(folder)
     Run(distiller, dataset, settings, *, store=None, hooks=None, preview=None, preview_every=0,
-        checkpoint_every=0, process_index=0, num_processes=1, teacher_fingerprint=None)
+        checkpoint_every=0, process_index=0, num_processes=1, teacher_fingerprint=None, dataset_fingerprint=None,
+        fresh_hint=..., rollback_on=())
         .resume(folder, allow_changes=False)  .train() -> "done" | "stopped"   .history: list[dict]
     lora_modules(distiller, path_map=None) / lora_metadata(...) / save_lora_file(kind, path, modules, metadata)
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -501,7 +503,8 @@ class Run:
                  store: CheckpointStore | None = None, hooks: RunHooks | None = None, preview: Preview | None = None,
                  preview_every: int = 0, checkpoint_every: int = 0, process_index: int = 0, num_processes: int = 1,
                  teacher_fingerprint: str | None = None, dataset_fingerprint: str | None = None,
-                 fresh_hint: str = "Start fresh (without resume) or use another output."):
+                 fresh_hint: str = "Start fresh (without resume) or use another output.",
+                 rollback_on: tuple[type[BaseException], ...] = ()):
         self.distiller, self.dataset = distiller, dataset
         self.config = distiller.config
         self.settings = dict(settings) if settings is not None else run_settings(distiller.config)
@@ -510,6 +513,9 @@ class Run:
         self.preview_every, self.checkpoint_every = preview_every, checkpoint_every
         self.process_index, self.num_processes = process_index, num_processes
         self.fresh_hint = fresh_hint
+        # Exceptions that may interrupt a step midway (ComfyUI checks Cancel inside every op): the state before
+        # the step is kept in memory, restored and checkpointed when one is raised (costs a copy per step).
+        self.rollback_on = tuple(rollback_on)
         self.fingerprints = {
             "teacher": teacher_fingerprint if teacher_fingerprint is not None else _teacher_fingerprint(distiller.denoiser),
             "data": dataset_fingerprint if dataset_fingerprint is not None else dataset.fingerprint(),
@@ -579,6 +585,13 @@ class Run:
         return diffs
 
     # ---- the loop ----
+    def _snapshot(self) -> dict:
+        """The trainer's state before a step, its own copy (optimiser state tensors are updated in place)."""
+        state = self.distiller.state_dict()
+        for key in ("student_optimizer", "discriminator_optimizer"):
+            state[key] = copy.deepcopy(state[key])
+        return state
+
     def _checkpoint(self) -> Path | None:
         if self.store is None:
             return None
@@ -603,7 +616,14 @@ class Run:
                 raise NonFiniteError(step + 1, f"the training latents (dataset rows {list(indices)})",
                                      "bad training latents (NaN / inf in the data: re-encode these images)", self._saved())
             begin = time.perf_counter()
-            logs = distiller.train_step(batch)
+            snapshot = self._snapshot() if self.rollback_on else None
+            try:
+                logs = distiller.train_step(batch)
+            except self.rollback_on:  # e.g. ComfyUI's Cancel, raised inside a forward pass: undo the half step
+                distiller.load_state_dict(snapshot)
+                if self.num_processes == 1:
+                    self._checkpoint()
+                raise
             logs["step_s"] = time.perf_counter() - begin
             bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
             if bad:  # the step was applied in memory; it is never saved

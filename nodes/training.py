@@ -461,6 +461,7 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
         store=store, hooks=NodeHooks(Progress(steps, node_id), recipe.num_phases), preview=preview,
         preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
         fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
+        rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
     )
     if resume_from is not None:
         try:

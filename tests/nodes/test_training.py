@@ -360,6 +360,48 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
     assert load_file(str(flash / "cancelled.safetensors")).keys() == reference.keys()
 
 
+def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(training, small_case, loras_dir):
+    """ComfyUI raises Cancel inside any op, here in the middle of step 3 after the LoRA's optimiser step (during
+    the discriminator's feature pass): the half step is undone, the checkpoint holds the state after step 2."""
+    import comfy.model_management
+    import comfy.utils
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model, latents, prompts = small_case
+    reference = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="reference"))[1]
+    progress = {"value": 0, "armed": False}
+
+    def on_progress(value, total, preview, node_id=None, prompt_id=None):
+        progress["value"] = value
+
+    def after_optimizer_step(optimizer, args, kwargs):  # the first optimiser of step 3 is the LoRA's
+        if progress["value"] == 2 and not progress["armed"]:
+            progress["armed"] = True
+
+    def before_middle_block(module, args):
+        if progress["armed"]:  # the discriminator's feature pass of step 3: press Cancel now
+            progress["armed"] = None
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(on_progress)
+    optimizer_hook = register_optimizer_step_post_hook(after_optimizer_step)
+    block_hook = model.model.diffusion_model.middle_block[0].register_forward_pre_hook(before_middle_block)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        optimizer_hook.remove()
+        block_hook.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert progress["armed"] is None  # the cancel did fire inside step 3
+    checkpoints = loras_dir / "flash" / ".checkpoints" / "midstep"
+    assert (checkpoints / "latest").read_text().strip() == "step-000002"
+    _, lora, loss_map, _ = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))
+    assert len(loss_map["loss"]) == 6
+    assert all(torch.equal(lora[k], reference[k]) for k in reference)  # as if never interrupted
+
+
 def test_resume_with_other_settings_is_refused(training, small_case, loras_dir):
     model, latents, prompts = small_case
     run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="settings"))
