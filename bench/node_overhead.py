@@ -5,8 +5,8 @@ The same teacher (the cached digits teacher), the same settings (the demo's: LoR
   * node:     nodes.training.train (the body of FlashDistillTrain) on the MODEL / CLIP / VAE that
               FlashDiffusersLoader builds, with latents and prompts encoded by ComfyUI (VAE Encode, CLIP Text
               Encode), previews off;
-  * headless: flash_core.distill.FlashDistiller on the diffusers UNet (training/digits/benchmark.py's
-              make_distiller, what the flash-distill CLI drives).
+  * headless: flash_core.run on the diffusers UNet (training/digits/benchmark.py's student_run, the same
+              run the flash-distill CLI and the node drive).
 Reports seconds per step (the whole loop / steps, as the node logs it) and the process's peak RSS; prints a table
 and saves bench/results/node_overhead.json.
 
@@ -38,17 +38,14 @@ def peak_rss_mib() -> float:
 
 
 def run_headless(steps: int) -> dict:
-    from training.digits.benchmark import DigitsBatches, StudentSettings, make_distiller
+    from training.digits.benchmark import StudentSettings, student_run
     from training.digits.data import load_splits
     from training.digits.teacher import default_teacher_dir, load_teacher_pipeline
 
     pipe = load_teacher_pipeline(default_teacher_dir())
-    settings = StudentSettings(steps=steps)
-    distiller = make_distiller(pipe, settings, {})
-    batches = DigitsBatches(pipe, load_splits()[0], settings.batch_size, settings.seed)
+    trainer = student_run(pipe, load_splits()[0], StudentSettings(steps=steps), {})
     start = time.perf_counter()
-    for _ in range(steps):
-        distiller.train_step(batches.next())
+    trainer.train()
     return {"s_per_step": (time.perf_counter() - start) / steps, "peak_rss_mib": peak_rss_mib()}
 
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 from training.comfy_env import REPO_ROOT
-from training.digits.benchmark import DigitsBatches, StudentSettings, make_distiller
+from training.digits.benchmark import StudentSettings, student_run
 from training.digits.data import load_splits
 from training.digits.teacher import (
     TeacherConfig,
@@ -60,16 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_teacher_pipeline(train_teacher(default_teacher_dir(), TeacherConfig()))
     train, _ = load_splits()
     settings = StudentSettings(steps=4 * args.steps_per_phase)
-    distiller = make_distiller(pipe, settings, {})
-    batches = DigitsBatches(pipe, train, settings.batch_size, settings.seed)
+    trainer = student_run(pipe, train, settings, {})  # flash_core.run, as every front end trains
+    trainer.train()
 
     per_phase: dict[int, list[dict]] = {}
-    for _ in range(settings.steps):
-        start = time.perf_counter()
-        logs = distiller.train_step(batches.next())
-        logs["step_s"] = time.perf_counter() - start
+    for logs in trainer.history:  # step_s: the wall time of train_step, as the run measures it
         per_phase.setdefault(int(logs["phase"]), []).append(logs)
-    bare = bare_forward_backward(pipe.unet.train(), batches.next())
+    bare = bare_forward_backward(pipe.unet.train(), trainer.dataset.batch(list(range(settings.batch_size)), 0))
 
     rows = {}
     for phase, logs in sorted(per_phase.items()):

@@ -1,27 +1,26 @@
 """FlashDistillTrain: distil a ComfyUI MODEL into a few-step Flash student (a LoRA) inside ComfyUI.
 
-A thin shell over the one implementation of the algorithm, `flash_core.distill.FlashDistiller`, driven
-through `nodes.comfy_denoiser.ComfyDenoiser` (the teacher MODEL is copied, never changed). The node adds
-what only ComfyUI has: its data types (LATENT / CONDITIONING lists from VAEEncode, MakeTrainingDataset,
+A thin shell over the one training run, `flash_core.run.Run` (loop, batch order, checkpoints, preview rule,
+export, non-finite guard, resume contract) around `flash_core.distill.FlashDistiller`, driven through
+`nodes.comfy_denoiser.ComfyDenoiser` (the teacher MODEL is copied, never changed). The node adds what only
+ComfyUI has: its data types (LATENT / CONDITIONING lists from VAEEncode, MakeTrainingDataset,
 LoadTrainingDataset), its progress bar with previews and Cancel, its model folders.
 
 Files (all written atomically: temporary file in the same folder, then os.replace):
-  * the LoRA:        <first loras folder>/flash/<lora_name>.safetensors, kohya keys (``lora_unet_...``) with
-                     alpha tensors, loaded as is by FlashLoRALoader and by the stock LoraLoader; metadata
-                     records base model, rank, alpha, steps, NFE, grid, recipe and losses.
-  * the checkpoint:  <first loras folder>/flash/.checkpoints/<lora_name>/state.flashckpt, everything for an
-                     exact resume (LoRA, discriminator, optimisers, RNG states, loss history). Written every
-                     CHECKPOINT_EVERY steps, on Cancel and when training fails; kept after success so a later
-                     run with more steps continues. Its extension is not a model extension, so LoRA lists never
-                     show it. Loaded with torch.load(weights_only=True) only. Delete the folder to start over
-                     (or set resume off).
+  * the LoRA:        <first loras folder>/flash/<lora_name>.safetensors, kohya keys (``lora_unet_<diffusers
+                     path>``) with alpha tensors, float32, loaded as is by FlashLoRALoader and by the stock
+                     LoraLoader; metadata in flash_core.run's one schema (ss_* + flash.*).
+  * the checkpoint:  <first loras folder>/flash/.checkpoints/<lora_name>/step-<N>/ in flash_core.run's format
+                     (LoRA, discriminator, optimisers, RNG states, settings, teacher and data fingerprints, step
+                     log), the newest one kept. Written every CHECKPOINT_EVERY steps, on Cancel and at the end;
+                     never for a step with a non-finite loss or gradient. Queue again with resume on to continue:
+                     a checkpoint made with other settings, another teacher or other data is refused with the
+                     list of differences. Set resume off (or another lora_name) to start over.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import os
 import re
@@ -37,14 +36,11 @@ import folder_paths
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from flash_core import lora_formats
-from flash_core.denoiser import Conditioning
-from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
-from flash_core.files import torch_save_atomic
+from flash_core import lora_formats, run
+from flash_core.distill import DistillConfig, FlashDistiller
 from flash_core.recipes import get_recipe
-from flash_core.schedules import trailing_timesteps
 
 from .comfy_denoiser import (
     ComfyDenoiser,
@@ -59,14 +55,10 @@ CATEGORY = "Flash Diffusion"
 NODE = "Flash Distill Train"
 OUTPUT_SUBFOLDER = "flash"
 CHECKPOINT_SUBFOLDER = ".checkpoints"
-CHECKPOINT_FILE = "state.flashckpt"
-CHECKPOINT_VERSION = 1
 CHECKPOINT_EVERY = 250  # optimiser steps between periodic checkpoints
-PREVIEW_STEPS = (1, 2, 4)  # student rows of the preview grid
 PREVIEW_COLUMNS = 4  # prompts / seeds shown side by side
 MAX_NFE = 4
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.+=-]{0,119}$")
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
 class TrainingInputError(ValueError):
@@ -122,26 +114,9 @@ def ensure_writable(folder: str) -> None:
         ) from err
 
 
-def save_checkpoint(folder: str, state: dict) -> str:
-    path = os.path.join(folder, CHECKPOINT_FILE)
-    torch_save_atomic(state, path)
-    return path
-
-
-def load_checkpoint(folder: str) -> dict | None:
-    """The resume state in `folder`, or None. weights_only: never unpickles arbitrary objects."""
-    path = os.path.join(folder, CHECKPOINT_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise TrainingInputError(
-            f"{NODE}: the resume checkpoint '{path}' cannot be read ({err}). Delete it or set resume off."
-        ) from err
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise TrainingInputError(f"{NODE}: '{path}' is not a checkpoint of this node version; delete it or set resume off.")
-    return state
+def checkpoint_store(folder: str) -> run.CheckpointStore:
+    """The node's checkpoints: <folder>/step-<N>/ in flash_core.run's one format; the newest one is kept."""
+    return run.CheckpointStore(folder, keep=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,25 +180,6 @@ def parse_phase_weights(text: str, name: str, num_phases: int) -> tuple[float, .
     return tuple(values)
 
 
-def batch_indices(seed: int, step: int, dataset_size: int, batch_size: int) -> torch.Tensor:
-    """Dataset indices of optimiser step `step`: a function of (seed, step) only, so resume is exact."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    perms = [torch.randperm(dataset_size, generator=generator) for _ in range(-(-batch_size // dataset_size))]
-    return torch.cat(perms)[:batch_size]
-
-
-def model_fingerprint(model) -> str:
-    """A cheap identity of the teacher weights (class + shapes + a slice of a few tensors)."""
-    digest = hashlib.sha256(type(model.model.model_config).__name__.encode())
-    state = model.model.diffusion_model.state_dict()
-    keys = sorted(state)
-    for key in keys:
-        digest.update(f"{key}{tuple(state[key].shape)}".encode())
-    for key in keys[:3] + keys[-3:]:
-        digest.update(state[key].detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------------------------------
 # Preview grid
 # --------------------------------------------------------------------------------------------------
@@ -256,60 +212,14 @@ def to_images(latents: torch.Tensor, latent_format, vae=None) -> torch.Tensor:
     return decoded[..., :3].float().cpu().clamp(0, 1).clone()
 
 
-def grid_image(rows: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """Rows of images [n, H, W, 3] with a label strip on the left -> IMAGE [1, H_total, W_total, 3]."""
-    height, width = rows[0][1].shape[1:3]
-    label_w = 72
-    cols = max(r[1].shape[0] for r in rows)
-    canvas = Image.new("RGB", (label_w + cols * width, len(rows) * height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for r, (label, images) in enumerate(rows):
-        draw.text((4, r * height + height // 2 - 6), label, fill="black", font=font)
-        for c in range(images.shape[0]):
-            tile = (images[c].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-            canvas.paste(Image.fromarray(tile), (label_w + c * width, r * height))
-    return torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)[None]
-
-
-class PreviewSet:
-    """Fixed prompts and seeds for the preview grid: teacher (multi-step CFG) vs student at 1/2/4 steps."""
-
-    def __init__(self, denoiser: ComfyDenoiser, cond: Conditioning, uncond: Conditioning, latent_shape, seed: int,
-                 guidance: float, grid_steps: int, vae=None):
-        self.denoiser, self.vae = denoiser, vae
-        self.cond, self.uncond = cond, uncond
-        generator = torch.Generator().manual_seed(seed)
-        self.noise = torch.randn((cond.batch_size, *latent_shape), generator=generator)
-        self.seed, self.guidance, self.grid_steps = seed, guidance, grid_steps
-        self._teacher_images: torch.Tensor | None = None
-
-    def teacher_images(self) -> torch.Tensor:
-        if self._teacher_images is None:
-            den = self.denoiser
-            noise = self.noise.to(den.device)
-            with torch.no_grad(), den.teacher():  # the distillation target: K-step DPM-Solver++ with CFG
-                x0 = teacher_target(den, noise, 0, self.cond.to(den.device), self.uncond.to(den.device),
-                                    self.guidance, self.grid_steps)
-            self._teacher_images = to_images(x0, den.latent_format, self.vae)
-        return self._teacher_images
-
-    def student_latents(self, distiller: FlashDistiller, steps: int) -> torch.Tensor:
-        generator = torch.Generator(distiller.device).manual_seed(self.seed + steps)
-        return distiller.student_sample(self.noise, self.cond, steps, generator=generator)
-
-    def grid(self, distiller: FlashDistiller) -> torch.Tensor:
-        rows = [(f"teacher\nK={self.grid_steps}\ncfg {self.guidance:g}", self.teacher_images())]
-        for steps in PREVIEW_STEPS:
-            latents = self.student_latents(distiller, steps)
-            rows.append((f"student\n{steps} step{'s' if steps > 1 else ''}", to_images(latents, self.denoiser.latent_format, self.vae)))
-        return grid_image(rows)
-
-
-def progress_preview(image: torch.Tensor) -> tuple[str, Image.Image, int]:
+def progress_preview(image: np.ndarray) -> tuple[str, Image.Image, int]:
     """The (format, PIL image, max size) tuple ComfyUI's progress hook sends to the frontend."""
-    array = (image[0].numpy() * 255).round().astype(np.uint8)
-    return ("JPEG", Image.fromarray(array), 1024)
+    return ("JPEG", Image.fromarray(image), 1024)
+
+
+def image_output(image: np.ndarray) -> torch.Tensor:
+    """A uint8 [H, W, 3] grid as a ComfyUI IMAGE [1, H, W, 3] in 0..1."""
+    return torch.from_numpy(image.astype(np.float32) / 255.0)[None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,10 +227,19 @@ def progress_preview(image: torch.Tensor) -> tuple[str, Image.Image, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def export_lora(distiller: FlashDistiller, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The student LoRA as kohya / ComfyUI-native tensors (``lora_unet_<ldm path>.lora_down/up.weight``, ``.alpha``)."""
-    modules = lora_formats.modules_from_peft_state_dict(distiller.lora_state_dict(), distiller.recipe.lora_alpha)
-    return lora_formats.to_kohya_state_dict(modules, dtype=dtype)
+def lora_path_map(model) -> dict[str, str]:
+    """ComfyUI (LDM) UNet module path -> diffusers module path: the node writes and initialises its LoRA under
+    diffusers' names, like flash-distill, so both front ends start from and write the same LoRA."""
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return lora_formats.module_path_map(diffusers_to_ldm, invert=True)
+
+
+def export_lora(distiller: FlashDistiller, path_map: dict[str, str], backbone: str,
+                metadata: dict[str, str] | None = None) -> lora_formats.LoraExport:
+    """The student LoRA as the ComfyUI-native export (kohya ``lora_unet_<diffusers path>`` keys with alphas) in
+    flash_core.run's export dtype: the same file flash-distill writes."""
+    modules = run.lora_modules(distiller, path_map)
+    return lora_formats.build_lora_export(modules, backbone, "comfyui", metadata=metadata, dtype=run.EXPORT_DTYPE)
 
 
 def student_model(model, lora: dict[str, torch.Tensor]):
@@ -333,36 +252,6 @@ def student_model(model, lora: dict[str, torch.Tensor]):
     if len(patches) != expected or len(applied) != expected:
         raise RuntimeError(f"{NODE}: only {len(applied)} of {expected} trained LoRA modules map onto the model.")
     return clone
-
-
-def lora_metadata(settings: dict, recipe, steps_done: int, nfe: int, losses: dict[str, list[float]]) -> dict[str, str]:
-    """safetensors metadata: kohya's ss_* fields (so LoRA managers show rank/alpha/base) and Flash's own."""
-    last = {k: v[-1] for k, v in losses.items() if v}
-    window = {k: float(np.mean(v[-50:])) for k, v in losses.items() if v}
-    return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(recipe.lora_rank),
-        "ss_network_alpha": str(recipe.lora_alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION.get(settings["backbone"], settings["backbone"]),
-        "ss_steps": str(steps_done),
-        "flash_base_model": settings["base_model"],
-        "flash_base_fingerprint": settings["fingerprint"],
-        "flash_backbone": settings["backbone"],
-        "flash_rank": str(recipe.lora_rank),
-        "flash_alpha": str(recipe.lora_alpha),
-        "flash_steps": str(steps_done),
-        "flash_nfe": str(nfe),
-        "flash_grid": ",".join(str(t) for t in trailing_timesteps(nfe)),
-        "flash_teacher_grid_steps": str(recipe.teacher_grid_steps),
-        "flash_guidance_range": json.dumps(list(recipe.guidance_range)),
-        "flash_loss_weights": json.dumps({"distill": recipe.distill_weights, "adversarial": recipe.adversarial_weights,
-                                          "dmd": recipe.dmd_weights}),
-        "flash_learning_rate": str(recipe.lr),
-        "flash_batch_size": str(recipe.batch_size),
-        "flash_losses_last": json.dumps(last),
-        "flash_losses_mean_last_50": json.dumps(window),
-        "flash_sampler": f"FlashSampler, {nfe} steps, cfg 1.0",
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +277,21 @@ class Progress:
             self.server.send_progress_text(text, self.node_id)
         self.bar.update_absolute(step, total, preview)  # also raises InterruptProcessingException on Cancel
         comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class NodeHooks(run.RunHooks):
+    """flash_core.run's hooks on ComfyUI: progress bar + loss text + preview; Cancel raises from on_step (the run
+    then checkpoints the finished step and re-raises)."""
+
+    def __init__(self, progress: Progress, num_phases: int):
+        self.progress, self.num_phases = progress, num_phases
+
+    def on_step(self, report: run.StepReport) -> None:
+        logs = report.logs
+        text = (f"step {report.step}/{report.total}  loss {logs['loss']:.4f}  distill {logs['loss_distill']:.4f}  "
+                f"phase {int(logs['phase']) + 1}/{self.num_phases}  {report.seconds_per_step:.2f} s/step")
+        preview = progress_preview(report.preview) if report.preview is not None else None
+        self.progress.update(report.step, report.total, text, preview)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,32 +404,6 @@ def distill_config(backbone: str, steps: int, rank: int, learning_rate: float, g
     )
 
 
-# Settings that must match to resume (steps may grow; preview / overwrite / nfe / precision may change).
-RESUME_KEYS = ("backbone", "fingerprint", "lora_rank", "lora_alpha", "lora_targets", "lr", "guidance_range",
-               "teacher_grid_steps", "distill_weights", "adversarial_weights", "dmd_weights", "batch_size", "seed")
-
-
-def run_settings(model, backbone: str, config: DistillConfig) -> dict:
-    recipe = config.recipe()
-    return {
-        "backbone": backbone, "base_model": type(model.model.model_config).__name__,
-        "fingerprint": model_fingerprint(model), "lora_rank": recipe.lora_rank, "lora_alpha": recipe.lora_alpha,
-        "lora_targets": list(recipe.lora_targets), "lr": recipe.lr, "guidance_range": list(recipe.guidance_range),
-        "teacher_grid_steps": recipe.teacher_grid_steps, "distill_weights": list(recipe.distill_weights),
-        "adversarial_weights": list(recipe.adversarial_weights), "dmd_weights": list(recipe.dmd_weights),
-        "batch_size": recipe.batch_size, "seed": config.seed,
-    }
-
-
-def check_resumable(saved: dict, current: dict, folder: str) -> None:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != current.get(k)]
-    if diffs:
-        raise TrainingInputError(
-            f"{NODE}: the checkpoint in '{folder}' was made with other settings ({'; '.join(diffs)}). "
-            "Use the same settings to continue, or set resume off (or another lora_name) to start over."
-        )
-
-
 def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe: int, rank: int,
           learning_rate: float, guidance_min: float, guidance_max: float, teacher_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
@@ -559,10 +437,8 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     config = distill_config(backbone, steps, rank, learning_rate, guidance_min, guidance_max, teacher_steps,
                             distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
                             gradient_checkpointing, mixed_precision, device)
-    settings = run_settings(model, backbone, config)
-    state = load_checkpoint(checkpoint_dir) if resume else None
-    if state is not None:
-        check_resumable(state["settings"], settings, checkpoint_dir)
+    store = checkpoint_store(checkpoint_dir)
+    resume_from = store.latest() if resume else None
 
     # ---- build the student over a private copy of the teacher --------------------------------------
     hw = tuple(data.shape[-2:])
@@ -570,76 +446,61 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     uncond_all = to_conditioning(uncond_entries, hw, backbone)
     denoiser = ComfyDenoiser(model, device=device)
     distiller = FlashDistiller(denoiser, config, device=denoiser.device)
+    path_map = lora_path_map(model)
+    latent_format = denoiser.latent_format
+    run.init_lora(distiller, config.seed, lambda path: path_map.get(path, path))
     recipe = distiller.recipe
-    losses: dict[str, list[float]] = {"loss": []}
-    if state is not None:
-        distiller.load_state_dict(state["distiller"])
-        losses = {k: list(v) for k, v in state["losses"].items()}
+    dataset = run.TensorDataset(denoiser.process_in(data).to(denoiser.device),  # VAE latents -> model space
+                                cond_all.to(denoiser.device), uncond_all.to(denoiser.device))
+    columns = torch.arange(min(PREVIEW_COLUMNS, count))
+    preview = run.Preview(
+        distiller, cond_all[columns], uncond_all if uncond_all.batch_size == 1 else uncond_all[columns],
+        tuple(data.shape[1:]), seed, sum(recipe.guidance_range) / 2, recipe.teacher_grid_steps,
+        decode=lambda latents: to_images(latents, latent_format, vae),
+    )
+    trainer = run.Run(
+        distiller, dataset, run.run_settings(config, base_model=type(model.model.model_config).__name__),
+        store=store, hooks=NodeHooks(Progress(steps, node_id), recipe.num_phases), preview=preview,
+        preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
+        fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
+        rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
+    )
+    if resume_from is not None:
+        try:
+            trainer.resume(resume_from)
+        except (run.ResumeMismatchError, run.CheckpointError) as err:
+            raise TrainingInputError(f"{NODE}: {err}") from None
         LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, distiller.step, steps)
-    dataset = denoiser.process_in(data).to(denoiser.device)  # VAE latents -> model space (x 0.18215 for SD)
 
-    columns = min(PREVIEW_COLUMNS, count)
-    preview_index = torch.arange(columns)
-    previews = PreviewSet(denoiser, cond_all[preview_index], uncond_all[0] if uncond_all.batch_size == 1 else uncond_all[preview_index],
-                          tuple(dataset.shape[1:]), seed, sum(recipe.guidance_range) / 2, recipe.teacher_grid_steps, vae)
-
-    def checkpoint(trainer: FlashDistiller) -> str:
-        return save_checkpoint(checkpoint_dir, {"version": CHECKPOINT_VERSION, "settings": settings,
-                                                "distiller": trainer.state_dict(), "losses": losses})
-
-    progress = Progress(steps, node_id)
-    start_step = distiller.step
-    started = time.perf_counter()
+    start_step, started = distiller.step, time.perf_counter()
     try:
-        while distiller.step < steps:
-            step = distiller.step
-            index = batch_indices(seed, step, count, recipe.batch_size)
-            uncond = uncond_all if uncond_all.batch_size == 1 else uncond_all[index]
-            logs = distiller.train_step(Batch(dataset[index], cond_all[index], uncond))
-            for key, value in logs.items():
-                if key.startswith("loss"):
-                    losses.setdefault(key, []).append(float(value))
-            done = distiller.step
-            rate = (time.perf_counter() - started) / max(1, done - start_step)
-            text = (f"step {done}/{steps}  loss {logs['loss']:.4f}  distill {logs['loss_distill']:.4f}  "
-                    f"phase {int(logs['phase']) + 1}/{recipe.num_phases}  {rate:.2f} s/step")
-            preview = None
-            if preview_every and (done % preview_every == 0 or done == steps):
-                preview = progress_preview(previews.grid(distiller))
-            if done % CHECKPOINT_EVERY == 0 and done < steps:
-                checkpoint(distiller)
-            progress.update(done, steps, text, preview)
+        trainer.train()
     except comfy.model_management.InterruptProcessingException:
-        path = checkpoint(distiller)  # the state after the last finished step: queue again with resume on
-        LOG.info("%s: cancelled at step %d; checkpoint %s.", NODE, distiller.step, path)
+        LOG.info("%s: cancelled at step %d; checkpoint in %s.", NODE, distiller.step, checkpoint_dir)
         raise
-    except Exception:
-        if distiller.step > start_step:
-            try:
-                checkpoint(distiller)
-            except Exception:  # keep the original error
-                LOG.exception("%s: could not write the checkpoint after a failure", NODE)
+    except run.NonFiniteError as err:  # nothing of the bad step was saved; ComfyUI shows this in its error panel
+        err.args = (f"{NODE}: {err}",)
         raise
-    if distiller.step > start_step:
-        checkpoint(distiller)
     seconds = time.perf_counter() - started
     LOG.info("%s: %d steps in %.1f s (%.3f s/step).", NODE, distiller.step - start_step, seconds,
              seconds / max(1, distiller.step - start_step))
 
     # ---- outputs -----------------------------------------------------------------------------------
-    lora = export_lora(distiller)
-    metadata = lora_metadata(settings, recipe, distiller.step, nfe, losses)
+    metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
+                                 teacher=trainer.fingerprints["teacher"], nfe=nfe)
+    export = export_lora(distiller, path_map, backbone, metadata)
+    lora = export.tensors
     try:
-        lora_formats.save_lora(lora_path, lora, metadata)
+        lora_formats.save_lora(lora_path, lora, export.metadata)
     except OSError as err:
         raise TrainingInputError(
             f"{NODE}: could not write '{lora_path}' ({err.strerror or err}); no file was left behind. The trained "
             f"state is in '{checkpoint_dir}': free disk space / fix permissions and queue again with resume on."
         ) from err
     LOG.info("%s: wrote %s", NODE, lora_path)
-    grid = previews.grid(distiller)
-    loss_map = {k: list(v) for k, v in losses.items()}
-    del previews, distiller, denoiser
+    grid = image_output(preview.image())
+    loss_map = trainer.loss_map()
+    del preview, trainer, dataset, distiller, denoiser
     gc.collect()
     comfy.model_management.soft_empty_cache()
     return student_model(model, lora), lora, loss_map, grid

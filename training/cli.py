@@ -19,14 +19,20 @@ nothing worth sharding; data parallel is what the paper used. For memory on big 
 `mixed_precision: bf16` (the frozen network is then held in bf16) and `distill: {grad_checkpointing: true}`.
 
 The config is YAML (training/configs/*.yaml documents every key). Errors in it, a missing model folder or
-an empty / corrupt dataset stop the run at once with exit code 2 and one line naming the key or file.
+an empty / corrupt dataset stop the run at once with exit code 2 and one line naming the key or file; so does
+`--resume` from a checkpoint made with other settings, another teacher or other data (the line lists every
+difference; `--allow-changes` continues anyway). A non-finite loss, gradient or training latent stops the run
+before the optimiser step with one line naming the step and the likely cause, exit code 3; the checkpoints
+already written are kept and nothing is exported.
 
-Outputs under `output_dir`:
+The loop, batch order, checkpoint format, preview rule and export are flash_core.run's (the ComfyUI node
+drives the same run). Outputs under `output_dir`:
     config.yaml                      the resolved config of the run
     cache/latents-<hash>.safetensors the dataset, VAE- and text-encoded once
-    checkpoints/step-000500/         resumable state (trainer incl. optimisers, discriminator, RNG; data order)
+    checkpoints/step-000500/         flash_core.run checkpoint: state.pt (settings, fingerprints, trainer incl.
+                                     optimisers and discriminator, step log), rank-<r>.pt (RNG), meta.json
     losses.jsonl                     one JSON line of losses every `log_every` steps
-    samples/step-000500.png          teacher | student 1 | 2 | 4 steps, one row per prompt
+    samples/step-000500.png          rows teacher | student 1 | 2 | 4 steps, one column per sample prompt
     export/<name>_comfyui.safetensors  ComfyUI-native LoRA (kohya keys; SD3 / PixArt: transformer.*): copy into ComfyUI/models/loras
     export/diffusers/pytorch_lora_weights.safetensors  diffusers load_lora_weights format (not for pixart)
     export/peft/adapter_model.safetensors + adapter_config.json  PEFT format
@@ -48,17 +54,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flash_core.files import torch_save_atomic, write_atomic, write_text_atomic
+from flash_core.files import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # heavy imports happen inside functions: `flash-distill --help` stays instant
     import torch
 
 EXIT_CONFIG_ERROR = 2
+EXIT_NON_FINITE = 3  # a non-finite loss / gradient / latent stopped the run (flash_core.run.NonFiniteError)
 EXIT_INTERRUPTED = 130
 
 BACKBONES = ("sd15", "sdxl", "pixart", "sd3")
-CHECKPOINT_PREFIX = "step-"
-LATEST_FILE = "latest"
 
 
 class ConfigError(ValueError):
@@ -469,7 +474,7 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: checkpoints/step-000500/{trainer.pt, rank-<r>.pt, meta.json}, checkpoints/latest
+# Checkpoints: flash_core.run's format (checkpoints/step-000500/{state.pt, rank-<r>.pt, meta.json}, latest)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -477,35 +482,20 @@ def checkpoint_root(config: TrainConfig) -> Path:
     return config.output_dir / "checkpoints"
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
 def find_resume_checkpoint(config: TrainConfig, resume: str) -> Path:
     """The checkpoint folder `--resume` means: 'latest' (the newest in output_dir) or an explicit folder."""
+    from flash_core.run import META_FILE, CheckpointStore
+
     if resume != "latest":
         folder = Path(resume)
-        if not (folder / "meta.json").is_file():
-            raise ConfigError(f"--resume {folder}: not a flash-distill checkpoint folder (no meta.json)")
+        if not (folder / META_FILE).is_file():
+            raise ConfigError(f"--resume {folder}: not a flash-distill checkpoint folder (no {META_FILE})")
         return folder
     root = checkpoint_root(config)
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        folder = root / latest.read_text(encoding="utf-8").strip()
-        if (folder / "meta.json").is_file():
-            return folder
-    found = list_checkpoints(root)
-    if not found:
+    found = CheckpointStore(root).latest()
+    if found is None:
         raise ConfigError(f"--resume: no checkpoint in {root} to resume from (run without --resume to start)")
-    return found[-1]
-
-
-def prune_checkpoints(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,18 +515,6 @@ def append_losses(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line (rewritten atomically so a kill never leaves half a line)."""
     previous = path.read_text(encoding="utf-8") if path.is_file() else ""
     write_text_atomic(path, previous + json.dumps(record, sort_keys=True) + "\n")
-
-
-def image_grid(rows: list[list[torch.Tensor]]):
-    """Rows of [3, H, W] images in [-1, 1] -> one PIL image (columns side by side, rows stacked)."""
-    import torch
-    from PIL import Image
-
-    tiles = torch.stack([torch.stack(row) for row in rows])  # [R, C, 3, H, W]
-    r, c, _, h, w = tiles.shape
-    grid = tiles.permute(0, 3, 1, 4, 2).reshape(r * h, c * w, 3)  # rows of tiles, channels last
-    pixels = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> [0, 255]
-    return Image.fromarray(pixels, mode="RGB")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -748,9 +726,6 @@ def any_rank(accelerator, flag: bool) -> bool:
 # The run
 # --------------------------------------------------------------------------------------------------
 
-RNG_KEYS = ("cpu_generator", "noise_generator", "torch_rng", "python_random", "cuda_rng")
-
-
 def distill_config_for(config: TrainConfig):
     from flash_core.distill import DistillConfig
 
@@ -765,104 +740,99 @@ def distill_config_for(config: TrainConfig):
         raise ConfigError(f"{config.source}: distill: {error}") from None
 
 
-def save_checkpoint(config: TrainConfig, accelerator, distiller, order) -> Path:
-    """All ranks: write checkpoints/step-N/ (trainer state on rank 0, RNG + data order per rank), atomically."""
-    root = checkpoint_root(config)
-    name = f"{CHECKPOINT_PREFIX}{distiller.step:06d}"
-    final, staging = root / name, root / f".{name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    state = distiller.state_dict()
-    rank_state = {key: state[key] for key in RNG_KEYS if key in state}
-    rank_state["data_order"] = order.state_dict()
-    torch_save_atomic(rank_state, staging / f"rank-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        torch_save_atomic({k: v for k, v in state.items() if k not in RNG_KEYS}, staging / "trainer.pt")
-        meta = {"step": distiller.step, "phase": distiller.phase, "num_processes": accelerator.num_processes, "config": str(config.source)}
-        write_text_atomic(staging / "meta.json", json.dumps(meta, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        write_text_atomic(root / LATEST_FILE, name + "\n")
-        prune_checkpoints(root, config.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return final
+class EncodedRows:
+    """The encoded dataset as flash_core.run's Dataset: rows -> Batch (SDXL-style zero uncond built per batch)."""
+
+    def __init__(self, encoded, uncond_tensors: dict):
+        self.encoded = encoded
+        self.uncond = tensors_to_conditioning(uncond_tensors) if uncond_tensors else None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def batch(self, indices, step: int):
+        from flash_core.distill import Batch
+
+        latents, cond_tensors, _ = self.encoded.rows(indices)
+        cond = tensors_to_conditioning(cond_tensors)
+        uncond = self.uncond if self.uncond is not None else prompt_uncond_conditioning({}, cond, cond.batch_size)
+        return Batch(latents=latents, cond=cond, uncond=uncond)
+
+    def fingerprint(self) -> str:
+        from flash_core.run import tensor_fingerprint
+
+        named = [("latents", self.encoded.latents)] + sorted(self.encoded.conditioning.items())
+        if self.uncond is not None:
+            named += [(f"uncond.{k}", v) for k, v in sorted(conditioning_to_tensors(self.uncond).items())]
+        return tensor_fingerprint(named)
 
 
-def load_checkpoint(folder: Path, accelerator, distiller, order) -> None:
-    import torch
+class CliHooks:
+    """flash_core.run hooks for the CLI: tqdm, losses.jsonl every log_every steps (averaged over processes),
+    sample grids as PNG, and Ctrl-C / SIGTERM (StopRequest) agreed on by every process."""
 
-    state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-    rank_file = folder / f"rank-{accelerator.process_index}.pt"
-    if not rank_file.is_file():
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        raise ConfigError(
-            f"--resume {folder}: saved by {meta.get('num_processes')} processes, no state for process "
-            f"{accelerator.process_index}; resume with the same number of processes"
-        )
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-    order.load_state_dict(rank_state.pop("data_order"))
-    state.update(rank_state)
-    distiller.load_state_dict(state)
+    def __init__(self, config: TrainConfig, accelerator, progress, stop: StopRequest, losses_path: Path):
+        self.config, self.accelerator, self.progress, self.stop = config, accelerator, progress, stop
+        self.losses_path = losses_path
+
+    def on_step(self, report) -> None:
+        import torch
+
+        step, logs, accelerator = report.step, report.logs, self.accelerator
+        self.progress.update(1)
+        if step % self.config.log_every == 0 or step == report.total:
+            keys = sorted(k for k in logs if k != "step_s")
+            values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+            values = accelerator.reduce(values, reduction="mean")  # losses averaged over ranks
+            if accelerator.is_main_process:
+                record = {"step": step, **{k: float(v) for k, v in zip(keys, values.tolist())}}
+                append_losses(self.losses_path, record)
+                self.progress.set_postfix(loss=f"{record['loss']:.4f}", phase=int(record["phase"]))
+        if report.preview is not None:
+            save_png_atomic(_pil(report.preview), self.config.output_dir / "samples" / f"step-{step:06d}.png")
+
+    def should_stop(self) -> bool:
+        return any_rank(self.accelerator, self.stop.requested)
 
 
-def export_lora(config: TrainConfig, distiller, base_model: str) -> dict[str, Path]:
-    """Write the trained LoRA in the configured formats (rank 0), with metadata; returns the paths."""
-    from flash_core import lora_formats
-    from flash_core.schedules import trailing_timesteps
+def _pil(array):
+    from PIL import Image
 
-    recipe = distiller.recipe
-    modules = lora_formats.modules_from_peft_state_dict(distiller.lora_state_dict(), recipe.lora_alpha)
-    metadata = {
-        "flash.backbone": config.backbone,
-        "flash.base_model": base_model,
-        "flash.rank": str(recipe.lora_rank),
-        "flash.alpha": str(recipe.lora_alpha),
-        "flash.steps": str(distiller.step),
-        "flash.timesteps": json.dumps(trailing_timesteps(recipe.student_steps)),
-        "flash.sampling": "LCM-style few-step sampling on the trailing grid, cfg 1 (ComfyUI: FlashSampler, or scheduler 'simple')",
-        "ss_network_dim": str(recipe.lora_rank),
-        "ss_network_alpha": str(recipe.lora_alpha),
-        "ss_steps": str(distiller.step),
-    }
+    return Image.fromarray(array, mode="RGB")
+
+
+def sample_preview(config: TrainConfig, distiller, teacher: TeacherModel, prompts_cond: dict, prompts_uncond: dict):
+    """flash_core.run's preview (teacher | student 1 / 2 / 4 steps rows, one column per sample prompt), decoded
+    by the pipeline's VAE."""
+    from flash_core.run import Preview
+
+    cond = tensors_to_conditioning(prompts_cond)
+    uncond = prompt_uncond_conditioning(prompts_uncond, cond, cond.batch_size)
+    guidance = config.teacher_guidance if config.teacher_guidance is not None else sum(distiller.recipe.guidance_range) / 2
+
+    def decode(latents):
+        pixels = teacher.decode_latents(latents).float().cpu()  # [n, 3, H, W] in [-1, 1]
+        return ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # -> [n, H, W, 3] in [0, 1]
+
+    return Preview(distiller, cond, uncond, teacher.sample_latent_shape, config.seed, guidance,
+                   config.teacher_sample_steps, decode, student_steps=config.sample_steps)
+
+
+def export_lora(config: TrainConfig, trainer, base_model: str) -> dict[str, Path]:
+    """Write the trained LoRA in the configured formats (rank 0) with flash_core.run's metadata and dtype."""
+    from flash_core import run as flash_run
+
+    distiller = trainer.distiller
+    modules = flash_run.lora_modules(distiller)
+    metadata = flash_run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=base_model,
+                                 teacher=trainer.fingerprints["teacher"])
     export_dir = config.output_dir / "export"
     written: dict[str, Path] = {}
     for export_format in config.export:
         export = lora_formats.build_lora_export(modules, config.backbone, export_format, name=config.export_name,
-                                                metadata=metadata, base_model=base_model)
+                                                metadata=metadata, base_model=base_model, dtype=flash_run.EXPORT_DTYPE)
         written[export_format] = export.save(export_dir)
     return written
-
-
-def write_sample_grid(config: TrainConfig, distiller, teacher: TeacherModel, prompts_cond, prompts_uncond, step: int) -> Path:
-    """Teacher (multi-step, CFG) | student 1 / 2 / 4 steps ..., one row per prompt, same noise per row."""
-    import torch
-
-    from flash_core.distill import teacher_target
-
-    cond = tensors_to_conditioning(prompts_cond).to(distiller.device)
-    size = cond.batch_size
-    uncond = prompt_uncond_conditioning(prompts_uncond, cond, size).to(distiller.device)
-    latent_shape = (size, *teacher.sample_latent_shape)
-    noise = torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(config.seed), dtype=torch.float32).to(distiller.device)
-    guidance = config.teacher_guidance if config.teacher_guidance is not None else sum(distiller.recipe.guidance_range) / 2
-    den = distiller.denoiser
-    columns = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        with den.teacher():
-            columns.append(teacher_target(den, noise, 0, cond, uncond, guidance, config.teacher_sample_steps))
-        for steps in config.sample_steps:
-            generator = torch.Generator(distiller.device).manual_seed(config.seed + steps)
-            columns.append(distiller.student_sample(noise, cond, steps, generator=generator))
-        images = [teacher.decode_latents(latents).cpu() for latents in columns]
-    rows = [[images[c][r] for c in range(len(images))] for r in range(size)]
-    path = config.output_dir / "samples" / f"step-{step:06d}.png"
-    save_png_atomic(image_grid(rows), path)
-    return path
 
 
 def prompt_uncond_conditioning(uncond_tensors: dict, cond, size: int):
@@ -874,17 +844,19 @@ def prompt_uncond_conditioning(uncond_tensors: dict, cond, size: int):
     return tensors_to_conditioning(uncond_tensors).expand_to(size)
 
 
-def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool) -> int:
-    """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing)."""
+def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool = False) -> int:
+    """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing).
+    Raises NonFiniteError (main: exit EXIT_NON_FINITE) and ConfigError / DataError (exit 2)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from flash_core.distill import Batch, FlashDistiller
+    from flash_core import run as flash_run
+    from flash_core.distill import FlashDistiller
     from training import data
 
-    existing = list_checkpoints(checkpoint_root(config))
+    existing = flash_run.CheckpointStore(checkpoint_root(config)).list()
     resume_folder = find_resume_checkpoint(config, resume) if resume else None
     if resume_folder is None and existing:
         raise ConfigError(
@@ -942,58 +914,54 @@ def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool) -> int:
     teacher.release_text_encoders()
     teacher.sample_latent_shape = tuple(encoded.latents.shape[1:])
 
-    # -- trainer --
+    # -- trainer: flash_core.run drives FlashDistiller --
     distiller = FlashDistiller(
         teacher.denoiser, distill_config, device=accelerator.device, backward=accelerator.backward,
         process_index=accelerator.process_index, reduce_gradients=GradientAverager(accelerator),
     )
-    order = data.BatchOrder(len(encoded), recipe.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    flash_run.init_lora(distiller, config.seed)
+    store = flash_run.CheckpointStore(checkpoint_root(config), keep=config.keep_checkpoints,
+                                      process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                                      barrier=accelerator.wait_for_everyone)
     losses_path = config.output_dir / "losses.jsonl"
+    stop = StopRequest()
+    hooks = CliHooks(config, accelerator, None, stop, losses_path)
+    preview = sample_preview(config, distiller, teacher, sample_cond, uncond_tensors) if main_process and config.sample_every else None
+    trainer = flash_run.Run(
+        distiller, EncodedRows(encoded, uncond_tensors),
+        flash_run.run_settings(distill_config, base_model=base_model, resolution=config.resolution),
+        store=store, hooks=hooks, preview=preview,
+        preview_every=config.sample_every, checkpoint_every=config.checkpoint_every,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        fresh_hint=f"Start fresh with another output_dir (or delete {checkpoint_root(config)}), or pass --allow-changes "
+                   "to continue anyway.",
+    )
     if resume_folder is not None:
-        load_checkpoint(resume_folder, accelerator, distiller, order)
+        try:
+            differences = trainer.resume(resume_folder, allow_changes=allow_changes)
+        except (flash_run.ResumeMismatchError, flash_run.CheckpointError) as error:
+            raise ConfigError(f"--resume: {error}") from None
         if main_process:
             truncate_losses(losses_path, distiller.step)
+            for difference in differences:
+                print(f"flash-distill: warning: continuing despite a changed {difference} (--allow-changes)", file=sys.stderr)
             print(f"flash-distill: resumed from {resume_folder} at step {distiller.step}", file=sys.stderr)
     elif main_process:
         import yaml
 
         write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
-    uncond_base = tensors_to_conditioning(uncond_tensors) if uncond_tensors else None
 
-    progress = tqdm(total=config.steps, initial=distiller.step, desc="flash-distill", disable=not main_process, dynamic_ncols=True)
-    stop = StopRequest().install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
+    progress = hooks.progress = tqdm(total=config.steps, initial=distiller.step, desc="flash-distill",
+                                     disable=not main_process, dynamic_ncols=True)
+    stop.install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
     try:
-        interrupted = False
-        while distiller.step < config.steps:
-            latents, cond_tensors, _ = encoded.rows(order.next_indices())
-            cond = tensors_to_conditioning(cond_tensors)
-            uncond = uncond_base if uncond_base is not None else prompt_uncond_conditioning({}, cond, cond.batch_size)
-            logs = distiller.train_step(Batch(latents=latents, cond=cond, uncond=uncond))
-            step = distiller.step
-            progress.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                values = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=accelerator.device)
-                values = accelerator.reduce(values, reduction="mean")  # losses averaged over ranks
-                if main_process:
-                    record = {"step": step, **{k: float(v) for k, v in zip(sorted(logs), values.tolist())}}
-                    append_losses(losses_path, record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", phase=distiller.phase)
-            if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
-                if main_process:
-                    write_sample_grid(config, distiller, teacher, sample_cond, uncond_tensors, step)
-                accelerator.wait_for_everyone()
-            stopping = any_rank(accelerator, stop.requested)
-            if stopping or (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
-                folder_saved = save_checkpoint(config, accelerator, distiller, order)
-                if stopping:
-                    if main_process:
-                        print(f"flash-distill: stopped at step {step}; checkpoint {folder_saved}. Continue with --resume.", file=sys.stderr)
-                    interrupted = True
-                    break
+        status = trainer.train()
     finally:
         progress.close()
         stop.restore()
-    if interrupted:
+    if status == "stopped":
+        if main_process:
+            print(f"flash-distill: stopped at step {distiller.step}; checkpoint {store.last_saved}. Continue with --resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     if dump_rank_lora:  # test/debug mode: every rank writes the LoRA it holds
@@ -1004,7 +972,7 @@ def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool) -> int:
         save_file({k: v.contiguous() for k, v in distiller.lora_state_dict().items()}, str(dump) + ".tmp")
         os.replace(str(dump) + ".tmp", dump)
     if main_process:
-        for kind, path in export_lora(config, distiller, base_model).items():
+        for kind, path in export_lora(config, trainer, base_model).items():
             print(f"flash-distill: exported {kind} LoRA to {path}", file=sys.stderr)
     accelerator.wait_for_everyone()
     return 0
@@ -1022,6 +990,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="continue from the latest checkpoint in output_dir (or the given checkpoint folder)",
     )
+    parser.add_argument(
+        "--allow-changes", action="store_true",
+        help="with --resume: continue although settings, teacher weights or data differ from the checkpoint's",
+    )
     parser.add_argument("--dump-rank-lora", action="store_true", help="debug/test: every process writes its LoRA to output_dir/debug/")
     return parser.parse_args(argv)
 
@@ -1029,14 +1001,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `flash-distill`; returns the exit code (2 for config / data errors)."""
     args = parse_args(argv)
+    from flash_core.run import NonFiniteError
     from training.data import DataError
 
     try:
         config = load_config(args.config)
-        return run(config, args.resume, args.dump_rank_lora)
+        return run(config, args.resume, args.dump_rank_lora, args.allow_changes)
     except (ConfigError, DataError) as error:
         print(f"flash-distill: error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except NonFiniteError as error:  # nothing of the bad step was saved; earlier checkpoints are kept
+        print(f"flash-distill: error: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ caption text-encoded ONCE; the result is cached as one safetensors file keyed by
 model and the resolution, so later runs (and resumed runs) never re-encode. Broken data fails fast with a
 `DataError` naming the folder or file.
 
-The order in which cached samples are drawn is `BatchOrder`: deterministic from the seed, identical on
-every rank (each rank takes its own slice of the global batch) and resumable through its state_dict.
+The order in which cached samples are drawn is flash_core.run.batch_indices (the one batch order of every
+front end): a function of seed, step and process, each process taking its own slice of the global batch.
 """
 
 from __future__ import annotations
@@ -417,73 +417,6 @@ def encode_dataset(
     _save_atomic(tensors, path, metadata)
     conditioning_out = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
     return EncodedDataset(tensors[LATENTS_KEY], conditioning_out, captions, path, from_cache=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data order
-# --------------------------------------------------------------------------------------------------
-
-
-class BatchOrder:
-    """Which dataset rows each optimiser step uses: an endless stream of seeded per-epoch permutations.
-
-    Every rank computes the same global batch (`batch_size * num_processes` rows) and takes its own slice,
-    so DDP ranks never overlap. `state_dict()` / `load_state_dict()` make a resumed run draw exactly the
-    rows the uninterrupted run would have drawn.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
-        if num_items < 1:
-            raise DataError("the dataset is empty")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.num_items = num_items
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.num_processes = num_processes
-        self.epoch = 0
-        self.position = 0  # rows of the current epoch's permutation already used
-        self._permutation: list[int] | None = None
-
-    def _epoch_permutation(self) -> list[int]:
-        if self._permutation is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._permutation = torch.randperm(self.num_items, generator=generator).tolist()
-        return self._permutation
-
-    def next_indices(self) -> list[int]:
-        """This rank's rows for the next step (the global batch wraps into the next epoch if needed)."""
-        global_rows: list[int] = []
-        while len(global_rows) < self.batch_size * self.num_processes:
-            permutation = self._epoch_permutation()
-            take = min(len(permutation) - self.position, self.batch_size * self.num_processes - len(global_rows))
-            global_rows += permutation[self.position : self.position + take]
-            self.position += take
-            if self.position == len(permutation):
-                self.epoch += 1
-                self.position = 0
-                self._permutation = None
-        return global_rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_items": self.num_items,
-            "global_batch": self.batch_size * self.num_processes,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["num_items"]) != self.num_items:
-            raise DataError(
-                f"the checkpoint was trained on {state['num_items']} images but the dataset now has {self.num_items}; "
-                "resume with the same data"
-            )
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._permutation = None
 
 
 def encode_prompts_cached(

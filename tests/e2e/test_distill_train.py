@@ -68,7 +68,7 @@ def test_shipped_workflow_trains_saves_and_samples(server, models_root):
     path = lora_file(models_root, "e2e_student")
     with safe_open(str(path), "pt") as handle:
         metadata, keys = handle.metadata(), list(handle.keys())
-    assert metadata["flash_steps"] == "3" and metadata["flash_rank"] == "4" and metadata["flash_base_model"] == "SD15"
+    assert metadata["flash.steps"] == "3" and metadata["flash.rank"] == "4" and metadata["flash.base_model"] == "SD15"
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     images = {p.parent.name + "/" + p.name.split("_")[0]: p for p in server.output_images(entry)}
     grid = np.asarray(Image.open(images["e2e_student/7"]))
@@ -132,7 +132,7 @@ def test_interrupt_leaves_checkpoint_and_the_resumed_run_finishes(server, models
     name, steps = "e2e_interrupted", 8
     workflow = training_workflow(name, steps=steps, preview_every=0)
     workflow[TRAIN_NODE]["inputs"]["resume"] = False
-    checkpoint = models_root / "loras" / "flash" / ".checkpoints" / name / "state.flashckpt"
+    checkpoints = models_root / "loras" / "flash" / ".checkpoints" / name
     watcher = ProgressWatcher(server)
     try:
         watcher.threshold = 2
@@ -145,7 +145,8 @@ def test_interrupt_leaves_checkpoint_and_the_resumed_run_finishes(server, models
         assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
         assert not lora_file(models_root, name).exists()  # no partial LoRA
         assert not [p for p in (models_root / "loras" / "flash").rglob(".tmp-*")]
-        stopped_at = torch.load(checkpoint, weights_only=True)["distiller"]["step"]
+        latest = checkpoints / (checkpoints / "latest").read_text().strip()
+        stopped_at = torch.load(latest / "state.pt", weights_only=True)["step"]
         assert 2 <= stopped_at < steps  # Cancel stopped within a step of the request
 
         watcher.values.clear()
@@ -156,7 +157,7 @@ def test_interrupt_leaves_checkpoint_and_the_resumed_run_finishes(server, models
         assert entry["status"]["status_str"] == "success", error_text(entry) or entry
         assert watcher.values and watcher.values[0] == stopped_at + 1  # continued, not restarted
         with safe_open(str(lora_file(models_root, name)), "pt") as handle:
-            assert handle.metadata()["flash_steps"] == str(steps)
+            assert handle.metadata()["flash.steps"] == str(steps)
     finally:
         watcher.close()
 

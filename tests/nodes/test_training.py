@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -289,8 +290,9 @@ def test_saved_file_gives_identical_samples_through_flash_and_stock_loaders(dist
         name = "flash/distilled.safetensors"
         with safe_open(str(distilled["folder"] / name), "pt") as handle:
             metadata = handle.metadata()
-        assert metadata["flash_steps"] == "120" and metadata["flash_rank"] == "8" and metadata["flash_nfe"] == "2"
-        assert metadata["flash_base_model"] == "SD15" and metadata["flash_grid"] == "999,499"
+        assert metadata["flash.steps"] == "120" and metadata["flash.rank"] == "8" and metadata["flash.nfe"] == "2"
+        assert metadata["flash.base_model"] == "SD15" and json.loads(metadata["flash.timesteps"]) == [999, 499]
+        assert metadata["ss_network_dim"] == "8" and metadata["flash.dtype"] == "float32"
         loaders = importlib.import_module(f"{pack.__name__}.nodes.loaders")
         teacher = distilled["teacher"]
         with caplog.at_level(logging.WARNING):
@@ -347,9 +349,9 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
     flash = loras_dir / "flash"
     assert not (flash / "cancelled.safetensors").exists()
     assert not [p for p in flash.rglob("*") if p.name.startswith(".tmp-")]
-    checkpoint = flash / ".checkpoints" / "cancelled" / "state.flashckpt"
+    checkpoint = flash / ".checkpoints" / "cancelled" / "step-000003" / "state.pt"
     state = torch.load(checkpoint, weights_only=True)
-    assert state["distiller"]["step"] == 3 and len(state["losses"]["loss"]) == 3
+    assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
 
     _, lora, loss_map, _ = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="cancelled"))
     assert len(loss_map["loss"]) == 6
@@ -358,11 +360,90 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
     assert load_file(str(flash / "cancelled.safetensors")).keys() == reference.keys()
 
 
+def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(training, small_case, loras_dir):
+    """ComfyUI raises Cancel inside any op, here in the middle of step 3 after the LoRA's optimiser step (during
+    the discriminator's feature pass): the half step is undone, the checkpoint holds the state after step 2."""
+    import comfy.model_management
+    import comfy.utils
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model, latents, prompts = small_case
+    reference = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="reference"))[1]
+    progress = {"value": 0, "armed": False}
+
+    def on_progress(value, total, preview, node_id=None, prompt_id=None):
+        progress["value"] = value
+
+    def after_optimizer_step(optimizer, args, kwargs):  # the first optimiser of step 3 is the LoRA's
+        if progress["value"] == 2 and not progress["armed"]:
+            progress["armed"] = True
+
+    def before_middle_block(module, args):
+        if progress["armed"]:  # the discriminator's feature pass of step 3: press Cancel now
+            progress["armed"] = None
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(on_progress)
+    optimizer_hook = register_optimizer_step_post_hook(after_optimizer_step)
+    block_hook = model.model.diffusion_model.middle_block[0].register_forward_pre_hook(before_middle_block)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        optimizer_hook.remove()
+        block_hook.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert progress["armed"] is None  # the cancel did fire inside step 3
+    checkpoints = loras_dir / "flash" / ".checkpoints" / "midstep"
+    assert (checkpoints / "latest").read_text().strip() == "step-000002"
+    _, lora, loss_map, _ = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))
+    assert len(loss_map["loss"]) == 6
+    assert all(torch.equal(lora[k], reference[k]) for k in reference)  # as if never interrupted
+
+
 def test_resume_with_other_settings_is_refused(training, small_case, loras_dir):
     model, latents, prompts = small_case
     run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="settings"))
     with pytest.raises(ValueError, match="other settings.*lora_rank"):
         run_node(training, **node_inputs(model, latents, prompts, steps=4, rank=8, lora_name="settings", overwrite=True))
+
+
+def test_resume_on_other_data_is_refused(training, small_case, loras_dir):
+    model, latents, prompts = small_case
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="data"))
+    with pytest.raises(ValueError, match="other settings, teacher or data.*training data.*resume off"):
+        run_node(training, **node_inputs(model, latents + 1.0, prompts, steps=2, lora_name="data", overwrite=True))
+
+
+def test_resume_on_a_patched_teacher_is_refused(training, small_case, loras_dir):
+    """The teacher fingerprint covers every tensor as the trainer sees it: a weight patch applied upstream (what a
+    style LoRA does to an attention projection) makes it another teacher."""
+    _, latents, prompts = small_case
+    model = micro_model(MICRO_SD15, seed=1)  # its own weights: the patch below never touches small_case's model
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="patched"))
+    patched = model.clone()
+    key = next(k for k in patched.model.state_dict() if k.endswith("attn2.to_k.weight"))
+    patched.add_patches({key: (torch.full_like(patched.model.state_dict()[key], 1e-3),)}, 1.0)  # a "diff" patch
+    with pytest.raises(ValueError, match=r"teacher weights \(fingerprint of every tensor\).*resume off"):
+        run_node(training, **node_inputs(patched, latents, prompts, steps=2, lora_name="patched", overwrite=True))
+
+
+def test_nan_latents_stop_with_a_clear_error_and_keep_the_good_files(training, small_case, loras_dir):
+    model, latents, prompts = small_case
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="nan"))
+    flash = loras_dir / "flash"
+    good_lora = (flash / "nan.safetensors").read_bytes()
+    good_state = (flash / ".checkpoints" / "nan" / "step-000002" / "state.pt").read_bytes()
+    bad = latents.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"Flash Distill Train: training stopped at step [12]: the training latents "
+                                           r"\(dataset rows .*\) is not finite.*re-encode"):
+        run_node(training, **node_inputs(model, bad, prompts, steps=2, lora_name="nan", resume=False, overwrite=True))
+    assert (flash / "nan.safetensors").read_bytes() == good_lora  # the last good LoRA is untouched
+    assert [p.name for p in (flash / ".checkpoints" / "nan").iterdir() if p.is_dir()] == ["step-000002"]
+    assert (flash / ".checkpoints" / "nan" / "step-000002" / "state.pt").read_bytes() == good_state
+    assert not [p for p in flash.rglob("*") if p.name.startswith(".tmp-")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,7 +518,7 @@ def test_full_disk_at_save_leaves_no_partial_file(training, small_case, loras_di
     flash = loras_dir / "flash"
     assert not (flash / "full.safetensors").exists()
     assert not [p for p in flash.iterdir() if p.name.startswith(".tmp-")]
-    assert (flash / ".checkpoints" / "full" / "state.flashckpt").is_file()  # the training is not lost
+    assert (flash / ".checkpoints" / "full" / "step-000002" / "state.pt").is_file()  # the training is not lost
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,7 +569,7 @@ def test_sdxl_teacher_trains_through_the_node(training, loras_dir):
     from safetensors import safe_open
 
     with safe_open(str(loras_dir / "flash" / "sdxl.safetensors"), "pt") as handle:
-        assert handle.metadata()["flash_backbone"] == "sdxl"
+        assert handle.metadata()["flash.backbone"] == "sdxl"
     inputs["positive"] = [[[positives[0][0], {}]]]  # SDXL conditioning without pooled output
     inputs["lora_name"] = ["sdxl_nopool"]
     with pytest.raises(ValueError, match="pooled_output"):

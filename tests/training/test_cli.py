@@ -21,6 +21,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from flash_core.run import GRID_LABEL_WIDTH
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "training" / "configs" / "tiny_sd15.yaml"
 PYTHON = sys.executable
@@ -212,7 +214,7 @@ def test_run_writes_checkpoints_losses_samples_and_exports(reference_run):
     assert "loss_dmd" in records[-1] and "loss_adversarial" in records[-1] and "loss_dmd" not in records[0]
 
     grid = Image.open(out / "samples" / "step-000012.png")
-    assert grid.size == (32 * 4, 32 * 2)  # teacher + student 1/2/4 steps, one row per sample prompt
+    assert grid.size == (GRID_LABEL_WIDTH + 32 * 2, 32 * 4)  # rows: teacher + student 1/2/4 steps; a column per prompt
     assert (out / "samples" / "step-000006.png").is_file()
 
     trained = load_lora(out / "debug" / "lora-rank0.safetensors")
@@ -307,7 +309,7 @@ def test_ctrl_c_then_kill_then_resume_reaches_the_uninterrupted_lora(tmp_path, r
     wait_for(stopped_at + 2 - stopped_at % 2, process)
     process.kill()
     process.communicate(timeout=60)
-    assert (checkpoints / (checkpoints / "latest").read_text().strip() / "trainer.pt").is_file()
+    assert (checkpoints / (checkpoints / "latest").read_text().strip() / "state.pt").is_file()
 
     # 3) Resume to the end: the same LoRA and the same losses as the run that was never interrupted.
     result = run_cli(["--config", str(config), "--dump-rank-lora", "--resume"])
@@ -454,6 +456,53 @@ def test_sdxl_backbone_from_a_diffusers_folder(tmp_path, capsys, run_data):
     assert cache["cond.encoder_hidden_states"].shape == (4, 77, 64)  # CLIP-L + CLIP-G penultimate states
     assert cache["cond.pooled"].shape == (4, 32)
     assert cache["cond.time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 4  # size, crop, target
-    assert Image.open(tmp_path / "out" / "samples" / "step-000004.png").size == (32 * 4, 32 * 2)
+    assert Image.open(tmp_path / "out" / "samples" / "step-000004.png").size == (GRID_LABEL_WIDTH + 32 * 2, 32 * 4)
     assert (tmp_path / "out" / "export" / "flash-tiny-sdxl_comfyui.safetensors").is_file()
     assert (tmp_path / "out" / "export" / "peft" / "adapter_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing silent: a non-finite run stops (exit 3) and keeps its good checkpoints; resume compares settings
+# --------------------------------------------------------------------------------------------------
+
+
+def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_good_checkpoints(tmp_path, capsys, run_data, shared_cache):
+    import re
+
+    import torch
+
+    from training.cli import EXIT_NON_FINITE
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", output_dir=str(out), data={"path": str(run_data), "cache_dir": str(shared_cache)},
+                          steps=8, checkpoint_every=1, keep_checkpoints=2, sample_every=0, lr=1e30, distill={"teacher_grid_steps": 4})
+    code, stderr = main_in_process(["--config", str(config)], capsys)
+    assert code == EXIT_NON_FINITE == 3, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("flash-distill: error:")]
+    assert len(errors) == 1 and "not finite" in errors[0] and "learning rate is too high" in errors[0], stderr[-3000:]
+    step = int(re.search(r"stopped at step (\d+)", errors[0]).group(1))
+    assert step >= 2
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept and kept[-1] == f"step-{step - 1:06d}"  # the good ones stay; none of the bad step
+    assert (out / "checkpoints" / "latest").read_text().strip() == kept[-1]
+    assert kept[-1] in errors[0]  # the message names the checkpoint that is kept
+    for name in kept:
+        state = torch.load(out / "checkpoints" / name / "state.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["distiller"]["lora"].values())
+    assert not (out / "export").exists()  # nothing exported
+
+
+def test_resume_with_changed_settings_is_refused_then_allowed_explicitly(tmp_path, capsys, run_data, shared_cache):
+    data = {"path": str(run_data), "cache_dir": str(shared_cache)}
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data=data, steps=2, checkpoint_every=2,
+                          sample_every=0, export=["comfyui"], distill={"teacher_grid_steps": 4})
+    code, stderr = main_in_process(["--config", str(config)], capsys)
+    assert code == 0, stderr[-3000:]
+    changed = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data=data, steps=2, checkpoint_every=2,
+                           sample_every=0, export=["comfyui"], lr=0.002, distill={"teacher_grid_steps": 4, "guidance_range": [2.0, 4.0]})
+    assert_one_line(*main_in_process(["--config", str(changed), "--resume"], capsys),
+                    "other settings", "lr: checkpoint 0.001, now 0.002", "guidance_range: checkpoint", "--allow-changes")
+    code, stderr = main_in_process(["--config", str(changed), "--resume", "--allow-changes"], capsys)
+    assert code == 0, stderr[-3000:]
+    assert "continuing despite a changed lr" in stderr

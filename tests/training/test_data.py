@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from training.data import (
-    BatchOrder,
     DataError,
     DataSpec,
     encode_dataset,
@@ -193,25 +192,3 @@ def test_resize_and_crop_keeps_the_centre(tmp_path):
     assert pixels.shape == (3, 10, 10)
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
     assert torch.allclose(pixels[:, 2:8, 2:8], torch.ones(3, 6, 6), atol=0.05)  # the crop is the white part
-
-
-def test_batch_order_shards_ranks_and_resumes_exactly():
-    def run(order: BatchOrder, steps: int) -> list[list[int]]:
-        return [order.next_indices() for _ in range(steps)]
-
-    single = run(BatchOrder(7, batch_size=4, seed=3), 6)
-    rank0 = run(BatchOrder(7, batch_size=2, seed=3, rank=0, num_processes=2), 6)
-    rank1 = run(BatchOrder(7, batch_size=2, seed=3, rank=1, num_processes=2), 6)
-    assert [a + b for a, b in zip(rank0, rank1)] == single  # ranks split the same global batch
-    assert all(not set(a) & set(b) for a, b in zip(rank0[:1], rank1[:1]))
-    assert sorted(single[0] + single[1][:3]) == list(range(7))  # an epoch is a permutation
-    assert run(BatchOrder(7, 4, seed=4), 2) != single[:2]
-
-    interrupted = BatchOrder(7, 4, seed=3)
-    head = run(interrupted, 4)
-    resumed = BatchOrder(7, 4, seed=3)
-    resumed.load_state_dict(interrupted.state_dict())
-    assert head + run(resumed, 2) == single
-
-    with pytest.raises(DataError, match="7 images but the dataset now has 8"):
-        BatchOrder(8, 4, seed=3).load_state_dict(interrupted.state_dict())

@@ -177,17 +177,36 @@ def test_teacher_cache_is_reused_and_keyed_on_config(tiny_teacher):
 # ---- benchmark plumbing -------------------------------------------------------------------------
 def test_distillation_batches_match_the_pipeline_encoders(tiny_teacher, splits):
     from flash_core.distill import Batch
-    from training.digits.benchmark import DigitsBatches, encode_prompts
+    from training.digits.benchmark import DigitsDataset, encode_prompts
     from training.digits.teacher import load_teacher_pipeline
 
     pipe = load_teacher_pipeline(tiny_teacher[0])
-    batches = DigitsBatches(pipe, splits[0], batch_size=6, seed=0)
-    batch = batches.next()
+    dataset = DigitsDataset(pipe, splits[0], seed=0)
+    assert len(dataset) == len(splits[0].digits)
+    rows = [5, 0, 3, 3, 1, 2]
+    batch = dataset.batch(rows, step=4)
     assert isinstance(batch, Batch)
     assert batch.latents.shape == (6, 4, 8, 8)
     assert batch.cond.encoder_hidden_states.shape == (6, 77, pipe.text_encoder.config.hidden_size)
     assert torch.allclose(batch.uncond.encoder_hidden_states, encode_prompts(pipe, [""]))
-    assert len(batches.prompts) == 10 * len(data.PROMPT_TEMPLATES)
+    assert len(dataset.prompts) == 10 * len(data.PROMPT_TEMPLATES)
+    again = dataset.batch(rows, step=4)  # a function of (rows, step): a resumed run draws the same batch
+    assert torch.equal(again.latents, batch.latents)
+    assert torch.equal(again.cond.encoder_hidden_states, batch.cond.encoder_hidden_states)
+    assert not torch.equal(dataset.batch(rows, step=5).latents, batch.latents)  # a fresh posterior draw per step
+    assert not torch.equal(batch.latents[2], batch.latents[3])  # the same image, two posterior draws
+
+
+def test_students_train_through_the_one_run(tiny_teacher, splits):
+    from training.digits.benchmark import StudentSettings, train_student
+    from training.digits.teacher import load_teacher_pipeline
+
+    pipe = load_teacher_pipeline(tiny_teacher[0])
+    settings = StudentSettings(steps=4, batch_size=2, lora_rank=2, teacher_grid_steps=4)
+    distiller, seconds, losses = train_student(pipe, splits[0], settings, {}, desc="test")
+    assert distiller.step == 4 and seconds > 0
+    assert {"loss", "loss_distill", "loss_dmd"} <= set(losses) and losses["teacher_s_per_step"] > 0
+    assert any(float(v.abs().max()) > 0 for k, v in distiller.lora_state_dict().items() if "lora_B" in k)
 
 
 def test_goal_checks_compare_student_and_teacher_to_the_reference():

@@ -116,15 +116,15 @@ def teacher_generate(pipe, prompts: list[str], noise: torch.Tensor, steps: int, 
     return images * 2.0 - 1.0  # pipeline returns [0, 1]
 
 
-class DigitsBatches:
-    """Training batches for the distiller: VAE latents of real train digits and their prompt embeddings."""
+class DigitsDataset:
+    """The train digits as a flash_core.run Dataset: each image's VAE posterior (mean, std) and the embeddings of
+    every (template, digit) prompt. The batch of step s draws z ~ q(z|x) and one prompt template per row from
+    generators seeded by (seed, s), so a batch is a function of (indices, step) like the run's batch order."""
 
-    def __init__(self, pipe, train, batch_size: int, seed: int):
+    def __init__(self, pipe, train, seed: int):
         from flash_core.denoiser import Conditioning
 
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
         with torch.no_grad():
             dist = pipe.vae.encode(train.images).latent_dist
         self.mean, self.std = dist.mean, dist.std
@@ -136,21 +136,30 @@ class DigitsBatches:
         self.uncond = Conditioning(encoder_hidden_states=encode_prompts(pipe, [""]))
         self._conditioning = Conditioning
 
-    def next(self):
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def batch(self, indices, step: int):
         from flash_core.distill import Batch
 
-        idx = torch.randint(0, self.mean.shape[0], (self.batch_size,), generator=self.gen)
-        z0 = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=self.gen)  # z ~ q(z|x)
-        prompt_idx = [
-            self.prompts.index(training_prompt(int(d), self.rng)) for d in self.digits[idx].tolist()
-        ]
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rng = np.random.default_rng([self.seed, step])
+        z0 = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)  # z ~ q(z|x)
+        prompt_idx = [self.prompts.index(training_prompt(int(d), rng)) for d in self.digits[idx].tolist()]
         cond = self._conditioning(encoder_hidden_states=self.embeds[prompt_idx])
         return Batch(latents=z0 * self.scaling, cond=cond, uncond=self.uncond)
 
+    def fingerprint(self) -> str:
+        from flash_core.run import tensor_fingerprint
+
+        return tensor_fingerprint([("mean", self.mean), ("std", self.std), ("digits", self.digits), ("embeds", self.embeds)])
+
 
 def make_distiller(pipe, settings: StudentSettings, weights: dict):
-    """A FlashDistiller over a fresh copy of the teacher UNet (diffusers backend)."""
+    """A FlashDistiller over a fresh copy of the teacher UNet (diffusers backend), with flash_core.run's LoRA init."""
     try:
+        from flash_core import run
         from flash_core.backends.diffusers import UNetDenoiser
         from flash_core.distill import DistillConfig, FlashDistiller
     except ImportError as exc:  # the trainer is another module of this project
@@ -170,27 +179,51 @@ def make_distiller(pipe, settings: StudentSettings, weights: dict):
         guidance_range=settings.guidance_range, teacher_grid_steps=settings.teacher_grid_steps,
         distill_loss="l2", **{k: v for k, v in weights.items() if v is not None},
     )
-    return FlashDistiller(denoiser, config, device="cpu")
+    distiller = FlashDistiller(denoiser, config, device="cpu")
+    run.init_lora(distiller, settings.seed)
+    return distiller
+
+
+class BarHooks:
+    """flash_core.run hooks: a tqdm bar with the recent distillation loss and the phase."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, leave=False)
+        self.recent: list[float] = []
+
+    def on_step(self, report) -> None:
+        self.bar.update(1)
+        self.recent = ([*self.recent, report.logs["loss_distill"]])[-10:]
+        if report.step % 10 == 0:
+            self.bar.set_postfix(distill=f"{np.mean(self.recent):.4f}", phase=int(report.logs["phase"]))
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def student_run(pipe, train, settings: StudentSettings, weights: dict, hooks=None):
+    """The flash_core.run Run of one digits student (no checkpoints)."""
+    from flash_core import run
+
+    distiller = make_distiller(pipe, settings, weights)
+    return run.Run(distiller, DigitsDataset(pipe, train, settings.seed), hooks=hooks)
 
 
 def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: str):
-    """Distil one student; returns (distiller, seconds, last losses)."""
-    distiller = make_distiller(pipe, settings, weights)
-    batches = DigitsBatches(pipe, train, settings.batch_size, settings.seed)
-    history: list[dict] = []
+    """Distil one student through flash_core.run; returns (distiller, seconds, last losses)."""
+    hooks = BarHooks(settings.steps, desc)
+    trainer = student_run(pipe, train, settings, weights, hooks)
     start = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc=desc, leave=False)
-    for _ in bar:
-        logs = distiller.train_step(batches.next())
-        history.append(logs)
-        if len(history) % 10 == 0:
-            bar.set_postfix(distill=f"{np.mean([h['loss_distill'] for h in history[-10:]]):.4f}",
-                            phase=int(logs["phase"]))
+    try:
+        trainer.train()
+    finally:
+        hooks.bar.close()
     seconds = time.perf_counter() - start
+    history = trainer.history
     tail = history[-max(1, settings.steps // 10):]
     summary = {k: float(np.mean([h[k] for h in tail if k in h])) for k in tail[-1] if k.startswith("loss")}
     summary["teacher_s_per_step"] = float(np.mean([h["teacher_s"] for h in history]))
-    return distiller, seconds, summary
+    return trainer.distiller, seconds, summary
 
 
 def student_generate(distiller, pipe, cond_embeds: torch.Tensor, noise: torch.Tensor, nfe: int, seed: int):
@@ -381,14 +414,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def save_student_lora(distiller) -> Path:
-    """The full Flash student's LoRA (peft names) in the cache, for the ComfyUI demo."""
-    from safetensors.torch import save_file
+    """The full Flash student's LoRA (peft names, float32) in the cache, for the ComfyUI demo."""
+    from flash_core import lora_formats
+    from flash_core.run import EXPORT_DTYPE
 
     path = cache_dir() / "digits" / "flash_student_lora.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in distiller.lora_state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    lora_formats.save_lora(path, {k: v.to(EXPORT_DTYPE) for k, v in distiller.lora_state_dict().items()})
     return path
 
 

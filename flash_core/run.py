@@ -1,0 +1,756 @@
+"""One Flash training run: the loop over FlashDistiller.train_step and everything around it.
+
+The ComfyUI node (nodes/training.py), the CLI (training/cli.py), the digits benchmark and bench/ all drive
+this module; none keeps a loop of its own. It owns:
+
+* the batch order: `batch_indices(seed, step, ...)`, a function of (seed, step, process) only, so a resumed
+  run draws exactly the rows the uninterrupted one would; data-parallel processes take disjoint slices of
+  one global batch (the stream of per-epoch permutations that training.data.BatchOrder always drew);
+* the loop (`Run.train`), with the phase schedule of FlashDistiller and the hooks `RunHooks` for progress,
+  preview images, cancel (an exception raised by a hook after a finished step) and stop requests;
+* the non-finite guard: a non-finite loss, gradient or training latent stops the run with `NonFiniteError`
+  (step, what, likely cause) *before* the optimiser step is applied; nothing of that step is saved;
+* ONE checkpoint format (`CheckpointStore`): a folder `step-000500/` with `state.pt` (weights_only-loadable:
+  run settings, fingerprints, trainer state, step log), `rank-<r>.pt` per process (RNG states) and
+  `meta.json` (written last: the completeness marker), a `latest` file, the last `keep` checkpoints kept;
+* the resume contract (`Run.resume`): settings, teacher fingerprint (every tensor of the network the trainer
+  uses, patches applied upstream included) and dataset fingerprint must match, else `ResumeMismatchError`
+  lists every difference and how to start fresh (`allow_changes=True` continues anyway);
+* the preview rule (`Preview`, `preview_due`): teacher (K-step CFG solve) | student at 1 / 2 / 4 steps, one
+  column per prompt, the same noise for every row (CPU generator seeded with `seed`, student re-noise with
+  `seed + steps`); pixels come from a `decode` callback (ComfyUI VAE / latent2rgb, diffusers VAE);
+* the export (`lora_modules`, `lora_metadata`; the files themselves: lora_formats.build_lora_export): ONE metadata schema for every LoRA the pack
+  writes (kohya `ss_*` keys + `flash.*` keys) and ONE dtype policy, float32 (`EXPORT_DTYPE`): the file holds
+  exactly the trained weights; ComfyUI / diffusers cast to the model's dtype when they apply it. Module
+  paths are diffusers' (the node maps ComfyUI's LDM paths), so node and CLI write the same file.
+
+API:
+    batch_indices(seed, step, num_items, batch_size, rank=0, num_processes=1) -> list[int]
+    TensorDataset(latents, cond, uncond)                 # .batch(indices, step) -> Batch, .fingerprint()
+    init_lora(distiller, seed, canonical=None)           # backend-independent LoRA init (per-module seeds)
+    teacher_fingerprint(denoiser) / tensor_fingerprint(tensors)
+    run_settings(config, **extra) -> dict                # the settings a checkpoint stores and resume compares
+    Preview(distiller, cond, uncond, latent_shape, seed, guidance, teacher_steps, decode, student_steps=(1, 2, 4))
+        .rows() -> [(label, images [n, H, W, 3] in 0..1)]   .image() -> uint8 [H, W, 3]
+    RunHooks: on_step(report: StepReport), should_stop() -> bool
+    CheckpointStore(root, keep=2, process_index=0, num_processes=1, barrier=None)
+        .latest() / .list() / .save(run) / .load(folder)
+    Run(distiller, dataset, settings, *, store=None, hooks=None, preview=None, preview_every=0,
+        checkpoint_every=0, process_index=0, num_processes=1, teacher_fingerprint=None, dataset_fingerprint=None,
+        fresh_hint=..., rollback_on=())
+        .resume(folder, allow_changes=False)  .train() -> "done" | "stopped"   .history: list[dict]
+    lora_modules(distiller, path_map=None) / lora_metadata(...)    # then lora_formats.build_lora_export(...)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flash_core import lora_formats
+from flash_core.denoiser import Conditioning
+from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
+from flash_core.files import torch_save_atomic, write_text_atomic
+from flash_core.schedules import flow_sigmas, trailing_timesteps
+
+CHECKPOINT_FORMAT = "flash-run-checkpoint"
+CHECKPOINT_VERSION = 2
+CHECKPOINT_PREFIX = "step-"
+LATEST_FILE = "latest"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+EXPORT_DTYPE = torch.float32  # every LoRA file the pack writes (see the module docstring)
+PREVIEW_STEPS = (1, 2, 4)
+TIMING_KEYS = ("teacher_s", "student_s", "discriminator_s", "dmd_s", "step_s")
+RANK_KEYS = ("cpu_generator", "noise_generator", "torch_rng", "python_random", "cuda_rng")
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "pixart": "pixart", "sd3": "sd3"}
+# Run settings that may change on resume: how the run is computed, not what it trains.
+FREE_SETTINGS = ("mixed_precision", "grad_checkpointing")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient or training latent: the run stopped before the optimiser step was applied."""
+
+    def __init__(self, step: int, what: str, cause: str, saved: str | None = None):
+        self.step, self.what = step, what
+        kept = f"the last good checkpoint ({saved}) and any LoRA file are untouched" if saved else \
+            "no checkpoint or LoRA file was written for this run"
+        super().__init__(
+            f"training stopped at step {step}: {what} is not finite (NaN or inf). Likely cause: {cause}. "
+            f"Nothing of step {step} was applied or saved; {kept}."
+        )
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint was made by another run (settings, teacher or data differ)."""
+
+    def __init__(self, folder: str | os.PathLike, differences: list[str], fresh_hint: str):
+        self.differences = differences
+        super().__init__(
+            f"cannot resume from {folder}: the checkpoint was made with other settings, teacher or data "
+            f"({'; '.join(differences)}). {fresh_hint}"
+        )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (corrupt, another format or version, another number of processes)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch order and data
+# --------------------------------------------------------------------------------------------------
+
+
+def _epoch_permutation(seed: int, epoch: int, num_items: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def batch_indices(seed: int, step: int, num_items: int, batch_size: int, rank: int = 0, num_processes: int = 1) -> list[int]:
+    """Dataset rows of this process for optimiser step `step` (0-based), a function of its arguments only.
+
+    The global batch of step s is positions [s G, (s + 1) G) of an endless stream of per-epoch permutations
+    (epoch e seeded with seed * 1_000_003 + e), G = batch_size * num_processes; process r takes its slice
+    [r batch_size, (r + 1) batch_size). Every row is seen once per epoch; ranks never overlap within a step.
+    """
+    if num_items < 1:
+        raise ValueError("the dataset is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    global_batch = batch_size * num_processes
+    start = step * global_batch
+    rows: list[int] = []
+    epoch, position = divmod(start, num_items)
+    while len(rows) < global_batch:
+        permutation = _epoch_permutation(seed, epoch, num_items)
+        take = min(num_items - position, global_batch - len(rows))
+        rows += permutation[position : position + take]
+        epoch, position = epoch + 1, 0
+    return rows[rank * batch_size : (rank + 1) * batch_size]
+
+
+class Dataset(Protocol):
+    """What the run trains on: N items; `batch(indices, step)` builds the Batch of those rows."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int], step: int) -> Batch: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class TensorDataset:
+    """Latents [N, C, h, w] (model space) with conditioning of batch N and an unconditional of batch 1 or N."""
+
+    def __init__(self, latents: Tensor, cond: Conditioning, uncond: Conditioning):
+        if cond.batch_size != latents.shape[0]:
+            raise ValueError(f"{cond.batch_size} conditionings for {latents.shape[0]} latents")
+        self.latents, self.cond, self.uncond = latents, cond, uncond
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, indices: Sequence[int], step: int) -> Batch:
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.latents.device)
+        uncond = self.uncond if self.uncond.batch_size == 1 else self.uncond[index.to(_cond_device(self.uncond))]
+        return Batch(self.latents.index_select(0, index), self.cond[index.to(_cond_device(self.cond))], uncond)
+
+    def fingerprint(self) -> str:
+        return tensor_fingerprint(
+            [("latents", self.latents)] + _conditioning_tensors("cond", self.cond) + _conditioning_tensors("uncond", self.uncond)
+        )
+
+
+def _cond_device(cond: Conditioning) -> torch.device:
+    return cond.encoder_hidden_states.device
+
+
+def _conditioning_tensors(prefix: str, cond: Conditioning) -> list[tuple[str, Tensor]]:
+    tensors = [(f"{prefix}.{name}", getattr(cond, name)) for name in ("encoder_hidden_states", "pooled", "time_ids", "attention_mask")]
+    tensors += [(f"{prefix}.extra.{k}", v) for k, v in sorted(cond.extra.items())]
+    return [(k, v) for k, v in tensors if v is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------
+
+
+_CHECKSUM_CHUNK = 1 << 22  # elements per int64 pass (bounded temporary memory)
+_WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+_KNUTH = 2 * 2_654_435_761  # weights 2 K i + 1: odd for every position i
+_BASE_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _checksums(tensor: Tensor) -> tuple[int, int]:
+    """Two exact integer checksums of a tensor's bits, computed where the tensor lives (GPU or CPU): the sum of
+    its words and their sum weighted by 2 K i + 1 at position i, both mod 2^64 (wrapping int64 arithmetic is
+    exact, so every device gives the same numbers). Any change of one element changes the weighted sum; this
+    detects changed weights, it is not a cryptographic hash."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    words = flat.view(_WORD_DTYPES[flat.element_size()])
+    base = _BASE_WEIGHTS.get(words.device)
+    if base is None:
+        base = _BASE_WEIGHTS[words.device] = torch.arange(_CHECKSUM_CHUNK, device=words.device, dtype=torch.int64) * _KNUTH + 1
+    plain = weighted = 0
+    for start in range(0, words.numel(), _CHECKSUM_CHUNK):
+        chunk = words[start : start + _CHECKSUM_CHUNK].to(torch.int64)
+        chunk_sum = int(chunk.sum())
+        # sum_j w_j (2K (start + j) + 1) = sum_j w_j (2K j + 1) + 2K start sum_j w_j
+        weighted += int((chunk * base[: chunk.numel()]).sum()) + _KNUTH * start * chunk_sum
+        plain += chunk_sum
+    return plain % 2**64, weighted % 2**64
+
+
+def tensor_fingerprint(named: Sequence[tuple[str, Tensor]]) -> str:
+    """sha256 over the names, shapes, dtypes and exact bit checksums of every tensor (see _checksums)."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        plain, weighted = _checksums(tensor)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{plain}|{weighted}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def teacher_fingerprint(denoiser) -> str:
+    """Every frozen tensor of the network the trainer uses (LoRA adapters excluded, peft's `.base_layer`
+    wrapper names folded back), so a teacher with other weights or other patches baked in differs."""
+    module = denoiser.lora_module
+    named = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers()) if "lora_" not in n]
+    named = sorted(((n.replace(".base_layer", ""), t) for n, t in named), key=lambda item: item[0])
+    return tensor_fingerprint(named)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and LoRA initialisation
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain(value):
+    """Tuples -> lists (what a checkpoint round trip gives back), recursively."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run_settings(config: DistillConfig, **extra) -> dict[str, Any]:
+    """What a checkpoint stores and a resume compares: the config with the recipe's values filled in."""
+    recipe = config.recipe()
+    settings = {k: _plain(v) for k, v in asdict(config).items()}
+    settings.update(
+        batch_size=recipe.batch_size, lora_rank=recipe.lora_rank, lora_alpha=_plain(recipe.lora_alpha),
+        lora_targets=list(recipe.lora_targets), lr=recipe.lr, guidance_range=list(recipe.guidance_range),
+        teacher_grid_steps=recipe.teacher_grid_steps, distill_weights=list(recipe.distill_weights),
+        adversarial_weights=list(recipe.adversarial_weights), dmd_weights=list(recipe.dmd_weights),
+    )
+    settings.update({k: _plain(v) for k, v in extra.items()})
+    return settings
+
+
+def _module_seed(seed: int, path: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
+
+
+def init_lora(distiller: FlashDistiller, seed: int, canonical: Callable[[str], str] | None = None) -> None:
+    """Re-draw the student's LoRA start: lora_A ~ N(0, 1/r^2) (peft's "gaussian" init), lora_B = 0, each module
+    from its own generator seeded by (seed, its canonical path). peft draws in module order, which differs
+    between backends (ComfyUI's LDM UNet vs diffusers'); this start is the same on every backend."""
+    canonical = canonical or (lambda path: path)
+    with torch.no_grad():
+        for name, param in distiller.denoiser.named_lora_parameters():
+            module = name.split(".lora_")[0]
+            if ".lora_A." in name:
+                rank = param.shape[0]
+                generator = torch.Generator().manual_seed(_module_seed(seed, canonical(module)))
+                values = torch.randn(param.shape, generator=generator, dtype=torch.float32) / rank  # std 1/r
+                param.copy_(values.to(param.device, param.dtype))
+            elif ".lora_B." in name:
+                param.zero_()
+
+
+# --------------------------------------------------------------------------------------------------
+# Preview
+# --------------------------------------------------------------------------------------------------
+
+
+def preview_due(step: int, total: int, every: int) -> bool:
+    """A preview after every `every` steps and after the last one (0 = never)."""
+    return bool(every) and (step % every == 0 or step == total)
+
+
+class Preview:
+    """Teacher (K-step DPM-Solver++ with CFG from the same noise) | student at 1 / 2 / 4 steps, one column
+    per prompt. decode(latents [n, C, h, w], model space) -> images [n, H, W, 3] in 0..1 (CPU)."""
+
+    def __init__(self, distiller: FlashDistiller, cond: Conditioning, uncond: Conditioning, latent_shape: Sequence[int],
+                 seed: int, guidance: float, teacher_steps: int, decode: Callable[[Tensor], Tensor],
+                 student_steps: Sequence[int] = PREVIEW_STEPS):
+        self.distiller, self.decode = distiller, decode
+        self.cond, self.uncond = cond, uncond.expand_to(cond.batch_size) if uncond.batch_size == 1 else uncond
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn((cond.batch_size, *latent_shape), generator=generator)  # the same noise for every row
+        self.seed, self.guidance, self.teacher_steps = seed, guidance, teacher_steps
+        self.student_steps = tuple(student_steps)
+        self._teacher: Tensor | None = None
+
+    def teacher_images(self) -> Tensor:
+        if self._teacher is None:
+            distiller = self.distiller
+            den, device = distiller.denoiser, distiller.device
+            with torch.no_grad(), den.teacher():
+                x0 = teacher_target(den, self.noise.to(device), 0, self.cond.to(device), self.uncond.to(device),
+                                    self.guidance, self.teacher_steps)
+            self._teacher = self.decode(x0)
+        return self._teacher
+
+    def student_latents(self, steps: int) -> Tensor:
+        generator = torch.Generator(self.distiller.device).manual_seed(self.seed + steps)
+        return self.distiller.student_sample(self.noise, self.cond, steps, generator=generator)
+
+    def rows(self) -> list[tuple[str, Tensor]]:
+        with torch.random.fork_rng(devices=[]):  # previews never change the training's random stream
+            rows = [(f"teacher\nK={self.teacher_steps}\ncfg {self.guidance:g}", self.teacher_images())]
+            for steps in self.student_steps:
+                rows.append((f"student\n{steps} step{'s' if steps > 1 else ''}", self.decode(self.student_latents(steps))))
+        return rows
+
+    def image(self) -> np.ndarray:
+        return grid_image(self.rows())
+
+
+GRID_LABEL_WIDTH = 72
+
+
+def grid_image(rows: Sequence[tuple[str, Tensor]]) -> np.ndarray:
+    """Rows of images [n, H, W, 3] in 0..1 with a label strip on the left -> uint8 [H_total, W_total, 3]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = rows[0][1].shape[1:3]
+    cols = max(r[1].shape[0] for r in rows)
+    canvas = Image.new("RGB", (GRID_LABEL_WIDTH + cols * width, len(rows) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * height + max(0, height // 2 - 6)), label, fill="black", font=font)
+        for c in range(images.shape[0]):
+            tile = (images[c].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            canvas.paste(Image.fromarray(tile), (GRID_LABEL_WIDTH + c * width, r * height))
+    return np.asarray(canvas)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepReport:
+    step: int  # optimiser steps done
+    total: int
+    logs: dict[str, float]  # losses, phase, timings of this step (this process)
+    seconds_per_step: float  # mean over this session's steps
+    preview: np.ndarray | None = None  # uint8 [H, W, 3] when a preview was due
+
+
+class RunHooks:
+    """Override to follow a run. on_step runs after every finished step on every process; an exception it
+    raises (ComfyUI's Cancel) saves a checkpoint of that step (single process) and propagates. should_stop -> True saves a
+    checkpoint and ends the run with "stopped" (multi-process: return the same answer on every process)."""
+
+    def on_step(self, report: StepReport) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[len(CHECKPOINT_PREFIX):])
+
+
+class CheckpointStore:
+    """root/step-000500/{state.pt, rank-<r>.pt, meta.json}, root/latest. Every file is written atomically into a
+    staging folder that is renamed when complete; meta.json marks a complete checkpoint. After a save, the
+    `keep` newest checkpoints up to the saved step stay; checkpoints of later steps (an abandoned run that went
+    further before a fresh start) are removed once the new run has one."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2, process_index: int = 0, num_processes: int = 1,
+                 barrier: Callable[[], None] | None = None):
+        self.root, self.keep = Path(root), max(1, keep)
+        self.process_index, self.num_processes = process_index, num_processes
+        self.barrier = barrier or (lambda: None)
+        self.last_saved: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    def list(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+                 and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / META_FILE).is_file()]
+        return sorted(found, key=_step_of)
+
+    def latest(self) -> Path | None:
+        marker = self.root / LATEST_FILE
+        if marker.is_file():
+            folder = self.root / marker.read_text(encoding="utf-8").strip()
+            if (folder / META_FILE).is_file():
+                return folder
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, run: Run) -> Path:
+        """Every process calls this at the same step (collective when num_processes > 1)."""
+        step = run.distiller.step
+        name = f"{CHECKPOINT_PREFIX}{step:06d}"
+        final, staging = self.root / name, self.root / f".{name}.partial"
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.barrier()
+        state = run.distiller.state_dict()
+        rank_state = {key: state.pop(key) for key in RANK_KEYS if key in state}
+        torch_save_atomic(rank_state, staging / f"rank-{self.process_index}.pt")
+        if self.is_main:
+            torch_save_atomic({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+                "settings": run.settings, "fingerprints": run.fingerprints, "history": run.history,
+                "num_processes": self.num_processes, "distiller": state,
+            }, staging / STATE_FILE)
+        self.barrier()
+        if self.is_main:
+            meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+                    "phase": run.distiller.phase, "num_processes": self.num_processes, "settings": run.settings}
+            write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            write_text_atomic(self.root / LATEST_FILE, name + "\n")
+            self._prune(step)
+        self.barrier()
+        self.last_saved = final
+        return final
+
+    def _prune(self, step: int) -> None:
+        found = self.list()
+        keep = [p for p in found if _step_of(p) <= step][-self.keep:]
+        for old in found:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, folder: str | os.PathLike) -> dict:
+        """The checkpoint's state with this process's RNG states merged in (weights_only: no arbitrary objects)."""
+        folder = Path(folder)
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder} is not a checkpoint of this version (no {STATE_FILE}); start fresh") from None
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"the checkpoint {folder / STATE_FILE} cannot be read ({err}); delete it or start fresh") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{folder} is not a version-{CHECKPOINT_VERSION} Flash checkpoint; delete it or start fresh")
+        rank_file = folder / f"rank-{self.process_index}.pt"
+        if state.get("num_processes", 1) != self.num_processes or not rank_file.is_file():
+            raise CheckpointError(
+                f"{folder} was saved by {state.get('num_processes')} processes, this run has {self.num_processes}; "
+                "resume with the same number of processes"
+            )
+        state["distiller"].update(torch.load(rank_file, map_location="cpu", weights_only=True))
+        return state
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+LIKELY_CAUSES = (
+    "the learning rate is too high (lr {lr:g}: try 10x lower)",
+    "bad training latents (NaN / inf in the data: re-encode the images)",
+    "bf16 overflow (train with mixed_precision off / fp32)",
+)
+
+
+class Run:
+    """One training run of `distiller` on `dataset` (see the module docstring)."""
+
+    def __init__(self, distiller: FlashDistiller, dataset: Dataset, settings: Mapping[str, Any] | None = None, *,
+                 store: CheckpointStore | None = None, hooks: RunHooks | None = None, preview: Preview | None = None,
+                 preview_every: int = 0, checkpoint_every: int = 0, process_index: int = 0, num_processes: int = 1,
+                 teacher_fingerprint: str | None = None, dataset_fingerprint: str | None = None,
+                 fresh_hint: str = "Start fresh (without resume) or use another output.",
+                 rollback_on: tuple[type[BaseException], ...] = ()):
+        self.distiller, self.dataset = distiller, dataset
+        self.config = distiller.config
+        self.settings = dict(settings) if settings is not None else run_settings(distiller.config)
+        self.settings.setdefault("num_processes", num_processes)
+        self.store, self.hooks, self.preview = store, hooks or RunHooks(), preview
+        self.preview_every, self.checkpoint_every = preview_every, checkpoint_every
+        self.process_index, self.num_processes = process_index, num_processes
+        self.fresh_hint = fresh_hint
+        # Exceptions that may interrupt a step midway (ComfyUI checks Cancel inside every op): the state before
+        # the step is kept in memory, restored and checkpointed when one is raised (costs a copy per step).
+        self.rollback_on = tuple(rollback_on)
+        self.fingerprints = {
+            "teacher": teacher_fingerprint if teacher_fingerprint is not None else _teacher_fingerprint(distiller.denoiser),
+            "data": dataset_fingerprint if dataset_fingerprint is not None else dataset.fingerprint(),
+        }
+        self.history: list[dict[str, float]] = []
+        self.resumed_from: Path | None = None
+        self._current_step = 0
+        self._latents_finite = True
+        for optimizer, what in ((distiller.student_optimizer, "a LoRA gradient"),
+                                (distiller.discriminator_optimizer, "a discriminator-head gradient")):
+            _unwrap_optimizer(optimizer).register_step_pre_hook(self._guard(what))
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.total_steps
+
+    # ---- the non-finite guard ----
+    def _cause(self) -> str:
+        lr, latents = self.distiller.recipe.lr, self._latents_finite
+        causes = [c.format(lr=lr) for c in LIKELY_CAUSES]
+        if not latents:
+            return f"this step's training latents contain NaN / inf ({causes[1]})"
+        if self.config.mixed_precision != "bf16":
+            causes = causes[:2]
+        return "; or ".join(causes)
+
+    def _saved(self) -> str | None:
+        if self.store is None:
+            return None
+        latest = self.store.last_saved or self.store.latest()
+        return str(latest) if latest is not None else None
+
+    def _guard(self, what: str):
+        def check(optimizer, args, kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads and not bool(torch.stack([g.detach().float().norm() for g in grads]).isfinite().all()):
+                raise NonFiniteError(self._current_step, what, self._cause(), self._saved())
+        return check
+
+    # ---- resume ----
+    def resume(self, folder: str | os.PathLike, allow_changes: bool = False) -> list[str]:
+        """Load a checkpoint of this run; differences in settings / teacher / data refuse unless allow_changes.
+        Returns the differences (empty when none)."""
+        if self.store is None:
+            raise ValueError("resume needs a CheckpointStore")
+        state = self.store.load(folder)
+        differences = self.differences(state)
+        if differences and not allow_changes:
+            raise ResumeMismatchError(folder, differences, self.fresh_hint)
+        try:
+            self.distiller.load_state_dict(state["distiller"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{folder} does not fit this student ({err}); start fresh") from None
+        self.history = [dict(h) for h in state["history"] if h.get("step", 0) <= self.distiller.step]
+        self.resumed_from = Path(folder)
+        self.store.last_saved = Path(folder)
+        return differences
+
+    def differences(self, state: Mapping[str, Any]) -> list[str]:
+        saved, now = state.get("settings", {}), self.settings
+        diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}"
+                 for key in sorted(set(saved) | set(now)) if key not in FREE_SETTINGS and saved.get(key) != now.get(key)]
+        for key, label in (("teacher", "teacher weights (fingerprint of every tensor)"), ("data", "training data")):
+            before, after = state.get("fingerprints", {}).get(key), self.fingerprints.get(key)
+            if before != after:
+                diffs.append(f"{label}: checkpoint {before}, now {after}")
+        return diffs
+
+    # ---- the loop ----
+    def _snapshot(self) -> dict:
+        """The trainer's state before a step, its own copy (optimiser state tensors are updated in place)."""
+        state = self.distiller.state_dict()
+        for key in ("student_optimizer", "discriminator_optimizer"):
+            state[key] = copy.deepcopy(state[key])
+        return state
+
+    def _checkpoint(self) -> Path | None:
+        if self.store is None:
+            return None
+        if self.store.last_saved is not None and self.store.last_saved.name == f"{CHECKPOINT_PREFIX}{self.distiller.step:06d}" \
+                and (self.store.last_saved / META_FILE).is_file():
+            return self.store.last_saved
+        return self.store.save(self)
+
+    def train(self) -> str:
+        """Train to total_steps; returns "done" or "stopped" (should_stop). Raises NonFiniteError (nothing saved
+        for that step) and whatever a hook raises (after a checkpoint of the finished step)."""
+        distiller, dataset, total = self.distiller, self.dataset, self.total_steps
+        batch_size = distiller.recipe.batch_size
+        start_step, started = distiller.step, time.perf_counter()
+        while distiller.step < total:
+            step = distiller.step
+            self._current_step = step + 1
+            indices = batch_indices(self.config.seed, step, len(dataset), batch_size, self.process_index, self.num_processes)
+            batch = dataset.batch(indices, step)
+            self._latents_finite = bool(torch.isfinite(batch.latents).all())
+            if not self._latents_finite and self.num_processes == 1:
+                raise NonFiniteError(step + 1, f"the training latents (dataset rows {list(indices)})",
+                                     "bad training latents (NaN / inf in the data: re-encode these images)", self._saved())
+            begin = time.perf_counter()
+            snapshot = self._snapshot() if self.rollback_on else None
+            try:
+                logs = distiller.train_step(batch)
+            except self.rollback_on:  # e.g. ComfyUI's Cancel, raised inside a forward pass: undo the half step
+                distiller.load_state_dict(snapshot)
+                if self.num_processes == 1:
+                    self._checkpoint()
+                raise
+            except FloatingPointError as err:  # FlashDistiller found its loss non-finite before the update
+                raise NonFiniteError(step + 1, "the student's loss", self._cause(), self._saved()) from err
+            logs["step_s"] = time.perf_counter() - begin
+            bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
+            if bad:  # the step was applied in memory; it is never saved
+                raise NonFiniteError(step + 1, f"the loss '{bad[0]}'", self._cause(), self._saved())
+            done = distiller.step
+            self.history.append({"step": done, **logs})
+            image = self.preview.image() if self.preview is not None and preview_due(done, total, self.preview_every) else None
+            if self.checkpoint_every and done % self.checkpoint_every == 0 and done < total:
+                self._checkpoint()
+            rate = (time.perf_counter() - started) / max(1, done - start_step)
+            try:
+                self.hooks.on_step(StepReport(done, total, logs, rate, image))
+            except BaseException:
+                if self.num_processes == 1:  # (a collective save cannot run on one process alone)
+                    self._checkpoint()  # a cancel: the state after the last finished step
+                raise
+            if self.hooks.should_stop():
+                self._checkpoint()
+                return "stopped"
+        if distiller.step > start_step:
+            self._checkpoint()
+        return "done"
+
+    def loss_map(self) -> dict[str, list[float]]:
+        """Loss name -> one value per update of its side (ComfyUI's LOSS_MAP): the student's losses from student
+        iterations, loss_discriminator from discriminator iterations (alternating steps repeat the other side's)."""
+        def updated(entry: dict, key: str) -> bool:
+            side = "discriminator_update" if key == "loss_discriminator" else "student_update"
+            return entry.get(side, 1.0) > 0
+
+        keys = sorted({k for h in self.history for k in h if k.startswith("loss")})
+        return {k: [float(h[k]) for h in self.history if k in h and updated(h, k)] for k in keys}
+
+
+_teacher_fingerprint = teacher_fingerprint  # Run's keyword argument of the same name shadows it
+
+
+def _unwrap_optimizer(optimizer):
+    """The torch optimizer inside an accelerate AcceleratedOptimizer."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+EXPORT_KINDS = ("comfyui", "diffusers", "peft")
+DIT_BACKBONES = ("pixart", "sd3")
+
+
+def lora_modules(distiller: FlashDistiller, path_map: Mapping[str, str] | None = None) -> list[lora_formats.LoraModule]:
+    """The student's LoRA as lora_formats modules, in EXPORT_DTYPE, with module paths renamed by path_map
+    (the node: ComfyUI LDM path -> diffusers path), so every front end writes the same names."""
+    tensors = {k: v.detach().to("cpu", EXPORT_DTYPE) for k, v in distiller.lora_state_dict().items()}
+    modules = lora_formats.modules_from_peft_state_dict(tensors, distiller.recipe.lora_alpha)
+    return lora_formats.rename_modules(modules, path_map) if path_map else modules
+
+
+def sampling_timesteps(distiller: FlashDistiller, nfe: int) -> list[int]:
+    """The student's nfe-step sampling grid in model timesteps (trailing DDPM, or flow sigmas * 1000)."""
+    if distiller.denoiser.is_flow:
+        return [round(1000 * s) for s in flow_sigmas(nfe)]
+    return trailing_timesteps(nfe)
+
+
+def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], history: Sequence[Mapping[str, float]], *,
+                  base_model: str, teacher: str | None = None, nfe: int | None = None) -> dict[str, str]:
+    """The one metadata schema: kohya's ss_* (LoRA managers show rank / alpha / base) and Flash's flash.* keys."""
+    recipe = distiller.recipe
+    nfe = nfe or recipe.student_steps
+    losses = [{k: v for k, v in h.items() if k.startswith("loss")} for h in history]
+    last = losses[-1] if losses else {}
+    window = {k: float(np.mean([h[k] for h in losses[-50:] if k in h])) for k in last}
+    backbone = settings.get("backbone", recipe.backbone)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(recipe.lora_rank),
+        "ss_network_alpha": str(recipe.lora_alpha),
+        "ss_base_model_version": BASE_MODEL_VERSION.get(backbone, backbone),
+        "ss_steps": str(distiller.step),
+        "ss_learning_rate": str(recipe.lr),
+        "ss_seed": str(settings.get("seed", "")),
+        "flash.format_version": "1",
+        "flash.backbone": backbone,
+        "flash.base_model": base_model,
+        "flash.base_fingerprint": teacher or "",
+        "flash.rank": str(recipe.lora_rank),
+        "flash.alpha": str(recipe.lora_alpha),
+        "flash.steps": str(distiller.step),
+        "flash.total_steps": str(settings.get("total_steps", distiller.config.total_steps)),
+        "flash.nfe": str(nfe),
+        "flash.timesteps": json.dumps(sampling_timesteps(distiller, nfe)),
+        "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {nfe} steps, cfg 1",
+        "flash.teacher_grid_steps": str(recipe.teacher_grid_steps),
+        "flash.guidance_range": json.dumps(list(recipe.guidance_range)),
+        "flash.loss_weights": json.dumps({"distill": list(recipe.distill_weights), "adversarial": list(recipe.adversarial_weights),
+                                          "dmd": list(recipe.dmd_weights)}),
+        "flash.learning_rate": str(recipe.lr),
+        "flash.batch_size": str(recipe.batch_size),
+        "flash.dtype": str(EXPORT_DTYPE).removeprefix("torch."),
+        "flash.losses_last": json.dumps(last),
+        "flash.losses_mean_last_50": json.dumps(window),
+    }
+
+
+__all__ = [
+    "EXPORT_DTYPE",
+    "Batch",
+    "CheckpointError",
+    "CheckpointStore",
+    "Dataset",
+    "NonFiniteError",
+    "Preview",
+    "ResumeMismatchError",
+    "Run",
+    "RunHooks",
+    "StepReport",
+    "TensorDataset",
+    "batch_indices",
+    "grid_image",
+    "init_lora",
+    "lora_metadata",
+    "lora_modules",
+    "preview_due",
+    "run_settings",
+    "teacher_fingerprint",
+    "tensor_fingerprint",
+]

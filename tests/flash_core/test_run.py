@@ -1,0 +1,279 @@
+"""flash_core.run on a tiny SD1.5 UNet: batch order, exact resume through the one checkpoint format, the
+non-finite guard, the resume contract (one test per field), the preview layout and the one export schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flash_core import lora_formats, run
+from flash_core.backends.diffusers import UNetDenoiser
+from flash_core.denoiser import Conditioning
+from flash_core.distill import FlashDistiller
+from tests.flash_core.test_backends import TEXT_DIM, tiny_config, tiny_sd15_unet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_dataset(count: int = 4, seed: int = 0) -> run.TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return run.TensorDataset(torch.randn(count, 4, 8, 8, generator=g), Conditioning(torch.randn(count, 5, TEXT_DIM, generator=g)),
+                             Conditioning(torch.randn(1, 5, TEXT_DIM, generator=g)))
+
+
+def make_run(tmp_path, dataset=None, unet=None, hooks=None, **overrides) -> run.Run:
+    settings = {"total_steps": 4, "batch_size": 2, "lr": 1e-3}
+    settings.update(overrides)
+    distiller = FlashDistiller(UNetDenoiser(unet if unet is not None else tiny_sd15_unet()), tiny_config("sd15", **settings))
+    run.init_lora(distiller, distiller.config.seed)
+    return run.Run(distiller, dataset if dataset is not None else tiny_dataset(), store=run.CheckpointStore(tmp_path / "ckpt", keep=2),
+                   hooks=hooks, checkpoint_every=1)
+
+
+def lora(trainer: run.Run) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.distiller.lora_state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch order
+# --------------------------------------------------------------------------------------------------
+
+
+def test_batch_indices_split_one_global_batch_and_depend_on_seed_and_step_only():
+    single = [run.batch_indices(3, s, 7, 4) for s in range(6)]
+    rank0 = [run.batch_indices(3, s, 7, 2, rank=0, num_processes=2) for s in range(6)]
+    rank1 = [run.batch_indices(3, s, 7, 2, rank=1, num_processes=2) for s in range(6)]
+    assert [a + b for a, b in zip(rank0, rank1)] == single  # ranks split the same global batch
+    assert all(not set(a) & set(b) for a, b in zip(rank0[:1], rank1[:1]))  # within an epoch
+    assert sorted(single[0] + single[1][:3]) == list(range(7))  # an epoch is a permutation
+    assert sorted(single[1][3:] + single[2] + single[3][:2]) == list(range(7))  # and the next one too
+    assert [run.batch_indices(4, s, 7, 4) for s in range(2)] != single[:2]
+    assert run.batch_indices(3, 5, 7, 4) == single[5]  # a resumed run needs nothing but the step
+    assert run.batch_indices(3, 0, 1, 3) == [0, 0, 0]  # batches larger than the dataset wrap into new epochs
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop, checkpoints and exact resume
+# --------------------------------------------------------------------------------------------------
+
+
+class StopAt(run.RunHooks):
+    def __init__(self, step: int):
+        self.step, self.reports = step, []
+
+    def on_step(self, report):
+        self.reports.append(report.step)
+
+    def should_stop(self):
+        return self.reports[-1] == self.step
+
+
+def test_stop_checkpoint_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    reference = make_run(tmp_path / "a")
+    assert reference.train() == "done"
+    store = reference.store
+    assert [p.name for p in store.list()] == ["step-000003", "step-000004"]  # keep 2
+    assert store.latest().name == "step-000004"
+    state = torch.load(store.latest() / run.STATE_FILE, weights_only=True)
+    assert state["format"] == run.CHECKPOINT_FORMAT and state["settings"]["lr"] == 1e-3
+    assert set(state["fingerprints"]) == {"teacher", "data"} and [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+
+    stopped = make_run(tmp_path / "b", hooks=StopAt(2))
+    assert stopped.train() == "stopped" and stopped.distiller.step == 2
+    resumed = make_run(tmp_path / "b")
+    assert resumed.resume(resumed.store.latest()) == []
+    assert resumed.distiller.step == 2 and len(resumed.history) == 2
+    assert resumed.train() == "done"
+    expected, got = lora(reference), lora(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit-identical
+    def strip(history):
+        return [{k: v for k, v in h.items() if k not in run.TIMING_KEYS} for h in history]
+
+    assert strip(resumed.history) == strip(reference.history)
+
+
+def test_cancel_from_a_hook_checkpoints_the_finished_step_and_propagates(tmp_path):
+    class Cancel(run.RunHooks):
+        def on_step(self, report):
+            if report.step == 2:
+                raise KeyboardInterrupt
+
+    trainer = make_run(tmp_path, hooks=Cancel())
+    trainer.checkpoint_every = 0
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [p.name for p in trainer.store.list()] == ["step-000002"]
+
+
+def test_init_lora_is_per_module_and_independent_of_module_order(tmp_path):
+    trainer = make_run(tmp_path)
+    names = dict(trainer.distiller.denoiser.named_lora_parameters())
+    a_keys = [k for k in names if ".lora_A." in k]
+    first = {k: names[k].detach().clone() for k in a_keys}
+    assert all(float(names[k].abs().max()) == 0 for k in names if ".lora_B." in k)
+    renamed = {k.split(".lora_")[0]: f"other.{i}" for i, k in enumerate(reversed(a_keys))}
+    run.init_lora(trainer.distiller, 0, renamed.__getitem__)  # other canonical names: another start
+    assert not torch.equal(names[a_keys[0]], first[a_keys[0]])
+    run.init_lora(trainer.distiller, 0)
+    assert all(torch.equal(names[k], first[k]) for k in a_keys)
+    std = torch.cat([v.flatten() for v in first.values()]).std()
+    assert abs(float(std) - 1 / 4) < 0.03  # N(0, 1/r^2), r = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# The non-finite guard
+# --------------------------------------------------------------------------------------------------
+
+
+def test_nan_latents_stop_before_the_step_and_save_nothing(tmp_path):
+    dataset = tiny_dataset()
+    dataset.latents[1, 0, 0, 0] = float("nan")
+    trainer = make_run(tmp_path, dataset=dataset)
+    with pytest.raises(run.NonFiniteError, match=r"step 1: the training latents.*rows.*re-encode") as caught:
+        trainer.train()
+    assert caught.value.step == 1 and trainer.distiller.step == 0
+    assert trainer.store.list() == []
+
+
+def test_exploding_learning_rate_stops_before_the_bad_update_and_keeps_good_checkpoints(tmp_path):
+    class Snapshot(run.RunHooks):
+        def on_step(self, report):
+            self.after = lora(trainer)
+
+    hooks = Snapshot()
+    trainer = make_run(tmp_path, hooks=hooks, lr=1e30)
+    with pytest.raises(run.NonFiniteError, match="learning rate is too high") as caught:
+        trainer.train()
+    step = caught.value.step
+    assert step >= 2 and trainer.distiller.step == step - 1
+    assert "gradient" in str(caught.value) or "loss" in str(caught.value)
+    now = lora(trainer)
+    assert all(torch.equal(now[k], hooks.after[k]) for k in now)  # the optimiser step was not applied
+    saved = trainer.store.list()
+    assert saved and all(int(p.name[-6:]) < step for p in saved)  # no checkpoint of the bad step
+    for folder in saved:
+        state = torch.load(folder / run.STATE_FILE, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["distiller"]["lora"].values())
+    assert str(saved[-1]) in str(caught.value)  # the message names the checkpoint that is kept
+
+
+# --------------------------------------------------------------------------------------------------
+# The resume contract: one test per field
+# --------------------------------------------------------------------------------------------------
+
+CHANGED_SETTINGS = {
+    "lr": 2e-3, "batch_size": 4, "lora_rank": 8, "lora_alpha": 2, "seed": 1, "total_steps": 8,
+    "guidance_range": (2.0, 4.0), "teacher_grid_steps": 8, "distill_weights": (1.0, 1.0, 1.0, 0.5),
+    "adversarial_weights": (0.0, 0.0, 0.1, 0.1), "dmd_weights": (0.0, 0.0, 0.0, 0.0),
+    "lora_targets": ("to_q", "to_v"), "distill_loss": "l1",
+}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    assert make_run(root, hooks=StopAt(2)).train() == "stopped"  # a checkpoint at step 2 of 4
+    return root
+
+
+@pytest.mark.parametrize("field", sorted(CHANGED_SETTINGS))
+def test_resume_refuses_a_changed_setting(saved_run, field):
+    trainer = make_run(saved_run, **{field: CHANGED_SETTINGS[field]})
+    folder = trainer.store.latest()
+    with pytest.raises(run.ResumeMismatchError, match=rf"{field}: checkpoint .*, now .*Start fresh") as caught:
+        trainer.resume(folder)
+    assert any(d.startswith(f"{field}:") for d in caught.value.differences)
+    assert trainer.distiller.step == 0  # nothing loaded
+
+
+def test_resume_refuses_another_teacher_even_an_attention_weight(saved_run):
+    unet = tiny_sd15_unet()
+    with torch.no_grad():
+        unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight[0, 0] += 1e-3  # a patched teacher
+    trainer = make_run(saved_run, unet=unet)
+    with pytest.raises(run.ResumeMismatchError, match="teacher weights") as caught:
+        trainer.resume(trainer.store.latest())
+    assert len(caught.value.differences) == 1
+
+
+def test_resume_refuses_other_data(saved_run):
+    dataset = tiny_dataset()
+    dataset.latents[3] += 0.5
+    trainer = make_run(saved_run, dataset=dataset)
+    with pytest.raises(run.ResumeMismatchError, match="training data"):
+        trainer.resume(trainer.store.latest())
+    other_prompts = tiny_dataset()
+    other_prompts.cond.encoder_hidden_states[0] += 1.0
+    with pytest.raises(run.ResumeMismatchError, match="training data"):
+        make_run(saved_run, dataset=other_prompts).resume(run.CheckpointStore(saved_run / "ckpt").latest())
+
+
+def test_resume_allows_changes_when_asked_and_free_settings_always(saved_run):
+    trainer = make_run(saved_run, lr=2e-3)
+    differences = trainer.resume(trainer.store.latest(), allow_changes=True)
+    assert [d.split(":")[0] for d in differences] == ["lr"] and trainer.distiller.step == 2
+    same = make_run(saved_run, mixed_precision="no", grad_checkpointing=True)  # how, not what: may change
+    assert same.resume(same.store.latest()) == []
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    folder = tmp_path / "ckpt" / "step-000001"
+    folder.mkdir(parents=True)
+    (folder / run.META_FILE).write_text("{}")
+    torch.save({"version": 1, "distiller": {}}, folder / run.STATE_FILE)
+    trainer = make_run(tmp_path)
+    with pytest.raises(run.CheckpointError, match="not a version-2 Flash checkpoint"):
+        trainer.resume(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preview and export
+# --------------------------------------------------------------------------------------------------
+
+
+def test_preview_rows_teacher_then_students_one_column_per_prompt(tmp_path):
+    trainer = make_run(tmp_path)
+    data = trainer.dataset
+    decoded = []
+
+    def decode(latents):
+        decoded.append(latents)
+        return torch.sigmoid(latents[:, :3]).permute(0, 2, 3, 1).repeat_interleave(2, 1).repeat_interleave(2, 2)
+
+    preview = run.Preview(trainer.distiller, data.cond[torch.arange(3)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
+    image = preview.image()
+    assert image.dtype.name == "uint8" and image.shape == (4 * 16, run.GRID_LABEL_WIDTH + 3 * 16, 3)
+    assert [label.split("\n")[0] for label, _ in preview.rows()] == ["teacher", "student", "student", "student"]
+    assert torch.equal(preview.noise, torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)))
+    assert [run.preview_due(s, 10, 4) for s in (1, 4, 8, 9, 10)] == [False, True, True, False, True]
+    assert not run.preview_due(4, 10, 0)
+
+
+def test_every_export_has_one_schema_and_float32(tmp_path):
+    trainer = make_run(tmp_path)
+    trainer.train()
+    modules = run.lora_modules(trainer.distiller)
+    metadata = run.lora_metadata(trainer.distiller, trainer.settings, trainer.history, base_model="tiny",
+                                 teacher=trainer.fingerprints["teacher"], nfe=2)
+    assert metadata["flash.steps"] == "4" and metadata["flash.rank"] == "4" and metadata["ss_network_dim"] == "4"
+    assert json.loads(metadata["flash.timesteps"]) == [999, 499] and metadata["flash.dtype"] == "float32"
+    assert set(json.loads(metadata["flash.losses_last"])) >= {"loss", "loss_distill"}
+    for kind in ("comfyui", "diffusers", "peft"):
+        export = lora_formats.build_lora_export(modules, "sd15", kind, name="c", metadata=metadata, base_model="tiny",
+                                                dtype=run.EXPORT_DTYPE)
+        path = export.save(tmp_path)
+        with safe_open(str(path), "pt") as handle:
+            assert {k: v for k, v in handle.metadata().items() if k.startswith(("ss_", "flash."))} == metadata
+            assert all(handle.get_tensor(k).dtype == torch.float32 for k in handle.keys())  # noqa: SIM118
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    with pytest.raises(ValueError, match="ckpt"):
+        lora_formats.build_lora_export(modules, "sd15", "ckpt", metadata=metadata)
