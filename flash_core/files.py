@@ -120,23 +120,25 @@ def replace_folder_atomic(staging: str | os.PathLike, final: str | os.PathLike) 
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_orphaned_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+def remove_orphaned_temporaries(folder: str | os.PathLike, recursive: bool = True, stem: str = "") -> list[str]:
     """Delete the ".tmp-" files and folders a killed writer left in `folder`; returns what was removed.
 
+    stem: only temporaries of files named `stem...` (a shared folder such as models/loras/flash).
     Call it only while holding the folder's OutputLock (no live writer then owns a temporary there).
     """
     removed: list[str] = []
     folder = os.fspath(folder)
+    prefix = TEMP_PREFIX + stem
     if not os.path.isdir(folder):
         return removed
     for root, dirs, names in os.walk(folder):
         for name in list(dirs):
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(prefix):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
                 removed.append(os.path.join(root, name))
                 dirs.remove(name)
         for name in names:
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(prefix):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(root, name))
                 removed.append(os.path.join(root, name))

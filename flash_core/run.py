@@ -65,7 +65,7 @@ from torch import Tensor
 from flash_core import lora_formats
 from flash_core.denoiser import Conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
-from flash_core.files import torch_save_atomic, write_text_atomic
+from flash_core.files import TEMP_PREFIX, replace_folder_atomic, torch_save_atomic, write_text_atomic
 from flash_core.schedules import flow_sigmas, trailing_timesteps
 
 CHECKPOINT_FORMAT = "flash-run-checkpoint"
@@ -428,7 +428,7 @@ class CheckpointStore:
         """Every process calls this at the same step (collective when num_processes > 1)."""
         step = run.distiller.step
         name = f"{CHECKPOINT_PREFIX}{step:06d}"
-        final, staging = self.root / name, self.root / f".{name}.partial"
+        final, staging = self.root / name, self.root / f"{TEMP_PREFIX}{name}"  # a killed save leaves an orphan
         if self.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -447,9 +447,7 @@ class CheckpointStore:
             meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
                     "phase": run.distiller.phase, "num_processes": self.num_processes, "settings": run.settings}
             write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            replace_folder_atomic(staging, final)
             write_text_atomic(self.root / LATEST_FILE, name + "\n")
             self._prune(step)
         self.barrier()
@@ -633,15 +631,15 @@ class Run:
             done = distiller.step
             self.history.append({"step": done, **logs})
             image = self.preview.image() if self.preview is not None and preview_due(done, total, self.preview_every) else None
-            if self.checkpoint_every and done % self.checkpoint_every == 0 and done < total:
-                self._checkpoint()
             rate = (time.perf_counter() - started) / max(1, done - start_step)
-            try:
+            try:  # the step's log line is written before its checkpoint, so a kill between them loses nothing
                 self.hooks.on_step(StepReport(done, total, logs, rate, image))
             except BaseException:
                 if self.num_processes == 1:  # (a collective save cannot run on one process alone)
                     self._checkpoint()  # a cancel: the state after the last finished step
                 raise
+            if self.checkpoint_every and done % self.checkpoint_every == 0 and done < total:
+                self._checkpoint()
             if self.hooks.should_stop():
                 self._checkpoint()
                 return "stopped"
@@ -650,14 +648,10 @@ class Run:
         return "done"
 
     def loss_map(self) -> dict[str, list[float]]:
-        """Loss name -> one value per update of its side (ComfyUI's LOSS_MAP): the student's losses from student
-        iterations, loss_discriminator from discriminator iterations (alternating steps repeat the other side's)."""
-        def updated(entry: dict, key: str) -> bool:
-            side = "discriminator_update" if key == "loss_discriminator" else "student_update"
-            return entry.get(side, 1.0) > 0
-
+        """Loss name -> one value per iteration (ComfyUI's LOSS_MAP, plotted against the node's steps); with
+        alternating updates a discriminator iteration repeats the student's latest losses and the reverse."""
         keys = sorted({k for h in self.history for k in h if k.startswith("loss")})
-        return {k: [float(h[k]) for h in self.history if k in h and updated(h, k)] for k in keys}
+        return {k: [float(h[k]) for h in self.history if k in h] for k in keys}
 
 
 _teacher_fingerprint = teacher_fingerprint  # Run's keyword argument of the same name shadows it

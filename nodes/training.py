@@ -38,7 +38,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from flash_core import lora_formats, run
+from flash_core import files, lora_formats, run
 from flash_core.distill import DistillConfig, FlashDistiller
 from flash_core.recipes import get_recipe
 
@@ -95,6 +95,34 @@ def output_locations(name: str) -> tuple[str, str]:
     """(LoRA file path, checkpoint folder) for a checked name, under the first `loras` model folder."""
     root = os.path.join(folder_paths.get_folder_paths("loras")[0], OUTPUT_SUBFOLDER)
     return os.path.join(root, f"{name}.safetensors"), os.path.join(root, CHECKPOINT_SUBFOLDER, name)
+
+
+# LoRA files this server process wrote: path -> (size, mtime_ns). ComfyUI caches a node's outputs while its
+# fingerprint stays the same; FlashDistillTrain's fingerprint includes its output file, so a LoRA deleted or
+# replaced after training makes the node run again instead of reporting success with no file.
+_WRITTEN: dict[str, tuple[int, int]] = {}
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def output_fingerprint(lora_name: str) -> str:
+    """'as trained' while the output file is absent before training or is what this server wrote; otherwise
+    its current state (missing, or replaced), which differs and so makes ComfyUI run the node again."""
+    try:
+        path = output_locations(check_lora_name(lora_name))[0]
+    except TrainingInputError:
+        return "invalid name"  # execute reports it
+    current = _file_state(path)
+    written = _WRITTEN.get(path)
+    if written is None and current is None or written is not None and written == current:
+        return "as trained"
+    return f"changed since training: {current}"
 
 
 def ensure_writable(folder: str) -> None:
@@ -242,6 +270,15 @@ def export_lora(distiller: FlashDistiller, path_map: dict[str, str], backbone: s
     return lora_formats.build_lora_export(modules, backbone, "comfyui", metadata=metadata, dtype=run.EXPORT_DTYPE)
 
 
+def same_tensors(path: str, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the LoRA file at `path` holds exactly `tensors` (a finished run's own output)."""
+    try:
+        stored, _ = lora_formats.load_safetensors(path)
+    except (OSError, ValueError):
+        return False
+    return stored.keys() == tensors.keys() and all(torch.equal(stored[k], tensors[k].cpu()) for k in tensors)
+
+
 def student_model(model, lora: dict[str, torch.Tensor]):
     """Teacher clone + the LoRA as ComfyUI weight patches (what LoraLoader does); every module must apply."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -358,6 +395,11 @@ class FlashDistillTrain(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        """The inputs' own values decide ComfyUI's cache, plus the state of the output LoRA file."""
+        return output_fingerprint(lora_name[0] if isinstance(lora_name, list) else lora_name)
+
+    @classmethod
     def execute(cls, model, latents, positive, negative, lora_name, steps, nfe, rank, learning_rate, guidance_min,
                 guidance_max, teacher_steps, distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
                 resume, overwrite, preview_every, gradient_checkpointing, mixed_precision, vae=None) -> io.NodeOutput:
@@ -427,83 +469,99 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     if len(conditioning_entries(negative)) == 1:
         uncond_entries = uncond_entries[:1]
     lora_path, checkpoint_dir = output_locations(name)
-    if os.path.exists(lora_path) and not overwrite:
-        raise TrainingInputError(
-            f"{NODE}: '{lora_path}' already exists. Turn overwrite on to replace it, or choose another lora_name."
-        )
-    ensure_writable(os.path.dirname(lora_path))
-    ensure_writable(checkpoint_dir)
-    device = comfy.model_management.get_torch_device()
-    config = distill_config(backbone, steps, rank, learning_rate, guidance_min, guidance_max, teacher_steps,
-                            distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
-                            gradient_checkpointing, mixed_precision, device)
+    already_exists = TrainingInputError(
+        f"{NODE}: '{lora_path}' already exists. Turn overwrite on to replace it, or choose another lora_name."
+    )
     store = checkpoint_store(checkpoint_dir)
     resume_from = store.latest() if resume else None
+    if os.path.exists(lora_path) and not overwrite and resume_from is None:
+        raise already_exists
+    ensure_writable(os.path.dirname(lora_path))
+    ensure_writable(checkpoint_dir)
+    # One run per output (another ComfyUI sharing these folders refuses, naming the holder); holding the lock,
+    # remove what a killed run left half-written.
+    lock = files.OutputLock(checkpoint_dir, what=f"{NODE} '{name}'").acquire()
+    try:
+        files.remove_orphaned_temporaries(checkpoint_dir)
+        files.remove_orphaned_temporaries(os.path.dirname(lora_path), recursive=False, stem=f"{name}.safetensors")
+        device = comfy.model_management.get_torch_device()
+        config = distill_config(backbone, steps, rank, learning_rate, guidance_min, guidance_max, teacher_steps,
+                                distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
+                                gradient_checkpointing, mixed_precision, device)
 
-    # ---- build the student over a private copy of the teacher --------------------------------------
-    hw = tuple(data.shape[-2:])
-    cond_all = to_conditioning(cond_entries, hw, backbone)
-    uncond_all = to_conditioning(uncond_entries, hw, backbone)
-    denoiser = ComfyDenoiser(model, device=device)
-    distiller = FlashDistiller(denoiser, config, device=denoiser.device)
-    path_map = lora_path_map(model)
-    latent_format = denoiser.latent_format
-    run.init_lora(distiller, config.seed, lambda path: path_map.get(path, path))
-    recipe = distiller.recipe
-    dataset = run.TensorDataset(denoiser.process_in(data).to(denoiser.device),  # VAE latents -> model space
-                                cond_all.to(denoiser.device), uncond_all.to(denoiser.device))
-    columns = torch.arange(min(PREVIEW_COLUMNS, count))
-    preview = run.Preview(
-        distiller, cond_all[columns], uncond_all if uncond_all.batch_size == 1 else uncond_all[columns],
-        tuple(data.shape[1:]), seed, sum(recipe.guidance_range) / 2, recipe.teacher_grid_steps,
-        decode=lambda latents: to_images(latents, latent_format, vae),
-    )
-    trainer = run.Run(
-        distiller, dataset, run.run_settings(config, base_model=type(model.model.model_config).__name__),
-        store=store, hooks=NodeHooks(Progress(steps, node_id), recipe.num_phases), preview=preview,
-        preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
-        fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
-        rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
-    )
-    if resume_from is not None:
+        # ---- build the student over a private copy of the teacher --------------------------------------
+        hw = tuple(data.shape[-2:])
+        cond_all = to_conditioning(cond_entries, hw, backbone)
+        uncond_all = to_conditioning(uncond_entries, hw, backbone)
+        denoiser = ComfyDenoiser(model, device=device)
+        distiller = FlashDistiller(denoiser, config, device=denoiser.device)
+        path_map = lora_path_map(model)
+        latent_format = denoiser.latent_format
+        run.init_lora(distiller, config.seed, lambda path: path_map.get(path, path))
+        recipe = distiller.recipe
+        dataset = run.TensorDataset(denoiser.process_in(data).to(denoiser.device),  # VAE latents -> model space
+                                    cond_all.to(denoiser.device), uncond_all.to(denoiser.device))
+        columns = torch.arange(min(PREVIEW_COLUMNS, count))
+        preview = run.Preview(
+            distiller, cond_all[columns], uncond_all if uncond_all.batch_size == 1 else uncond_all[columns],
+            tuple(data.shape[1:]), seed, sum(recipe.guidance_range) / 2, recipe.teacher_grid_steps,
+            decode=lambda latents: to_images(latents, latent_format, vae),
+        )
+        trainer = run.Run(
+            distiller, dataset, run.run_settings(config, base_model=type(model.model.model_config).__name__),
+            store=store, hooks=NodeHooks(Progress(steps, node_id), recipe.num_phases), preview=preview,
+            preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
+            fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
+            rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
+        )
+        if resume_from is not None:
+            try:
+                trainer.resume(resume_from)
+            except (run.ResumeMismatchError, run.CheckpointError) as err:
+                raise TrainingInputError(f"{NODE}: {err}") from None
+            LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, distiller.step, steps)
+
+        start_step, started = distiller.step, time.perf_counter()
         try:
-            trainer.resume(resume_from)
-        except (run.ResumeMismatchError, run.CheckpointError) as err:
-            raise TrainingInputError(f"{NODE}: {err}") from None
-        LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, distiller.step, steps)
+            trainer.train()
+        except comfy.model_management.InterruptProcessingException:
+            LOG.info("%s: cancelled at step %d; checkpoint in %s.", NODE, distiller.step, checkpoint_dir)
+            raise
+        except run.NonFiniteError as err:  # nothing of the bad step was saved; ComfyUI shows this in its error panel
+            err.args = (f"{NODE}: {err}",)
+            raise
+        seconds = time.perf_counter() - started
+        LOG.info("%s: %d steps in %.1f s (%.3f s/step).", NODE, distiller.step - start_step, seconds,
+                 seconds / max(1, distiller.step - start_step))
 
-    start_step, started = distiller.step, time.perf_counter()
-    try:
-        trainer.train()
-    except comfy.model_management.InterruptProcessingException:
-        LOG.info("%s: cancelled at step %d; checkpoint in %s.", NODE, distiller.step, checkpoint_dir)
-        raise
-    except run.NonFiniteError as err:  # nothing of the bad step was saved; ComfyUI shows this in its error panel
-        err.args = (f"{NODE}: {err}",)
-        raise
-    seconds = time.perf_counter() - started
-    LOG.info("%s: %d steps in %.1f s (%.3f s/step).", NODE, distiller.step - start_step, seconds,
-             seconds / max(1, distiller.step - start_step))
-
-    # ---- outputs -----------------------------------------------------------------------------------
-    metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
-                                 teacher=trainer.fingerprints["teacher"], nfe=nfe)
-    export = export_lora(distiller, path_map, backbone, metadata)
-    lora = export.tensors
-    try:
-        lora_formats.save_lora(lora_path, lora, export.metadata)
-    except OSError as err:
-        raise TrainingInputError(
-            f"{NODE}: could not write '{lora_path}' ({err.strerror or err}); no file was left behind. The trained "
-            f"state is in '{checkpoint_dir}': free disk space / fix permissions and queue again with resume on."
-        ) from err
-    LOG.info("%s: wrote %s", NODE, lora_path)
-    grid = image_output(preview.image())
-    loss_map = trainer.loss_map()
-    del preview, trainer, dataset, distiller, denoiser
-    gc.collect()
-    comfy.model_management.soft_empty_cache()
-    return student_model(model, lora), lora, loss_map, grid
+        # ---- outputs -----------------------------------------------------------------------------------
+        metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
+                                     teacher=trainer.fingerprints["teacher"], nfe=nfe)
+        export = export_lora(distiller, path_map, backbone, metadata)
+        lora = export.tensors
+        if os.path.exists(lora_path) and not overwrite:
+            if not same_tensors(lora_path, lora):  # another file of that name, not this finished run's
+                raise already_exists
+            LOG.info("%s: '%s' is already this run's LoRA (step %d of %d); not written again.", NODE, lora_path,
+                     distiller.step, steps)
+        else:
+            try:
+                lora_formats.save_lora(lora_path, lora, export.metadata)
+            except OSError as err:
+                raise TrainingInputError(
+                    f"{NODE}: could not write '{lora_path}' ({err.strerror or err}); no file was left behind. The trained "
+                    f"state is in '{checkpoint_dir}': free disk space / fix permissions and queue again with resume on."
+                ) from err
+            LOG.info("%s: wrote %s", NODE, lora_path)
+        _WRITTEN[lora_path] = _file_state(lora_path)
+        grid = image_output(preview.image())
+        loss_map = trainer.loss_map()
+        del preview, trainer, dataset, distiller, denoiser
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+        return student_model(model, lora), lora, loss_map, grid
+    finally:
+        lock.release()
 
 
 NODES = [FlashDistillTrain]

@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # heavy imports happen inside functions: `flash-distill --hel
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3  # a non-finite loss / gradient / latent stopped the run (flash_core.run.NonFiniteError)
+EXIT_WRITE_ERROR = 4  # a checkpoint or export could not be written (full disk, permissions); earlier ones are kept
 EXIT_INTERRUPTED = 130
 
 BACKBONES = ("sd15", "sdxl", "pixart", "sd3")
@@ -820,6 +821,7 @@ def sample_preview(config: TrainConfig, distiller, teacher: TeacherModel, prompt
 
 def export_lora(config: TrainConfig, trainer, base_model: str) -> dict[str, Path]:
     """Write the trained LoRA in the configured formats (rank 0) with flash_core.run's metadata and dtype."""
+    from flash_core import lora_formats
     from flash_core import run as flash_run
 
     distiller = trainer.distiller
@@ -846,7 +848,23 @@ def prompt_uncond_conditioning(uncond_tensors: dict, cond, size: int):
 
 def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool = False) -> int:
     """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing).
-    Raises NonFiniteError (main: exit EXIT_NON_FINITE) and ConfigError / DataError (exit 2)."""
+    Raises NonFiniteError (main: exit EXIT_NON_FINITE), ConfigError / DataError / OutputLockedError (exit 2).
+
+    The main process holds output_dir's lock for the whole run (a second run on it refuses, naming this one)
+    and, holding it, first removes the temporaries a killed run left behind.
+    """
+    from accelerate import PartialState
+
+    from flash_core import files
+
+    if not PartialState().is_main_process:
+        return _train(config, resume, dump_rank_lora, allow_changes)
+    with files.OutputLock(config.output_dir, what=f"flash-distill --config {config.source}"):
+        files.remove_orphaned_temporaries(config.output_dir)
+        return _train(config, resume, dump_rank_lora, allow_changes)
+
+
+def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool) -> int:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -1001,15 +1019,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `flash-distill`; returns the exit code (2 for config / data errors)."""
     args = parse_args(argv)
+    from flash_core.files import FileWriteError, OutputLockedError
     from flash_core.run import NonFiniteError
     from training.data import DataError
 
     try:
         config = load_config(args.config)
         return run(config, args.resume, args.dump_rank_lora, args.allow_changes)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, OutputLockedError) as error:
         print(f"flash-distill: error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except FileWriteError as error:  # a full disk / unwritable folder: the previous checkpoint is kept
+        print(f"flash-distill: error: {error}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
     except NonFiniteError as error:  # nothing of the bad step was saved; earlier checkpoints are kept
         print(f"flash-distill: error: {error}", file=sys.stderr)
         return EXIT_NON_FINITE

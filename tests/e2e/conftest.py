@@ -7,7 +7,6 @@ through --extra-model-paths-config: the cached tiny SD1.5 checkpoint plus files 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

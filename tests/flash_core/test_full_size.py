@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 
 from flash_core.backends.diffusers import UNetDenoiser

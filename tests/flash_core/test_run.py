@@ -277,3 +277,38 @@ def test_every_export_has_one_schema_and_float32(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
     with pytest.raises(ValueError, match="ckpt"):
         lora_formats.build_lora_export(modules, "sd15", "ckpt", metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------------
+# Crash safety: a full disk at a checkpoint, a save killed half-way
+# --------------------------------------------------------------------------------------------------
+
+
+def test_full_disk_at_a_checkpoint_stops_with_the_file_named_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from flash_core import files
+
+    trainer = make_run(tmp_path)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # step 1's rank + state files are written; step 2's hit a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(files.FileWriteError) as error:
+        trainer.train()
+    assert "disk is full" in str(error.value) and "step-000002" in str(error.value)
+    store = trainer.store
+    assert store.latest().name == "step-000001" and [p.name for p in store.list()] == ["step-000001"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert store.load(store.latest())["step"] == 1  # the previous checkpoint is whole
+    leftovers = files.remove_orphaned_temporaries(store.root)  # what the next run removes when it starts
+    assert [p.split("/")[-1] for p in leftovers] == [f"{files.TEMP_PREFIX}step-000002"]
+    resumed = make_run(tmp_path)
+    resumed.resume(store.latest())
+    assert resumed.train() == "done" and resumed.distiller.step == 4

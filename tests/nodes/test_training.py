@@ -361,11 +361,11 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
 
 
 def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(training, small_case, loras_dir):
-    """ComfyUI raises Cancel inside any op, here in the middle of step 3 after the LoRA's optimiser step (during
-    the discriminator's feature pass): the half step is undone, the checkpoint holds the state after step 2."""
+    """ComfyUI raises Cancel inside any op, here in the middle of step 3 (a student iteration, during the
+    adversarial feature pass, after the step's timestep, noise and guidance were drawn): the half step is undone,
+    the checkpoint holds the state after step 2 and resuming reproduces the uninterrupted run exactly."""
     import comfy.model_management
     import comfy.utils
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     model, latents, prompts = small_case
     reference = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="reference"))[1]
@@ -374,24 +374,18 @@ def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(t
     def on_progress(value, total, preview, node_id=None, prompt_id=None):
         progress["value"] = value
 
-    def after_optimizer_step(optimizer, args, kwargs):  # the first optimiser of step 3 is the LoRA's
-        if progress["value"] == 2 and not progress["armed"]:
-            progress["armed"] = True
-
     def before_middle_block(module, args):
-        if progress["armed"]:  # the discriminator's feature pass of step 3: press Cancel now
+        if progress["value"] == 2 and progress["armed"] is False:  # inside step 3: press Cancel now
             progress["armed"] = None
             comfy.model_management.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(on_progress)
-    optimizer_hook = register_optimizer_step_post_hook(after_optimizer_step)
     block_hook = model.model.diffusion_model.middle_block[0].register_forward_pre_hook(before_middle_block)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-        optimizer_hook.remove()
         block_hook.remove()
         comfy.model_management.interrupt_current_processing(False)
     assert progress["armed"] is None  # the cancel did fire inside step 3
@@ -494,6 +488,28 @@ def test_existing_file_is_kept_unless_overwrite(training, small_case, loras_dir)
     assert target.read_bytes() == b"precious"
     run_node(training, **node_inputs(model, latents, prompts, steps=1, lora_name="taken", overwrite=True, resume=False))
     assert target.read_bytes() != b"precious"
+
+
+def test_deleted_output_reruns_the_node_and_a_finished_run_is_not_redone(training, small_case, loras_dir):
+    """ComfyUI re-runs FlashDistillTrain when its fingerprint changes: it covers the output file, so deleting
+    the trained LoRA makes the node run again (resume: 0 steps, the same file written back); running a finished
+    run again with its own file in place succeeds without rewriting it."""
+    model, latents, prompts = small_case
+    inputs = node_inputs(model, latents, prompts, steps=2, lora_name="kept")
+    fingerprint = lambda: training.FlashDistillTrain.fingerprint_inputs(**{k: v for k, v in inputs.items()
+                                                                          if k not in ("model", "latents")})
+    before = fingerprint()
+    first = run_node(training, **inputs)[1]
+    target = loras_dir / "flash" / "kept.safetensors"
+    assert target.is_file() and fingerprint() == before  # ComfyUI may serve the cached outputs now
+    target.unlink()
+    assert fingerprint() != before  # ... but not once the file is gone
+    again = run_node(training, **inputs)[1]
+    assert target.is_file() and fingerprint() == before
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    stamp = target.stat().st_mtime_ns
+    run_node(training, **inputs)  # finished run, its own file: success, nothing rewritten
+    assert target.stat().st_mtime_ns == stamp
 
 
 def test_unwritable_output_folder_is_refused_before_training(training, small_case, loras_dir):

@@ -506,3 +506,24 @@ def test_resume_with_changed_settings_is_refused_then_allowed_explicitly(tmp_pat
     code, stderr = main_in_process(["--config", str(changed), "--resume", "--allow-changes"], capsys)
     assert code == 0, stderr[-3000:]
     assert "continuing despite a changed lr" in stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, capsys):
+    import textwrap
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([PYTHON, "-c", textwrap.dedent(f"""
+        import time
+        from flash_core.files import OutputLock
+        with OutputLock({str(out)!r}, what="flash-distill --config first.yaml"):
+            print("locked", flush=True)
+            time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = write_config(tmp_path / "c.yaml", output_dir=str(out), data={"path": str(make_dataset(tmp_path / "d", 1))})
+        code, stderr = main_in_process(["--config", str(config)], capsys)
+        assert_one_line(code, stderr, "in use by another training run", f"pid {holder.pid}", "first.yaml")
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
