@@ -520,10 +520,15 @@ def main(argv: list[str] | None = None) -> int:
         "warning", warnings.formatwarning(message, category, filename, lineno, line))  # libraries' notes: the log
     try:
         return run_demo(args, console, log)
+    except KeyboardInterrupt:
+        console.end_live()
+        print("\nmake demo interrupted", file=sys.stderr)
+        return 130
     except (RuntimeError, TimeoutError, OSError) as error:  # a failed workflow / server: its message, not a trace
         console.end_live()
         log.write("failed", f"{type(error).__name__}: {error}")
-        print(f"\nmake demo failed: {error}\ndetails: {shown(log.path)} (comfy-cli, ComfyUI's answers), "
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]  # the rest is in the log
+        print(f"\nmake demo failed: {first_line}\ndetails: {shown(log.path)} (comfy-cli, ComfyUI's answers), "
               f"{shown(demo_dir() / 'comfyui.log')} (ComfyUI)", file=sys.stderr)
         return 1
 
