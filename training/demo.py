@@ -197,11 +197,12 @@ class Console:
         self.stream.flush()
 
     def live(self, text: str, force: bool = False) -> bool:
-        """Show `text` as the live line; False when it was not printed (no terminal, printed too recently)."""
+        """Show `text` as the live line; False when it was not printed (no terminal, printed too recently).
+        force: print it now, and on a terminal keep it (the final state of a progress line)."""
         text = text[: self.width]
         if self.tty:
-            self.stream.write("\r" + text + " " * max(0, len(self._live) - len(text)))
-            self._live = text
+            self.stream.write("\r" + text + " " * max(0, len(self._live) - len(text)) + ("\n" if force else ""))
+            self._live = "" if force else text
         elif force or time.monotonic() - self._last_plain >= self.every_s:
             self.stream.write(text + "\n")
             self._last_plain = time.monotonic()
@@ -209,6 +210,11 @@ class Console:
             return False
         self.stream.flush()
         return True
+
+    def labelled(self, label: str, path: Path | str, indent: str = "") -> None:
+        """`label: path` on one line when it fits the width, else the path on the next line."""
+        line = f"{indent}{label}: {shown(path)}"
+        self.line(line if len(line) <= self.width else f"{indent}{label}:\n{INDENT}{shown(path)}")
 
     def end_live(self) -> None:
         if self._live:
@@ -252,10 +258,8 @@ class StepLog:
         line = f"[{STEPS.index(name) + 1}/{len(STEPS)}] {text} in {duration(self.seconds[name])}"
         if where is None:
             self.console.line(line)
-        elif len(line) + len(f": {shown(where)}") <= self.console.width:
-            self.console.line(f"{line}: {shown(where)}")
         else:
-            self.console.line(f"{line}:\n{INDENT}{shown(where)}")
+            self.console.labelled(line, where)
 
 
 class DemoLog:
@@ -311,13 +315,13 @@ class DistillProgress:
             path = self.preview_dir / f"distill_step{self.step:05d}.{event.image_format}"
             write_atomic(path, lambda tmp: Path(tmp).write_bytes(event.image))
             self.previews.append(path)
-            self.console.line(f"{INDENT}preview grid, step {self.step}: {shown(path)}")
+            self.console.labelled(f"preview grid, step {self.step}", path, INDENT)
         elif event.kind == "executed":
             self.outputs[event.node] = event.output or {}
             for image in (event.output or {}).get("images", []):
                 if image.get("type") == "output":  # SaveImage's file (PreviewImage's are temporary)
                     path = self.output_dir / image.get("subfolder", "") / image["filename"]
-                    self.console.line(f"{INDENT}saved {self.titles.get(event.node, event.node)}: {shown(path)}")
+                    self.console.labelled(f"saved {self.titles.get(event.node, event.node)}", path, INDENT)
 
     def tick(self) -> None:
         """About once a second between events: the ETA ticks on a terminal; without one, a step not shown yet."""
@@ -632,8 +636,9 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
         for label, path in (("grid", args.results_dir / "grid.png"), ("table", args.results_dir / "results.md"),
                             ("times", args.results_dir / "timing.json"), ("images", output), ("student", lora),
                             ("log", log.path)):
-            console.line(f"{label + ':':9}{shown(path)}")
-        console.line(f"\ndemo finished in {duration(timing['total_s'])} ({timing['kind'].replace('_', ' ')})")
+            console.labelled(label, path)
+        console.line(f"\ndemo finished in {duration(timing['total_s'])} (teacher {timing['teacher']}, "
+                     f"student {timing['student']})")
         if args.serve:
             console.line(f"\nOpen {server.url} and load a workflow from the template browser")
             console.line("(Workflow > Browse Templates > ComfyUI-Flash: flash_demo_compare, flash_demo_distill).")

@@ -146,12 +146,14 @@ def test_distillation_progress_is_live(demo_run: DemoRun):
     assert len(early) >= 2 and finished_at - early[0][0] > 5.0, progress  # printed while it ran
     assert all(re.search(r"loss -?[0-9.]+", line) for _, line in progress), progress
     assert any("ETA" in line for _, line in early), progress
-    previews = [line for _, line in demo_run.lines[begin:end] if "preview grid, step" in line]
+    window = [line for _, line in demo_run.lines[begin:end]]
+    previews = [(line, window[i + 1].strip() if line.endswith(":") else line.split(": ", 1)[1])  # (line, its path)
+                for i, line in enumerate(window) if "preview grid, step" in line]
     every = json.loads((WORKFLOWS / "api" / "flash_demo_distill.json").read_text())[DISTILL_NODE]["inputs"]["preview_every"]
     expected = sorted(set(range(every, STUDENT_STEPS + 1, every)) | {STUDENT_STEPS})  # the node's preview rule
-    assert [int(re.search(r"step (\d+)", line).group(1)) for line in previews] == expected, previews
-    for line in previews:
-        image = Image.open(line.split(": ", 1)[1].strip())
+    assert [int(re.search(r"step (\d+)", line).group(1)) for line, _ in previews] == expected, previews
+    for _, path in previews:
+        image = Image.open(path)
         assert image.width > 64 and image.height > 64
 
 
