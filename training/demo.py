@@ -504,7 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retrain", action="store_true", help="distil the student again (the teacher stays cached)")
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps, help="teacher UNet steps (first run)")
     parser.add_argument("--teacher-vae-steps", type=int, default=TeacherConfig.vae_steps)
-    parser.add_argument("--student-steps", type=int, default=500, help="FlashDistillTrain steps")
+    parser.add_argument("--student-steps", type=int, default=1000,
+                        help="FlashDistillTrain steps (iterations: half student, half discriminator updates)")
     parser.add_argument("--per-digit", type=int, default=10, help="images per digit and path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=None)

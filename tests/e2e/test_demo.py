@@ -40,7 +40,7 @@ from .conftest import REPO_ROOT, WORKFLOWS
 
 pytestmark = pytest.mark.timeout(3000)  # the shared fixture runs the whole demo (minutes on a busy 2-core machine)
 
-STUDENT_STEPS = 200
+STUDENT_STEPS = 400  # iterations: 200 student updates (the recipe alternates student and discriminator)
 DEMO_ARGS = ["--student-steps", str(STUDENT_STEPS), "--per-digit", "6", "--no-serve"]
 # Without a cached default teacher: it needs its ~1000 UNet steps before prompts steer it (at 400 it is still
 # unconditional: 13 % accuracy), so the budget is cut on the VAE only.
