@@ -22,6 +22,7 @@ from pathlib import Path
 from training.comfy_env import REPO_ROOT, comfyui_path
 
 PACK_DIR_NAME = "ComfyUI-Flash"
+FRONTEND_DIR_NAME = ".frontend"  # `make setup`: the frontend package named by that ComfyUI's requirements.txt
 
 
 def free_port() -> int:
@@ -61,6 +62,9 @@ class ComfyServer:
         extra = write_extra_model_paths(state / "flash_extra_model_paths.yaml", self.models_root)
         cmd = [sys.executable, str(self.comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--extra-model-paths-config", str(extra), "--preview-method", "latent2rgb"]
+        frontend = self.comfy / FRONTEND_DIR_NAME
+        if (frontend / "index.html").is_file():  # the frontend this ComfyUI version names (make setup unpacks it)
+            cmd += ["--front-end-root", str(frontend)]
         if self.base_dir:
             custom_nodes = self.base_dir / "custom_nodes"
             custom_nodes.mkdir(parents=True, exist_ok=True)
