@@ -159,12 +159,12 @@ class UnpatchableModelError(RuntimeError):
     """ComfyUI cannot give this MODEL's weights as plain, patched tensors."""
 
 
-def plain_patched_unet(model) -> tuple[nn.Module, nn.Module]:
+def plain_patched_unet(model, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(BaseModel, a private diffusion_model whose tensors are the MODEL's weights with its patches applied).
 
     ComfyUI's memory modes differ in where a MODEL's patches (LoRAs, weight patches) live:
     * plain ModelPatcher (CPU, normal/high VRAM, --lowvram): `load_models_gpu(force_full_load=True)` applies
-      them in place on the shared BaseModel, which is then deep-copied (the graph's MODEL keeps working).
+      them in place on the shared BaseModel, whose UNet is then deep-copied (the graph's MODEL keeps working).
     * dynamic VRAM (ComfyUI 0.18+ on NVIDIA, `model.is_dynamic()`): weights are staged and the patches are
       applied only at cast time, so the module's tensors are the unpatched checkpoint's. ComfyUI's own way to
       get plain modules is `model.clone(disable_dynamic=True)`: a fresh, non-dynamic load (the loader's
@@ -182,8 +182,9 @@ def plain_patched_unet(model) -> tuple[nn.Module, nn.Module]:
             f"({error}). Load the model with a core loader (Load Checkpoint, Load Diffusion Model) or Flash "
             "Diffusers Pipeline Loader, or start ComfyUI with --disable-dynamic-vram."
         ) from error
-    # Our own load (outside model management, which would unpatch it on unload): patches baked into the weights.
-    delegate.patch_model(device_to=delegate.offload_device, lowvram_model_memory=0, force_patch_weights=True)
+    # Our own load on the training device (outside model management, which would unpatch it on unload): the
+    # patches baked into the weights.
+    delegate.patch_model(device_to=device, lowvram_model_memory=0, force_patch_weights=True)
     return delegate.model, delegate.model.diffusion_model
 
 
@@ -237,7 +238,7 @@ class ComfyDenoiser(Denoiser):
         self.backbone = backbone_of(model)
         self.device = torch.device(device) if device is not None else comfy.model_management.get_torch_device()
         self.model_sampling = model.get_model_object("model_sampling")
-        base, diffusion_model = plain_patched_unet(model)
+        base, diffusion_model = plain_patched_unet(model, self.device)
         self.latent_format = base.latent_format
         self.base_model = private_base_model(base, self.model_sampling, diffusion_model)
         self.diffusion_model: UNetModel = self.base_model.diffusion_model.to(self.device)
