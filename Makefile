@@ -71,10 +71,11 @@ comfyui: $(VENV)/.installed
 	  | { if [ "$(COMFYUI_SIDE)" = 1 ]; then grep -v -E '^comfyui-'; else cat; fi; } > "$$dest/.flash-requirements.txt"; \
 	$(PY) -m pip install -q -r "$$dest/.flash-requirements.txt" -c requirements.txt; \
 	frontend=$$(grep -E '^comfyui-frontend-package==' "$$dest/requirements.txt" || true); \
-	if [ $$owned = 1 ] && [ -n "$$frontend" ]; then \
-	  rm -rf "$$dest/.frontend" "$$dest/.frontend-dl"; $(PY) -m pip download -q --no-deps "$$frontend" -d "$$dest/.frontend-dl"; \
+	if [ $$owned = 1 ] && [ -n "$$frontend" ] && { [ "$$have" != "$$want" ] || [ ! -f "$$dest/.frontend/index.html" ]; }; then \
+	  rm -rf "$$dest/.frontend-dl"; $(PY) -m pip download -q --no-deps "$$frontend" -d "$$dest/.frontend-dl"; \
 	  (cd "$$dest/.frontend-dl" && unzip -q *.whl 'comfyui_frontend_package/static/*'); \
-	  mv "$$dest/.frontend-dl/comfyui_frontend_package/static" "$$dest/.frontend"; rm -rf "$$dest/.frontend-dl"; \
+	  rm -rf "$$dest/.frontend"; mv "$$dest/.frontend-dl/comfyui_frontend_package/static" "$$dest/.frontend"; \
+	  rm -rf "$$dest/.frontend-dl"; \
 	fi; \
 	mkdir -p "$$dest/custom_nodes"; ln -sfn $(ROOT) "$$dest/custom_nodes/ComfyUI-Flash"; \
 	if [ $$owned = 1 ]; then echo "$$want" > "$$marker"; fi
