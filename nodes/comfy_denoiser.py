@@ -3,11 +3,11 @@
 The trainer (flash_core.distill) talks to every model family through `flash_core.denoiser.Denoiser`; this
 module is the ComfyUI adapter of that interface:
 
-* The network is a private copy: the BaseModel is shallow-copied with its own module table and a deep copy
-  of `diffusion_model`, so peft's adapters are injected into the copy and the teacher MODEL in the graph is
-  never changed (its weights, its ModelPatcher, its patches). The copy is taken after
-  `load_models_gpu`, i.e. with the MODEL's own patches (e.g. a style LoRA) baked in: the student learns on
-  top of exactly the model the user wired in.
+* The network is a private copy: the BaseModel is shallow-copied with its own module table and a private
+  `diffusion_model` holding plain tensors with the MODEL's own patches (e.g. a style LoRA) baked in, so peft's
+  adapters are injected into the copy, the teacher MODEL in the graph is never changed (its weights, its
+  ModelPatcher, its patches), and the student learns on top of exactly the model the user wired in, whatever
+  ComfyUI's memory mode (`plain_patched_unet`).
 * `predict` calls ComfyUI's own `BaseModel.apply_model` (input scaling, dtype casts, conditioning conversion,
   APPLY_MODEL / DIFFUSION_MODEL wrappers and transformer_options of the MODEL) with the model_sampling of the
   ModelPatcher (so a ModelSamplingDiscrete patch is honoured), and converts between flash_core's VP
@@ -155,8 +155,41 @@ def to_conditioning(entries: Sequence[tuple[Tensor, dict]], latent_hw: tuple[int
 # --------------------------------------------------------------------------------------------------
 
 
-def private_base_model(base: nn.Module, model_sampling: nn.Module) -> nn.Module:
-    """A BaseModel sharing everything with `base` except a deep copy of its diffusion_model.
+class UnpatchableModelError(RuntimeError):
+    """ComfyUI cannot give this MODEL's weights as plain, patched tensors."""
+
+
+def plain_patched_unet(model, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(BaseModel, a private diffusion_model whose tensors are the MODEL's weights with its patches applied).
+
+    ComfyUI's memory modes differ in where a MODEL's patches (LoRAs, weight patches) live:
+    * plain ModelPatcher (CPU, normal/high VRAM, --lowvram): `load_models_gpu(force_full_load=True)` applies
+      them in place on the shared BaseModel, whose UNet is then deep-copied (the graph's MODEL keeps working).
+    * dynamic VRAM (ComfyUI 0.18+ on NVIDIA, `model.is_dynamic()`): weights are staged and the patches are
+      applied only at cast time, so the module's tensors are the unpatched checkpoint's. ComfyUI's own way to
+      get plain modules is `model.clone(disable_dynamic=True)`: a fresh, non-dynamic load (the loader's
+      cached_patcher_init) carrying the same patches. That load is private to us, so its patched UNet is taken
+      over as it is (no second copy) and the rest of it is freed on return.
+    """
+    if not (hasattr(model, "is_dynamic") and model.is_dynamic()):  # ComfyUI < 0.18 has no dynamic patcher
+        comfy.model_management.load_models_gpu([model], force_full_load=True)  # patches applied, on device
+        return model.model, copy.deepcopy(model.model.diffusion_model)
+    try:
+        delegate = model.clone(disable_dynamic=True)
+    except RuntimeError as error:  # a loader without cached_patcher_init
+        raise UnpatchableModelError(
+            f"Flash Distill Train: ComfyUI runs this MODEL with dynamic VRAM and cannot load a plain copy of it "
+            f"({error}). Load the model with a core loader (Load Checkpoint, Load Diffusion Model) or Flash "
+            "Diffusers Pipeline Loader, or start ComfyUI with --disable-dynamic-vram."
+        ) from error
+    # Our own load on the training device (outside model management, which would unpatch it on unload): the
+    # patches baked into the weights.
+    delegate.patch_model(device_to=device, lowvram_model_memory=0, force_patch_weights=True)
+    return delegate.model, delegate.model.diffusion_model
+
+
+def private_base_model(base: nn.Module, model_sampling: nn.Module, diffusion_model: nn.Module) -> nn.Module:
+    """A BaseModel sharing everything with `base` except its diffusion_model (a private one) and model_sampling.
 
     The shallow copy gets its own module table, so replacing diffusion_model (and model_sampling by the
     ModelPatcher's possibly patched one) leaves `base` untouched.
@@ -165,7 +198,7 @@ def private_base_model(base: nn.Module, model_sampling: nn.Module) -> nn.Module:
     student._modules = dict(base._modules)
     student._parameters = dict(base._parameters)
     student._buffers = dict(base._buffers)
-    student._modules["diffusion_model"] = copy.deepcopy(base.diffusion_model)
+    student._modules["diffusion_model"] = diffusion_model
     student._modules["model_sampling"] = model_sampling
     return student
 
@@ -197,18 +230,17 @@ def _unchecked(module: nn.Module) -> None:
 class ComfyDenoiser(Denoiser):
     """flash_core Denoiser over a private copy of a ComfyUI MODEL's UNet (SD1.5 / SDXL).
 
-    model: the ComfyUI MODEL (ModelPatcher). It is loaded (patches applied) and copied; never modified.
+    model: the ComfyUI MODEL (ModelPatcher). Its patched weights are copied (plain_patched_unet); never modified.
     device: where the copy lives and runs (default: ComfyUI's torch device).
     """
 
     def __init__(self, model, device: torch.device | None = None):
         self.backbone = backbone_of(model)
         self.device = torch.device(device) if device is not None else comfy.model_management.get_torch_device()
-        comfy.model_management.load_models_gpu([model], force_full_load=True)  # patches applied, on device
-        base = model.model
         self.model_sampling = model.get_model_object("model_sampling")
+        base, diffusion_model = plain_patched_unet(model, self.device)
         self.latent_format = base.latent_format
-        self.base_model = private_base_model(base, self.model_sampling)
+        self.base_model = private_base_model(base, self.model_sampling, diffusion_model)
         self.diffusion_model: UNetModel = self.base_model.diffusion_model.to(self.device)
         self.diffusion_model.requires_grad_(False)
         self.lora_module = self.diffusion_model

@@ -26,6 +26,7 @@ refused with a pointer to ComfyUI's own loaders.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -646,10 +647,11 @@ def convert_text_encoder_state_dict(state: dict[str, torch.Tensor], hidden: int)
 
 
 def load_pipeline(folder: str | os.PathLike, embedding_directory=None, model_options: dict | None = None,
-                  te_model_options: dict | None = None):
+                  te_model_options: dict | None = None, model_only: bool = False, disable_dynamic: bool = False):
     """(MODEL, CLIP, VAE) of a diffusers SD1.x/SD2.x-family pipeline folder: a ModelPatcher, a comfy.sd.CLIP and
     a comfy.sd.VAE. model_options / te_model_options are ComfyUI's (dtype, custom_operations ...), as for
-    comfy.sd.load_checkpoint_guess_config."""
+    comfy.sd.load_checkpoint_guess_config. model_only: (MODEL, None, None), the UNet's weights only.
+    disable_dynamic: a plain ModelPatcher even where ComfyUI's core patcher is the dynamic-VRAM one (0.18+)."""
     from transformers import CLIPTokenizer
 
     model_options = dict(model_options or {})
@@ -697,7 +699,14 @@ def load_pipeline(folder: str | os.PathLike, embedding_directory=None, model_opt
 
     # ---- weights
     unet_sd = convert_unet_state_dict(load_weights(folder, "unet", "diffusion_pytorch_model"), unet_config, folder)
-    model = _build_model(model_config, unet_sd, unet_cfg.get("norm_num_groups", 32), model_options, folder)
+    model = _build_model(model_config, unet_sd, unet_cfg.get("norm_num_groups", 32), model_options, folder,
+                         disable_dynamic)
+    # What ComfyUI's own loaders register (0.30+): how to load this MODEL again, for nodes that rebuild a model
+    # (clone(force_deepcopy=True): core Train LoRA, TorchCompileModel) or need a non-dynamic twin
+    # (clone(disable_dynamic=True)). The factory is called with disable_dynamic=True.
+    model.cached_patcher_init = (reload_pipeline_model, (str(folder), model_options))
+    if model_only:
+        return model, None, None
     vae_sd, vae_names = convert_vae_state_dict(load_weights(folder, "vae", "diffusion_pytorch_model"), ddconfig,
                                                folder)
     vae = _build_vae(vae_sd, vae_names, ddconfig, vae_cfg.get("norm_num_groups", 32), folder)
@@ -709,8 +718,27 @@ def load_pipeline(folder: str | os.PathLike, embedding_directory=None, model_opt
     return model, clip, vae
 
 
-def _build_model(model_config, unet_sd: dict, norm_groups: int, model_options: dict, folder: Path):
-    """BaseModel + ModelPatcher, with the dtype and device choices of comfy.sd.load_checkpoint_guess_config."""
+def reload_pipeline_model(folder: str, model_options: dict | None = None, disable_dynamic: bool = False):
+    """The MODEL of a pipeline folder alone, loaded again (ModelPatcher.cached_patcher_init's factory)."""
+    return load_pipeline(folder, model_options=model_options, model_only=True, disable_dynamic=disable_dynamic)[0]
+
+
+def _pick_operations(unet_dtype, manual_cast_dtype, load_device, model_config):
+    """The comfy.ops classes BaseModel would pick (its call differs across ComfyUI versions: `scaled_fp8` went
+    away in 0.4.0, `load_device` came)."""
+    kwargs = {"fp8_optimizations": model_config.optimizations.get("fp8", False), "model_config": model_config}
+    accepted = inspect.signature(comfy.ops.pick_operations).parameters
+    if "scaled_fp8" in accepted:
+        kwargs["scaled_fp8"] = getattr(model_config, "scaled_fp8", None)
+    if "load_device" in accepted:
+        kwargs["load_device"] = load_device
+    return comfy.ops.pick_operations(unet_dtype, manual_cast_dtype, **kwargs)
+
+
+def _build_model(model_config, unet_sd: dict, norm_groups: int, model_options: dict, folder: Path,
+                 disable_dynamic: bool = False):
+    """BaseModel + ModelPatcher, with the dtype, device and patcher choices of comfy.sd.load_checkpoint_guess_config
+    (ComfyUI's core patcher: the dynamic-VRAM one where ComfyUI enabled it, unless disable_dynamic)."""
     mm = comfy.model_management
     parameters = comfy.utils.calculate_parameters(unet_sd)
     load_device = mm.get_torch_device()
@@ -724,9 +752,7 @@ def _build_model(model_config, unet_sd: dict, norm_groups: int, model_options: d
     operations = model_options.get("custom_operations", None)
     if norm_groups != 32:
         if operations is None:  # what BaseModel would pick, with our GroupNorm on top
-            operations = comfy.ops.pick_operations(unet_dtype, manual_cast_dtype,
-                                                   fp8_optimizations=model_config.optimizations.get("fp8", False),
-                                                   scaled_fp8=model_config.scaled_fp8, model_config=model_config)
+            operations = _pick_operations(unet_dtype, manual_cast_dtype, load_device, model_config)
         operations = _group_norm_operations(operations, norm_groups)
     model_config.custom_operations = operations
 
@@ -735,9 +761,13 @@ def _build_model(model_config, unet_sd: dict, norm_groups: int, model_options: d
     expected = {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
     to_diffusers = {ldm: name for name, ldm in comfy.utils.unet_to_diffusers(model_config.unet_config).items()}
     check_state_dict(expected, unet_sd, folder, "unet", lambda k: f"{to_diffusers.get(k, k)} (ComfyUI {k})")
-    model.diffusion_model.load_state_dict(unet_sd, strict=True)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
-    if initial_device != torch.device("cpu"):
+    patcher_class = comfy.model_patcher.ModelPatcher
+    if not disable_dynamic:  # main.py makes CoreModelPatcher ModelPatcherDynamic under dynamic VRAM (0.18+)
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", patcher_class)
+    patcher = patcher_class(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+    model.diffusion_model.load_state_dict(unet_sd, strict=True, assign=dynamic)  # as load_model_weights does
+    if initial_device != torch.device("cpu") and not dynamic:
         mm.load_models_gpu([patcher], force_full_load=True)
     return patcher
 

@@ -24,11 +24,20 @@ def test_comfy_node_validate_passes():
 
 def test_registry_metadata_and_tested_comfyui_version():
     comfy = PYPROJECT["tool"]["comfy"]
-    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    prefix = "https://raw.githubusercontent.com/flash-comfyui/ComfyUI-Flash/main/"
+    assert comfy["Icon"].startswith(prefix) and (REPO_ROOT / comfy["Icon"].removeprefix(prefix)).is_file()
     import re
 
+    # `make test` runs on the Makefile's COMFYUI_VERSION and its FLOOR_VERSION: the floor is the requirement
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    floor = re.search(r"^FLOOR_VERSION := (\S+)$", makefile, re.M).group(1)
+    default = re.search(r"^COMFYUI_VERSION \?= (\S+)$", makefile, re.M).group(1)
+    assert comfy["requires-comfyui"] == f">={floor}", "requires-comfyui must name the oldest ComfyUI the suite runs on"
+    assert f"ComfyUI {floor}" in (REPO_ROOT / "README.md").read_text()
+    assert f"ComfyUI {default}" in (REPO_ROOT / "README.md").read_text()
     tested = re.search(r'__version__ = "([^"]+)"', (comfyui_path() / "comfyui_version.py").read_text()).group(1)
-    assert comfy["requires-comfyui"] == f">={tested}", "requires-comfyui must name the ComfyUI version the suite runs on"
+    assert tested in (floor, default), f"this suite runs on ComfyUI {tested}, which `make test` does not install"
     assert PYPROJECT["project"]["version"] == flash_core.__version__
     assert "GPL-3.0" in PYPROJECT["project"]["license"]["text"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def comfyui_path() -> Path:
     if not (path / "main.py").is_file():
         raise RuntimeError(f"ComfyUI not found at {path}: run `make setup` or set COMFYUI_PATH to a ComfyUI checkout.")
     return path
+
+
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI at comfyui_path(), from its comfyui_version.py (e.g. (0, 30, 0))."""
+    path = comfyui_path() / "comfyui_version.py"
+    match = re.search(r"__version__\s*=\s*[\"']([0-9.]+)", path.read_text()) if path.is_file() else None
+    if match is None:
+        raise RuntimeError(f"{path} does not name a ComfyUI version: is {path.parent} a ComfyUI checkout?")
+    return tuple(int(part) for part in match.group(1).split("."))
 
 
 def cache_dir() -> Path:

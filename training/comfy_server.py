@@ -17,11 +17,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from training.comfy_env import REPO_ROOT, comfyui_path
 
 PACK_DIR_NAME = "ComfyUI-Flash"
+FRONTEND_DIR_NAME = ".frontend"  # `make setup`: the frontend package named by that ComfyUI's requirements.txt
 
 
 def free_port() -> int:
@@ -45,8 +47,11 @@ class ComfyServer:
     """A ComfyUI process. `base_dir` isolates models/input/output/user/custom_nodes (tests);
     without it the server uses COMFYUI_PATH's own folders (the demo, so the user finds the files)."""
 
-    def __init__(self, models_root: Path, base_dir: Path | None = None, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, models_root: Path, base_dir: Path | None = None, port: int | None = None, log_path: Path | None = None,
+                 cpu: bool = True, extra_args: Sequence[str] = ()):
         self.comfy = comfyui_path()
+        self.cpu = cpu  # --cpu (every test); False: ComfyUI's own device and memory defaults (GPU benchmarks)
+        self.extra_args = list(extra_args)  # more ComfyUI flags, e.g. --disable-dynamic-vram
         self.models_root = Path(models_root)
         self.base_dir = Path(base_dir) if base_dir else None
         self.port = port or free_port()
@@ -59,8 +64,12 @@ class ComfyServer:
         state = Path(self.base_dir or self.models_root.parent)
         state.mkdir(parents=True, exist_ok=True)
         extra = write_extra_model_paths(state / "flash_extra_model_paths.yaml", self.models_root)
-        cmd = [sys.executable, str(self.comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--extra-model-paths-config", str(extra), "--preview-method", "latent2rgb"]
+        cmd = [sys.executable, str(self.comfy / "main.py"), *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port), "--disable-auto-launch", "--extra-model-paths-config", str(extra),
+               "--preview-method", "latent2rgb", *self.extra_args]
+        frontend = self.comfy / FRONTEND_DIR_NAME
+        if (frontend / "index.html").is_file():  # the frontend this ComfyUI version names (make setup unpacks it)
+            cmd += ["--front-end-root", str(frontend)]
         if self.base_dir:
             custom_nodes = self.base_dir / "custom_nodes"
             custom_nodes.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from training import tiny_checkpoint, tiny_controlnet
+from training.comfy_env import comfyui_version
 
 from .conftest import (
     REPO_ROOT,
@@ -227,19 +228,26 @@ def test_sdxl_workflow_fails_only_for_its_missing_model_files(graph_server):
     assert workflow[_node_of(workflow, "EmptyLatentImage")]["inputs"]["width"] == 1024
     checkpoint, lora = _node_of(workflow, "CheckpointLoaderSimple"), _node_of(workflow, "FlashLoRALoader")
 
-    entry = graph_server.run(workflow)  # stock loader: rejected by /prompt validation
+    # /prompt checks combo values: V1 nodes' (the stock loader) on every version, V3 nodes' (the Flash LoRA
+    # Loader) on 0.30 but not on 0.3.75, where the Flash LoRA Loader fails when it runs instead.
+    v3_checked = comfyui_version() > (0, 3, 75)
+    expected = {checkpoint: "ckpt_name", lora: "lora_name"} if v3_checked else {checkpoint: "ckpt_name"}
+    entry = graph_server.run(workflow)
     assert "rejected" in entry, entry
     errors = entry["rejected"]["node_errors"]
-    assert list(errors) == [checkpoint], errors
-    (error,) = errors[checkpoint]["errors"]
-    assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == "ckpt_name", error
+    assert sorted(errors) == sorted(expected), errors
+    for node, input_name in expected.items():
+        (error,) = errors[node]["errors"]
+        assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == input_name, error
 
-    # ComfyUI 0.3.75 does not check V3 combo values at /prompt: the Flash LoRA Loader fails when it runs.
     workflow[checkpoint]["inputs"]["ckpt_name"] = TINY_CHECKPOINT
     entry = graph_server.run(small(workflow, SIZE))
-    assert entry["status"]["status_str"] == "error", entry
-    failed = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
-    assert [e["node_id"] for e in failed] == [lora], failed
+    if v3_checked:
+        assert "rejected" in entry and list(entry["rejected"]["node_errors"]) == [lora], entry
+    else:
+        assert entry["status"]["status_str"] == "error", entry
+        failed = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+        assert [e["node_id"] for e in failed] == [lora], failed
     assert workflow[lora]["inputs"]["lora_name"] in error_text(entry)
 
     workflow[lora]["inputs"]["lora_name"] = TINY_LORA

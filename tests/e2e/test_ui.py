@@ -2,7 +2,8 @@
 
 The node library shows the Flash nodes; every shipped UI workflow opens without missing nodes and converts
 to exactly its API twin; the UI workflows carry the model downloads of workflows/downloads/models.json, and
-opening one on a server without those files brings up the frontend's "Missing Models" dialog offering them;
+opening one on a server without those files brings up the frontend's "Missing Models" report offering them
+(the legacy dialogs of frontend 1.32, ComfyUI 0.3.75; the error panel of frontend 1.47+, ComfyUI 0.30);
 pressing Run on flash_txt2img renders an image in the UI; /workflow_templates serves the UI workflows as this
 pack's templates.
 """
@@ -65,14 +66,16 @@ def test_flash_nodes_are_in_the_node_library(frontend: Frontend, server):
 
 
 def test_missing_node_detection_works(frontend: Frontend):
-    """The checks below rely on spotting unregistered types and the frontend's missing-nodes dialog."""
+    """The checks below rely on spotting unregistered types and the frontend's missing-nodes report (the
+    legacy dialog, or the error panel's missing node group naming the type)."""
     workflow = json.loads((WORKFLOWS / "flash_txt2img.json").read_text())
     workflow["nodes"][0]["type"] = "FlashNoSuchNode"
     frontend.load_graph(workflow)
     assert frontend.unregistered_graph_nodes() == ["FlashNoSuchNode"]
-    assert frontend.missing_nodes_dialog_visible(wait_ms=5_000)
+    reported = frontend.missing_nodes_reported(wait_ms=5_000)
+    assert reported == ([] if not frontend.error_system else ["FlashNoSuchNode"]), reported
     frontend.close_dialogs()
-    assert not frontend.missing_nodes_dialog_visible()
+    assert frontend.missing_nodes_reported() is None
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
@@ -82,9 +85,13 @@ def test_ui_workflow_loads_with_no_missing_nodes(frontend: Frontend, path: Path)
     frontend.load_graph(workflow)
     missing = set(frontend.unregistered_graph_nodes())
     assert missing <= set(THIRD_PARTY_NODES), f"{path.name}: unknown node types {missing - set(THIRD_PARTY_NODES)}"
-    assert frontend.missing_nodes_dialog_visible(wait_ms=5_000 if missing else 0) == bool(missing), path.name
+    # the error system (frontend 1.47+) reports the workflow's absent model files too: wait for its overlay
+    reported = frontend.missing_nodes_reported(wait_ms=5_000 if missing or frontend.error_system else 0)
+    assert (reported is not None) == bool(missing), (path.name, reported)
+    assert not frontend.error_system or sorted(reported or []) == sorted(missing), (path.name, reported)
     frontend.close_dialogs()
-    assert frontend.missing_models() is None  # off in the test settings (the test below turns it on)
+    if not frontend.error_system:
+        assert frontend.missing_models() is None  # off in the test settings (the test below turns it on)
     assert sorted(frontend.graph_node_types().items()) == sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
 
     # What Run would queue from this graph is exactly the API twin (same ids, classes, inputs), apart from
@@ -121,7 +128,8 @@ def test_ui_workflow_lists_its_model_downloads(path: Path):
 
 def test_missing_models_dialog_offers_the_downloads(frontend: Frontend):
     """flash_sd15_txt2img names SD1.5 and flash-sd, which the test server does not have: with the frontend's
-    missing-models warning on, opening it lists both files with their Hugging Face download."""
+    missing-models warning on, opening it lists both files with their Hugging Face download (the legacy
+    dialog; the error panel of frontend 1.47+, which lists them whatever the setting)."""
     workflow = json.loads((WORKFLOWS / "flash_sd15_txt2img.json").read_text())
     frontend.set_setting(MISSING_MODELS_SETTING, True)
     try:
@@ -130,7 +138,7 @@ def test_missing_models_dialog_offers_the_downloads(frontend: Frontend):
     finally:
         frontend.close_dialogs()
         frontend.set_setting(MISSING_MODELS_SETTING, False)
-    assert rows is not None, "no Missing Models dialog"
+    assert rows is not None, "no Missing Models report"
     assert frontend.missing_models() is None  # closed: it does not stay over the canvas
     listed = {row["label"]: row for row in rows}
     expected = {f"{m['directory']} / {m['name']}": m for m in _sidecar_models()["flash_sd15_txt2img"]}
@@ -138,15 +146,19 @@ def test_missing_models_dialog_offers_the_downloads(frontend: Frontend):
     assert "loras / flash-sd.safetensors" in listed
     for label, model in expected.items():
         row = listed[label]
-        assert row["url"] == model["url"] and row["error"] is None, row
+        # legacy: the file's URL, also the Download button's hover title; error panel: "Copy URL" gives the
+        # file's Hugging Face page (/blob/ for /resolve/), the Download button is "Download <file name>"
+        url = model["url"] if not frontend.error_system else model["url"].replace("/resolve/", "/blob/")
+        title = model["url"] if not frontend.error_system else f"Download {model['name']}"
+        assert row["url"] == url and row["error"] is None, row
         (download,) = [b for b in row["buttons"] if b["text"].startswith("Download")]
-        assert download["title"] == model["url"] and not download["disabled"], row
+        assert download["title"] == title and not download["disabled"], row
 
 
 def test_run_button_renders_an_image(frontend: Frontend, server):
     workflow = json.loads((WORKFLOWS / "flash_txt2img.json").read_text())
     frontend.load_graph(workflow)
-    assert not frontend.missing_nodes_dialog_visible()
+    assert frontend.missing_nodes_reported() is None
     for node_id in _node_ids(workflow, "EmptyLatentImage"):
         frontend.set_widget(node_id, "width", LATENT_SIZE)
         frontend.set_widget(node_id, "height", LATENT_SIZE)
@@ -167,14 +179,15 @@ def test_run_button_renders_an_image(frontend: Frontend, server):
     pixels = np.asarray(Image.open(image))
     assert pixels.shape == (DECODED_SIZE, DECODED_SIZE, 3) and pixels.std() > 0  # the 64 px edit took; not blank
 
-    # The UI shows it: on the Save Image node, and as the job's thumbnail in the Queue sidebar.
+    # The UI shows it: on the Save Image node, and as the job's thumbnail in the job list (Queue sidebar, or
+    # the Job Queue overlay of frontend 1.47+).
     frontend.wait_for_node_image(save_node, image.name)
-    frontend.toggle_sidebar("queue")
-    thumbnail = page.locator(f'img[src*="filename={image.name}"]').first
+    frontend.toggle_job_queue()
+    thumbnail = frontend.job_thumbnail(image.name)
     thumbnail.wait_for(state="visible", timeout=15_000)
     assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == pixels.shape[1]  # the file itself
     frontend.screenshot(SCREENSHOT)
-    frontend.toggle_sidebar("queue")
+    frontend.toggle_job_queue()
 
 
 def test_workflow_templates_serve_the_ui_workflows(server):

@@ -10,6 +10,7 @@ head width, linear projections, 8 normalisation groups, v-prediction).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -343,6 +344,61 @@ def test_stock_nodes_and_kohya_lora(loaded, comfy_nodes, tmp_path, monkeypatch, 
     assert samples["samples"].shape == (1, 4, LATENT, LATENT) and torch.isfinite(samples["samples"]).all()
     assert not torch.allclose(samples["samples"], base["samples"])  # the LoRA changed the result
     assert image.shape == (1, IMAGE, IMAGE, 3)
+
+
+def _unet_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["tiny", "family/variant"])
+def test_model_can_be_rebuilt_from_its_loader(loaded, diffusers_root, name):
+    """Nodes that rebuild a MODEL (ComfyUI 0.30+: clone(force_deepcopy=True) in core Train LoRA and
+    TorchCompileModel, clone(disable_dynamic=True) under dynamic VRAM) reload it through the loader's
+    cached_patcher_init, as for a checkpoint: a separate model with the same weights and the same patches."""
+    import comfy.model_patcher
+
+    model = loaded(name)[0]
+    factory, args = model.cached_patcher_init[:2]
+    with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
+        patch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(diffusers_root)], {"folder"}))
+        again = factory(*args, disable_dynamic=True)
+    assert type(again) is comfy.model_patcher.ModelPatcher and again.model is not model.model
+    expected, rebuilt = _unet_state(model), _unet_state(again)
+    assert expected.keys() == rebuilt.keys() and all(torch.equal(expected[k], rebuilt[k]) for k in expected)
+
+    key = next(k for k in model.model.state_dict() if k.endswith("attn1.to_q.weight"))
+    patched = model.clone()
+    patched.add_patches({key: (torch.full_like(model.model.state_dict()[key], 0.5),)}, 1.0)  # a "diff" patch
+    if "force_deepcopy" not in inspect.signature(comfy.model_patcher.ModelPatcher.clone).parameters:
+        return  # ComfyUI < 0.30 rebuilds nothing
+    with torch.inference_mode():
+        deep = patched.clone(force_deepcopy=True)
+    assert deep.model is not model.model and deep.patches.keys() == patched.patches.keys()
+    assert deep.cached_patcher_init == model.cached_patcher_init
+
+
+def test_core_train_lora_trains_on_the_pipeline_model(loaded, comfy_nodes):
+    """ComfyUI's own Train LoRA node (it rebuilds its MODEL on 0.30) trains on a Flash Diffusers MODEL with 8
+    normalisation groups and leaves the loaded MODEL as it was."""
+    import comfy_extras.nodes_train as nodes_train
+
+    model, clip, _ = loaded("family/variant")
+    before = _unet_state(model)
+    schema = nodes_train.TrainLoraNode.define_schema()
+    inputs = {i.id: [i.default] for i in schema.inputs if getattr(i, "default", None) is not None}
+    generator = torch.Generator().manual_seed(3)
+    latents = [{"samples": torch.randn((1, 4, LATENT, LATENT), generator=generator)} for _ in range(2)]
+    inputs.update(model=[model], latents=latents, positive=[_encode(clip, PROMPT)], batch_size=[2], steps=[2],
+                  rank=[2], seed=[0], gradient_checkpointing=[False], existing_lora=["[None]"])
+    with torch.inference_mode():  # as ComfyUI runs every node; the node leaves it itself
+        result = nodes_train.TrainLoraNode.execute(**inputs)
+    outputs = dict(zip((o.io_type for o in schema.outputs), result.result))  # 0.3.75 also returns a MODEL
+    lora, losses = outputs["LORA_MODEL"], outputs["LOSS_MAP"]
+    assert lora and all(torch.isfinite(t).all() for t in lora.values())
+    assert any("to_q" in k for k in lora)
+    assert len(losses["loss"]) == 2 and all(math.isfinite(v) for v in losses["loss"])
+    after = _unet_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""GPU only: few-step sampling under ComfyUI 0.30's dynamic VRAM (issue 10), through the nodes on a real server.
+
+An SD1.5-architecture checkpoint (ComfyUI's own UNetModel / AutoencoderKL / CLIP-L with SD1.5's configs, random
+weights, fp16; ComfyUI detects it as SD15) and a rank-64 LoRA in the flash-sd format on every attention
+projection are built once into the cache (no download). Three paths, as bench/speed.py, at 512 px:
+  flash      Flash LoRA Loader -> Flash Sampler, 4 steps, cfg 1
+  euler_cfg  KSampler euler / normal, 25 steps, cfg 7.5 (no LoRA)
+  lcm        KSampler lcm / sgm_uniform, 4 steps, cfg 1 (no LoRA)
+at batch 1 and 4, each on its own server with ComfyUI's defaults (dynamic VRAM on NVIDIA) and with
+--disable-dynamic-vram. Time: ComfyUI's execution_start -> execution_success span of repeated, interleaved runs
+(new seed each; loaders cached). Writes bench/results/dynamic_vram.json with the GPU's name.
+
+    python -P bench/dynamic_vram.py [--repeats 5]      # needs CUDA and ComfyUI 0.30 (make setup)
+    python -P bench/dynamic_vram.py --smoke            # the plumbing on the CPU with the tiny fixture checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from training import tiny_checkpoint
+from training.comfy_env import REPO_ROOT, cache_dir, comfyui_version, import_comfy
+from training.comfy_server import ComfyServer
+
+RESULTS = REPO_ROOT / "bench" / "results" / "dynamic_vram.json"
+CHECKPOINT = "flash_bench_sd15_random.safetensors"
+LORA = "flash_bench_sd15_random_lora.safetensors"
+SD15_UNET = dict(  # SD1.5's UNet as ComfyUI's model detection describes it
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4], num_heads=8, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1, context_dim=768,
+    use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
+)
+SD_VAE = {**tiny_checkpoint.TINY_VAE_DDCONFIG, "ch_mult": [1, 2, 4, 4]}
+PROMPT = "a raccoon reading a book in a lush forest, golden hour"
+PATHS = {
+    "flash": {"class_type": "FlashSampler", "steps": 4, "cfg": 1.0, "lora": True},
+    "euler_cfg": {"class_type": "KSampler", "sampler_name": "euler", "scheduler": "normal", "steps": 25, "cfg": 7.5},
+    "lcm": {"class_type": "KSampler", "sampler_name": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg": 1.0},
+}
+
+
+def build_models(folder: Path, rank: int = 64) -> None:
+    """The SD1.5-architecture checkpoint and its LoRA (diffusers `unet.*.lora_A/B` keys), unless cached."""
+    from safetensors.torch import save_file
+
+    import_comfy()
+    import comfy.sd1_clip
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    checkpoint, lora = folder / "checkpoints" / CHECKPOINT, folder / "loras" / LORA
+    generator = torch.Generator().manual_seed(0)
+    if not checkpoint.is_file():
+        state = {}
+        for prefix, module in (("model.diffusion_model.", UNetModel(**SD15_UNET)),
+                               ("first_stage_model.", AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)),
+                               ("cond_stage_model.", comfy.sd1_clip.SDClipModel())):
+            tiny_checkpoint._randomise(module, generator)
+            state.update({prefix + k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()})
+            del module
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(checkpoint.with_suffix(".tmp")))
+        os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+    if not lora.is_file():
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in UNetModel(**SD15_UNET).state_dict().items()}
+        tensors = {}
+        for diffusers_key, ldm_key in sorted(comfy.utils.unet_to_diffusers(SD15_UNET).items()):
+            module = diffusers_key.removesuffix(".weight")
+            if diffusers_key.endswith(".weight") and module.endswith(tiny_checkpoint.ATTENTION_PROJECTIONS):
+                out_features, in_features = shapes[ldm_key][:2]
+                tensors[f"unet.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
+                tensors[f"unet.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+        lora.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(lora.with_suffix(".tmp")))
+        os.replace(lora.with_suffix(".tmp"), lora)
+
+
+def workflow(path: str, seed: int, size: int, batch: int, checkpoint: str, lora: str) -> dict:
+    spec = PATHS[path]
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry, low quality"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"flash_bench/{path}"}},
+    }
+    model = ["1", 0]
+    if spec.get("lora"):
+        graph["2"] = {"class_type": "FlashLoRALoader", "inputs": {"model": model, "clip": ["1", 1], "lora_name": lora,
+                                                                  "strength_model": 1.0, "strength_clip": 1.0}}
+        model = ["2", 0]
+    inputs = {"model": model, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": seed,
+              "steps": spec["steps"], "cfg": spec["cfg"], "denoise": 1.0}
+    if spec["class_type"] == "KSampler":
+        inputs.update(sampler_name=spec["sampler_name"], scheduler=spec["scheduler"])
+    graph["6"] = {"class_type": spec["class_type"], "inputs": inputs}
+    return graph
+
+
+def execution_seconds(entry: dict) -> float:
+    stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"] if "timestamp" in data}
+    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
+
+
+def run_mode(models: Path, mode: str, args, checkpoint: str, lora: str) -> dict:
+    base = cache_dir() / "bench-dynamic-vram" / mode
+    extra = ["--disable-dynamic-vram"] if mode == "dynamic_vram_off" else []
+    results = {}
+    with ComfyServer(models_root=models, base_dir=base, log_path=base / "comfyui.log", cpu=args.smoke,
+                     extra_args=extra) as server:
+        for batch in args.batches:
+            times: dict[str, list[float]] = {path: [] for path in PATHS}
+            for path in PATHS:  # warm-up: loaders, first staging
+                entry = server.run(workflow(path, 0, args.size, batch, checkpoint, lora))
+                if entry["status"]["status_str"] != "success":
+                    raise RuntimeError(f"{mode} {path} batch {batch} failed:\n{server.log_tail()}")
+            for repeat in range(args.repeats):
+                for path in PATHS:  # interleaved, as bench/speed.py
+                    entry = server.run(workflow(path, 1000 + repeat, args.size, batch, checkpoint, lora))
+                    times[path].append(execution_seconds(entry))
+            median = {path: statistics.median(values) for path, values in times.items()}
+            results[f"batch_{batch}"] = {
+                "median_seconds": median, "seconds": times,
+                "euler_cfg_over_flash": median["euler_cfg"] / median["flash"],
+                "flash_over_lcm": median["flash"] / median["lcm"],
+            }
+            print(f"{mode:17s} batch {batch}: " + ", ".join(f"{p} {m * 1000:.0f} ms" for p, m in median.items())
+                  + f"; euler_cfg / flash = {results[f'batch_{batch}']['euler_cfg_over_flash']:.2f}x", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny fixture checkpoint, 64 px, 1 repeat; no results file")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.batches, args.repeats = 64, [1], 1
+    elif not torch.cuda.is_available():
+        print("bench/dynamic_vram.py measures GPU memory management: it needs CUDA (use --smoke on a CPU).")
+        return 2
+    if comfyui_version() < (0, 30, 0):
+        print(f"ComfyUI {'.'.join(map(str, comfyui_version()))} has no dynamic VRAM: run make setup (0.30.0).")
+        return 2
+
+    models = cache_dir() / "models"
+    if args.smoke:
+        checkpoint, lora = tiny_checkpoint.CHECKPOINT_NAME, tiny_checkpoint.LORA_NAME
+        tiny_checkpoint.build(), tiny_checkpoint.build_lora()
+    else:
+        checkpoint, lora = CHECKPOINT, LORA
+        build_models(models)
+    modes = ["defaults"] if args.smoke else ["defaults", "dynamic_vram_off"]
+    results = {mode: run_mode(models, mode, args, checkpoint, lora) for mode in modes}
+    if args.smoke:
+        return 0
+    report = {
+        "gpu": torch.cuda.get_device_name(0),
+        "comfyui": ".".join(map(str, comfyui_version())),
+        "size": args.size, "repeats": args.repeats, "checkpoint": "SD1.5 architecture, random weights, fp16",
+        "lora_rank": 64, "paths": {p: {k: v for k, v in s.items() if k != "lora"} | {"lora": bool(s.get("lora"))}
+                                   for p, s in PATHS.items()},
+        "modes": results,
+        "goal": "euler_cfg / flash >= 5.9x at batch 1 under the defaults (the model-call limit is 25 / 4 = 6.25x)",
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+    print(f"saved {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
