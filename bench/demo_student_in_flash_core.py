@@ -9,7 +9,6 @@ comes from how the demo measures.
 
     PYTHONPATH=.pypath python -P bench/demo_student_in_flash_core.py  ->  bench/results/demo/flash_core_sampling.json
 """
-import json
 import sys
 from pathlib import Path
 
