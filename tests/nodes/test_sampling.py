@@ -181,7 +181,10 @@ def test_progress_bar_and_cancel(sampling_nodes, model, cond):
 
         comfy.utils.set_progress_bar_global_hook(record)
         _flash(sampling_nodes, model, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=4)
-        assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        # one update per step: the first and the last always reach the hook; ComfyUI 0.30's ProgressBar
+        # throttles the ones in between (0.3.75 sends all four)
+        assert updates[0] == (1, 4) and updates[-1] == (4, 4)
+        assert updates == sorted(set(updates)) and set(updates) <= {(1, 4), (2, 4), (3, 4), (4, 4)}
 
         def cancel(value, total, preview, node_id=None):  # what ComfyUI's hook does when Cancel was pressed
             raise comfy.model_management.InterruptProcessingException()

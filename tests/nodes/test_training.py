@@ -121,6 +121,7 @@ class PromptWorld:
 def pretrain_teacher(model, world: PromptWorld, steps: int = 200, seed: int = 0) -> None:
     """Plain eps-prediction training of the micro UNet on the prompt world (15% empty-prompt dropout)."""
     dm = model.model.diffusion_model
+    dm.requires_grad_(True)  # ComfyUI 0.30 builds model weights frozen
     abar = 1.0 / (1.0 + model.model.model_sampling.sigmas.double() ** 2)
     optimizer = torch.optim.AdamW(dm.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
