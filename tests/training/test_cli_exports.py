@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _raw(tmp_path: Path, backbone: str, **overrides) -> dict:
     raw = yaml.safe_load((REPO_ROOT / "training" / "configs" / f"{backbone}.yaml").read_text(encoding="utf-8"))
     (tmp_path / "model").mkdir(exist_ok=True)
-    (tmp_path / "model" / "model_index.json").write_text("{}")
+    (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "DiffusionPipeline"}')
     (tmp_path / "data").mkdir(exist_ok=True)
     raw["model"]["path"] = str(tmp_path / "model")
     raw["data"]["path"] = str(tmp_path / "data")
