@@ -8,23 +8,21 @@ CPUs without bf16 instructions run bf16 convolutions slowly: about a minute here
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from training.comfy_env import import_comfy, load_pack
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lora_fixtures as F  # noqa: E402
+
 import_comfy()  # ComfyUI on sys.path, configured for the CPU, before any comfy import
 
-# ComfyUI's SD1.5 unet config (comfy/model_detection.py, the SD15 entry).
-SD15_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+# ComfyUI's SD1.5 unet config (comfy/model_detection.py, the SD15 entry): one home, the LoRA fixtures'.
+SD15_UNET_CONFIG = F.SD15_COMFY
 
 
 @pytest.fixture(scope="module")
