@@ -6,9 +6,15 @@ projection are built once into the cache (no download). Three paths, as bench/sp
   flash      Flash LoRA Loader -> Flash Sampler, 4 steps, cfg 1
   euler_cfg  KSampler euler / normal, 25 steps, cfg 7.5 (no LoRA)
   lcm        KSampler lcm / sgm_uniform, 4 steps, cfg 1 (no LoRA)
-at batch 1 and 4, each on its own server with ComfyUI's defaults (dynamic VRAM on NVIDIA) and with
---disable-dynamic-vram. Time: ComfyUI's execution_start -> execution_success span of repeated, interleaved runs
-(new seed each; loaders cached). Writes bench/results/dynamic_vram.json with the GPU's name.
+at batch 1 and 4, and two diagnostic paths at batch 1:
+  flash_custom  the same LoRA + Flash sampler through SamplerCustom (FlashSamplerSelect + FlashScheduler), which
+                samples the MODEL as it is: dynamic, without FlashSampler's resident delegate
+  lcm_lora      KSampler lcm 4 steps with the Flash LoRA (the LoRA's own cost)
+each on its own server with ComfyUI's defaults (dynamic VRAM on NVIDIA) and with --disable-dynamic-vram. Time:
+ComfyUI's execution_start -> execution_success span of repeated, interleaved runs (new seed each; loaders
+cached). Then, in a child process with dynamic VRAM initialised as ComfyUI's main.py does, the distill node's
+teacher is compared with the MODEL carrying an upstream LoRA and with the raw checkpoint (teacher_check).
+Writes bench/results/dynamic_vram.json with the GPU's name.
 
     python -P bench/dynamic_vram.py [--repeats 5]      # needs CUDA and ComfyUI 0.30 (make setup)
     python -P bench/dynamic_vram.py --smoke            # the plumbing on the CPU with the tiny fixture checkpoint
@@ -20,13 +26,14 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from training import tiny_checkpoint
-from training.comfy_env import REPO_ROOT, cache_dir, comfyui_version, import_comfy
+from training.comfy_env import REPO_ROOT, cache_dir, comfyui_path, comfyui_version, import_comfy
 from training.comfy_server import ComfyServer
 
 RESULTS = REPO_ROOT / "bench" / "results" / "dynamic_vram.json"
@@ -45,6 +52,14 @@ PATHS = {
     "euler_cfg": {"class_type": "KSampler", "sampler_name": "euler", "scheduler": "normal", "steps": 25, "cfg": 7.5},
     "lcm": {"class_type": "KSampler", "sampler_name": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg": 1.0},
 }
+# Where the per-run cost comes from (batch 1): the same Flash sampler through SamplerCustom, which samples the
+# MODEL as it is (dynamic), and the stock lcm sampler with the Flash LoRA (the LoRA's cast-time cost alone).
+DIAGNOSTIC_PATHS = {
+    "flash_custom": {"class_type": "SamplerCustom", "steps": 4, "cfg": 1.0, "lora": True},
+    "lcm_lora": {"class_type": "KSampler", "sampler_name": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg": 1.0,
+                 "lora": True},
+}
+ALL_PATHS = {**PATHS, **DIAGNOSTIC_PATHS}
 
 
 def build_models(folder: Path, rank: int = 64) -> None:
@@ -86,7 +101,7 @@ def build_models(folder: Path, rank: int = 64) -> None:
 
 
 def workflow(path: str, seed: int, size: int, batch: int, checkpoint: str, lora: str) -> dict:
-    spec = PATHS[path]
+    spec = ALL_PATHS[path]
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
@@ -104,6 +119,11 @@ def workflow(path: str, seed: int, size: int, batch: int, checkpoint: str, lora:
               "steps": spec["steps"], "cfg": spec["cfg"], "denoise": 1.0}
     if spec["class_type"] == "KSampler":
         inputs.update(sampler_name=spec["sampler_name"], scheduler=spec["scheduler"])
+    if spec["class_type"] == "SamplerCustom":  # the Flash SAMPLER + SIGMAS on the MODEL as it is
+        graph["9"] = {"class_type": "FlashSamplerSelect", "inputs": {}}
+        graph["10"] = {"class_type": "FlashScheduler", "inputs": {"model": model, "steps": spec["steps"], "denoise": 1.0}}
+        inputs = {"model": model, "add_noise": True, "noise_seed": seed, "cfg": spec["cfg"], "positive": ["3", 0],
+                  "negative": ["4", 0], "sampler": ["9", 0], "sigmas": ["10", 0], "latent_image": ["5", 0]}
     graph["6"] = {"class_type": spec["class_type"], "inputs": inputs}
     return graph
 
@@ -120,13 +140,14 @@ def run_mode(models: Path, mode: str, args, checkpoint: str, lora: str) -> dict:
     with ComfyServer(models_root=models, base_dir=base, log_path=base / "comfyui.log", cpu=args.smoke,
                      extra_args=extra) as server:
         for batch in args.batches:
-            times: dict[str, list[float]] = {path: [] for path in PATHS}
-            for path in PATHS:  # warm-up: loaders, first staging
+            paths = list(PATHS) + (list(DIAGNOSTIC_PATHS) if batch == 1 else [])
+            times: dict[str, list[float]] = {path: [] for path in paths}
+            for path in paths:  # warm-up: loaders, first staging
                 entry = server.run(workflow(path, 0, args.size, batch, checkpoint, lora))
                 if entry["status"]["status_str"] != "success":
                     raise RuntimeError(f"{mode} {path} batch {batch} failed:\n{server.log_tail()}")
             for repeat in range(args.repeats):
-                for path in PATHS:  # interleaved, as bench/speed.py
+                for path in paths:  # interleaved, as bench/speed.py
                     entry = server.run(workflow(path, 1000 + repeat, args.size, batch, checkpoint, lora))
                     times[path].append(execution_seconds(entry))
             median = {path: statistics.median(values) for path, values in times.items()}
@@ -134,10 +155,87 @@ def run_mode(models: Path, mode: str, args, checkpoint: str, lora: str) -> dict:
                 "median_seconds": median, "seconds": times,
                 "euler_cfg_over_flash": median["euler_cfg"] / median["flash"],
                 "flash_over_lcm": median["flash"] / median["lcm"],
+                **({"flash_custom_over_flash": median["flash_custom"] / median["flash"]} if "flash_custom" in median else {}),
             }
             print(f"{mode:17s} batch {batch}: " + ", ".join(f"{p} {m * 1000:.0f} ms" for p, m in median.items())
                   + f"; euler_cfg / flash = {results[f'batch_{batch}']['euler_cfg_over_flash']:.2f}x", flush=True)
     return results
+
+
+def teacher_check(models: Path, checkpoint: str = CHECKPOINT, dynamic: bool = True) -> dict:
+    """Issue 10 item 4 on the GPU: under dynamic VRAM (initialised as ComfyUI's main.py does), the distill node's
+    teacher (nodes/comfy_denoiser.ComfyDenoiser) equals the MODEL with an upstream LoRA, not the raw checkpoint.
+    eps is compared on the same noisy latents at t = 899 and 299; run in its own process (--teacher-check)."""
+    sys.path.append(str(comfyui_path()))
+    import comfy_aimdo.control
+
+    if dynamic:
+        try:  # before CUDA starts, as ComfyUI's main.py (comfy-aimdo 0.4.11 protocol, then older)
+            comfy_aimdo.control.init(simple_vram_headroom=None, nvml_pressure=True)
+        except TypeError:
+            comfy_aimdo.control.init()
+    import_comfy(cpu=not dynamic)
+    import comfy.lora
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+
+    if dynamic:
+        if not comfy_aimdo.control.init_devices(d.index for d in comfy.model_management.get_all_torch_devices()):
+            raise RuntimeError("comfy-aimdo found no device: dynamic VRAM is not available here")
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    from training.comfy_env import load_pack
+
+    comfy_denoiser = load_pack().nodes.comfy_denoiser
+
+    raw = comfy.sd.load_checkpoint_guess_config(str(models / "checkpoints" / checkpoint), output_vae=False,
+                                                output_clip=False)[0]
+    generator = torch.Generator().manual_seed(0)
+    weights, lora = raw.model.state_dict(), {}
+    for lora_key, weight_key in comfy.lora.model_lora_keys_unet(raw.model, {}).items():
+        if (lora_key.startswith("lora_unet_") and isinstance(weight_key, str)
+                and weight_key.removesuffix(".weight").endswith(tiny_checkpoint.ATTENTION_PROJECTIONS)):
+            out_features, in_features = weights[weight_key].shape[:2]
+            lora[f"{lora_key}.lora_down.weight"] = torch.randn((64, in_features), generator=generator) * 0.05
+            lora[f"{lora_key}.lora_up.weight"] = torch.randn((out_features, 64), generator=generator) * 0.05
+            lora[f"{lora_key}.alpha"] = torch.tensor(64.0)
+    patched = comfy.sd.load_lora_for_models(raw, None, lora, 1.0, 0.0)[0]  # what LoraLoaderModelOnly does
+
+    device = comfy.model_management.get_torch_device()
+    x_t = torch.randn((2, 4, 64, 64), generator=generator).to(device)
+    t = torch.tensor([899.0, 299.0], device=device)
+    context = torch.randn((2, 77, 768), generator=generator).to(device)
+
+    def comfy_eps(model) -> torch.Tensor:  # as ComfyUI's samplers: apply_model on x = x_t sqrt(1 + sigma^2)
+        comfy.model_management.load_models_gpu([model])
+        sigma = model.get_model_object("model_sampling").sigma(t).to(device)
+        s = sigma.reshape(-1, 1, 1, 1)
+        x = x_t * (s**2 + 1.0).sqrt()
+        with torch.no_grad():
+            return ((x - model.model.apply_model(x, sigma, c_crossattn=context)) / s).float()
+
+    want, unpatched = comfy_eps(patched), comfy_eps(raw)
+    from flash_core.denoiser import Conditioning
+
+    with torch.inference_mode(False):
+        den = comfy_denoiser.ComfyDenoiser(patched)
+        den.add_lora(4, 4, ("to_q", "to_k", "to_v", "to_out.0"))
+        with den.teacher(), torch.no_grad():
+            teacher = den.predict(x_t, t, Conditioning(context)).float()
+
+    def relative(a, b) -> float:
+        return float((a - b).norm() / b.norm())
+
+    return {
+        "dynamic": bool(raw.is_dynamic()), "device": str(device),
+        "teacher_vs_patched_relative": relative(teacher, want),
+        "teacher_vs_unpatched_relative": relative(teacher, unpatched),
+        "patched_vs_unpatched_relative": relative(want, unpatched),
+        "max_abs_teacher_minus_patched": float((teacher - want).abs().max()),
+        "max_abs_teacher_minus_unpatched": float((teacher - unpatched).abs().max()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny fixture checkpoint, 64 px, 1 repeat; no results file")
+    parser.add_argument("--teacher-check", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
+    if args.teacher_check:
+        print("TEACHER_CHECK " + json.dumps(teacher_check(cache_dir() / "models")), flush=True)
+        return 0
     if args.smoke:
         args.size, args.batches, args.repeats = 64, [1], 1
     elif not torch.cuda.is_available():
@@ -167,13 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     results = {mode: run_mode(models, mode, args, checkpoint, lora) for mode in modes}
     if args.smoke:
         return 0
+    child = subprocess.run([sys.executable, "-P", __file__, "--teacher-check"], capture_output=True, text=True)
+    lines = [line for line in child.stdout.splitlines() if line.startswith("TEACHER_CHECK ")]
+    if child.returncode != 0 or not lines:
+        raise RuntimeError(f"teacher check failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+    check = json.loads(lines[-1].removeprefix("TEACHER_CHECK "))
+    print(f"teacher check (dynamic VRAM): {check}", flush=True)
     report = {
         "gpu": torch.cuda.get_device_name(0),
         "comfyui": ".".join(map(str, comfyui_version())),
         "size": args.size, "repeats": args.repeats, "checkpoint": "SD1.5 architecture, random weights, fp16",
         "lora_rank": 64, "paths": {p: {k: v for k, v in s.items() if k != "lora"} | {"lora": bool(s.get("lora"))}
-                                   for p, s in PATHS.items()},
+                                   for p, s in ALL_PATHS.items()},
         "modes": results,
+        "teacher_check": check,
         "goal": "euler_cfg / flash >= 5.9x at batch 1 under the defaults (the model-call limit is 25 / 4 = 6.25x)",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

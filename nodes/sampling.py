@@ -9,6 +9,8 @@ flash_core.schedules; nothing here computes a timestep.
 
 from __future__ import annotations
 
+import weakref
+
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
@@ -75,6 +77,37 @@ def check_latent_channels(node: str, latent_channels: int, channels: int, name: 
             f"{node}: the latent has {channels} channels but this model ({name}) expects {latent_channels}: "
             "use the VAE / Empty Latent Image that matches the model."
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic VRAM: few-step sampling on resident, pre-patched weights
+# --------------------------------------------------------------------------------------------------
+
+_RESIDENT_DELEGATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dynamic MODEL -> its delegate
+
+
+def resident_model(model):
+    """The MODEL few-step sampling runs on: under dynamic VRAM, its non-dynamic delegate.
+
+    ComfyUI 0.18+ on NVIDIA gives MODELs a dynamic patcher (ModelPatcherDynamic) that re-stages the model and
+    applies LoRA patches at cast time on every sampling run, a fixed cost per run that a 25-step sampler hides
+    and a 4-step one does not. `get_non_dynamic_delegate()` is ComfyUI's own non-dynamic twin of a dynamic
+    MODEL (what its samplers use for hooks): the same patches, loaded by the estimate-based model management
+    (full load when it fits, partial --lowvram-style offload when it does not), so the patched weights stay
+    resident between runs. One delegate per MODEL object, kept while that MODEL lives (ComfyUI's node cache
+    keeps it across runs). Plain patchers (CPU, --disable-dynamic-vram, ComfyUI < 0.18) and dynamic MODELs
+    that cannot be reloaded (a loader without cached_patcher_init) are sampled as they are.
+    """
+    if not (hasattr(model, "is_dynamic") and model.is_dynamic()) or not hasattr(model, "get_non_dynamic_delegate"):
+        return model
+    delegate = _RESIDENT_DELEGATES.get(model)
+    if delegate is None:
+        try:
+            delegate = model.get_non_dynamic_delegate()
+        except RuntimeError:  # "cached_patcher_init is not initialized": sample dynamically
+            return model
+        _RESIDENT_DELEGATES[model] = delegate
+    return delegate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,6 +249,7 @@ class FlashSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, denoise) -> io.NodeOutput:
+        model = resident_model(model)
         sigmas = flash_sigmas(model, steps, denoise, node="FlashSampler")
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

@@ -74,6 +74,8 @@ class ComfyServer:
             custom_nodes = self.base_dir / "custom_nodes"
             custom_nodes.mkdir(parents=True, exist_ok=True)
             link = custom_nodes / PACK_DIR_NAME
+            if link.is_symlink() and link.resolve() != REPO_ROOT.resolve():
+                link.unlink()  # left by another checkout (a worktree since removed)
             if not link.exists():
                 link.symlink_to(REPO_ROOT, target_is_directory=True)
             cmd += ["--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:"]
