@@ -11,12 +11,16 @@ at batch 1 and 4, and two diagnostic paths at batch 1:
                 samples the MODEL as it is: dynamic, without FlashSampler's resident delegate
   lcm_lora      KSampler lcm 4 steps with the Flash LoRA (the LoRA's own cost)
 each on its own server with ComfyUI's defaults (dynamic VRAM on NVIDIA) and with --disable-dynamic-vram. Time:
-ComfyUI's execution_start -> execution_success span of repeated, interleaved runs (new seed each; loaders
-cached). Then, in a child process with dynamic VRAM initialised as ComfyUI's main.py does, the distill node's
-teacher is compared with the MODEL carrying an upstream LoRA and with the raw checkpoint (teacher_check).
-Writes bench/results/dynamic_vram.json with the GPU's name.
+ComfyUI's execution_start -> execution_success span (sampling, VAE decode, PNG save) of a block of runs per
+path after one warm-up run, as a user re-running a workflow with new seeds (ComfyUI's cache keeps the loaders'
+outputs within a block; interleaving graphs would re-run the LoRA loader every time). Writes bench/results/dynamic_vram.json with the GPU's name.
 
-    python -P bench/dynamic_vram.py [--repeats 5]      # needs CUDA and ComfyUI 0.30 (make setup)
+`--teacher-check` (its own process: dynamic VRAM initialised as ComfyUI's main.py does) compares the distill
+node's teacher with the MODEL carrying an upstream LoRA and with the raw checkpoint; writes
+bench/results/dynamic_vram_teacher.json.
+
+    python -P bench/dynamic_vram.py [--repeats 3]      # needs CUDA and ComfyUI 0.30 (make setup)
+    python -P bench/dynamic_vram.py --teacher-check    # after a first run built the checkpoint
     python -P bench/dynamic_vram.py --smoke            # the plumbing on the CPU with the tiny fixture checkpoint
 """
 
@@ -26,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from training.comfy_env import REPO_ROOT, cache_dir, comfyui_path, comfyui_versi
 from training.comfy_server import ComfyServer
 
 RESULTS = REPO_ROOT / "bench" / "results" / "dynamic_vram.json"
+TEACHER_RESULTS = REPO_ROOT / "bench" / "results" / "dynamic_vram_teacher.json"
 CHECKPOINT = "flash_bench_sd15_random.safetensors"
 LORA = "flash_bench_sd15_random_lora.safetensors"
 SD15_UNET = dict(  # SD1.5's UNet as ComfyUI's model detection describes it
@@ -142,12 +146,11 @@ def run_mode(models: Path, mode: str, args, checkpoint: str, lora: str) -> dict:
         for batch in args.batches:
             paths = list(PATHS) + (list(DIAGNOSTIC_PATHS) if batch == 1 else [])
             times: dict[str, list[float]] = {path: [] for path in paths}
-            for path in paths:  # warm-up: loaders, first staging
-                entry = server.run(workflow(path, 0, args.size, batch, checkpoint, lora))
+            for path in paths:  # one block per path, as a user re-running a workflow with new seeds
+                entry = server.run(workflow(path, 0, args.size, batch, checkpoint, lora))  # warm-up: loaders, staging
                 if entry["status"]["status_str"] != "success":
                     raise RuntimeError(f"{mode} {path} batch {batch} failed:\n{server.log_tail()}")
-            for repeat in range(args.repeats):
-                for path in paths:  # interleaved, as bench/speed.py
+                for repeat in range(args.repeats):
                     entry = server.run(workflow(path, 1000 + repeat, args.size, batch, checkpoint, lora))
                     times[path].append(execution_seconds(entry))
             median = {path: statistics.median(values) for path, values in times.items()}
@@ -242,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny fixture checkpoint, 64 px, 1 repeat; no results file")
-    parser.add_argument("--teacher-check", action="store_true", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--teacher-check", action="store_true", help="GPU: the distill teacher under dynamic VRAM (issue 10 item 4)")
     args = parser.parse_args(argv)
     if args.teacher_check:
-        print("TEACHER_CHECK " + json.dumps(teacher_check(cache_dir() / "models")), flush=True)
+        check = teacher_check(cache_dir() / "models")
+        print(f"teacher check: {check}", flush=True)
+        TEACHER_RESULTS.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), **check}, indent=2) + "\n")
         return 0
     if args.smoke:
         args.size, args.batches, args.repeats = 64, [1], 1
@@ -269,12 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     results = {mode: run_mode(models, mode, args, checkpoint, lora) for mode in modes}
     if args.smoke:
         return 0
-    child = subprocess.run([sys.executable, "-P", __file__, "--teacher-check"], capture_output=True, text=True)
-    lines = [line for line in child.stdout.splitlines() if line.startswith("TEACHER_CHECK ")]
-    if child.returncode != 0 or not lines:
-        raise RuntimeError(f"teacher check failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-    check = json.loads(lines[-1].removeprefix("TEACHER_CHECK "))
-    print(f"teacher check (dynamic VRAM): {check}", flush=True)
     report = {
         "gpu": torch.cuda.get_device_name(0),
         "comfyui": ".".join(map(str, comfyui_version())),
@@ -282,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         "lora_rank": 64, "paths": {p: {k: v for k, v in s.items() if k != "lora"} | {"lora": bool(s.get("lora"))}
                                    for p, s in ALL_PATHS.items()},
         "modes": results,
-        "teacher_check": check,
         "goal": "euler_cfg / flash >= 5.9x at batch 1 under the defaults (the model-call limit is 25 / 4 = 6.25x)",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -83,30 +83,34 @@ def check_latent_channels(node: str, latent_channels: int, channels: int, name: 
 # Dynamic VRAM: few-step sampling on resident, pre-patched weights
 # --------------------------------------------------------------------------------------------------
 
-_RESIDENT_DELEGATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dynamic MODEL -> its delegate
+_DELEGATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dynamic MODEL -> its non-dynamic delegate
+_PLAIN_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dynamic BaseModel -> plain reload of it
 
 
 def resident_model(model):
-    """The MODEL few-step sampling runs on: under dynamic VRAM, its non-dynamic delegate.
+    """The MODEL few-step sampling runs on: under dynamic VRAM, a non-dynamic delegate of it.
 
     ComfyUI 0.18+ on NVIDIA gives MODELs a dynamic patcher (ModelPatcherDynamic) that re-stages the model and
     applies LoRA patches at cast time on every sampling run, a fixed cost per run that a 25-step sampler hides
-    and a 4-step one does not. `get_non_dynamic_delegate()` is ComfyUI's own non-dynamic twin of a dynamic
-    MODEL (what its samplers use for hooks): the same patches, loaded by the estimate-based model management
-    (full load when it fits, partial --lowvram-style offload when it does not), so the patched weights stay
-    resident between runs. One delegate per MODEL object, kept while that MODEL lives (ComfyUI's node cache
-    keeps it across runs). Plain patchers (CPU, --disable-dynamic-vram, ComfyUI < 0.18) and dynamic MODELs
-    that cannot be reloaded (a loader without cached_patcher_init) are sampled as they are.
+    and a 4-step one does not (bench/dynamic_vram.py). `clone(disable_dynamic=True)` is ComfyUI's own
+    non-dynamic twin of a dynamic MODEL (what its samplers use for hooks): the same patches on a plain reload
+    of the checkpoint, loaded by the estimate-based model management (full load when it fits, partial
+    --lowvram-style offload when it does not), so the patched weights stay resident between runs.
+    One delegate per MODEL object (ComfyUI's node cache keeps it across runs), and one plain reload per
+    checkpoint shared by the delegates of all its MODELs (other LoRAs or strengths patch it as ComfyUI patches
+    clones). Plain patchers (CPU, --disable-dynamic-vram, ComfyUI < 0.18) and dynamic MODELs that cannot be
+    reloaded (a loader without cached_patcher_init) are sampled as they are.
     """
     if not (hasattr(model, "is_dynamic") and model.is_dynamic()) or not hasattr(model, "get_non_dynamic_delegate"):
         return model
-    delegate = _RESIDENT_DELEGATES.get(model)
+    delegate = _DELEGATES.get(model)
     if delegate is None:
         try:
-            delegate = model.get_non_dynamic_delegate()
+            delegate = model.clone(disable_dynamic=True, model_override=_PLAIN_MODELS.get(model.model))
         except RuntimeError:  # "cached_patcher_init is not initialized": sample dynamically
             return model
-        _RESIDENT_DELEGATES[model] = delegate
+        _PLAIN_MODELS.setdefault(model.model, delegate.get_clone_model_override())
+        _DELEGATES[model] = delegate
     return delegate
 
 

@@ -74,9 +74,8 @@ class CastTimePatcher(comfy.model_patcher.ModelPatcher):
             return plain
 
     def get_non_dynamic_delegate(self):
-        """ModelPatcherDynamic.get_non_dynamic_delegate (ComfyUI 0.30): a plain clone; the reload is cached."""
-        if not HAS_DYNAMIC:
-            return self.clone(disable_dynamic=True)
+        """ModelPatcherDynamic.get_non_dynamic_delegate (ComfyUI 0.30; the sampler only uses it as the marker of
+        a ComfyUI that has dynamic VRAM)."""
         delegate = self.clone(disable_dynamic=True, model_override=getattr(self, "_delegate_model", None))
         self._delegate_model = delegate.get_clone_model_override()
         return delegate

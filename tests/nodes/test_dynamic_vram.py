@@ -9,6 +9,7 @@ for it (is_dynamic(), patches applied only at cast time, get_non_dynamic_delegat
 from __future__ import annotations
 
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ import comfy.model_management  # noqa: E402
 import comfy.sd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dynamic_patcher import cast_time_twin, load_checkpoint, upstream_lora  # noqa: E402
+from dynamic_patcher import HAS_DYNAMIC, cast_time_twin, load_checkpoint, upstream_lora  # noqa: E402
+
+# ComfyUI < 0.18 (the 0.3.75 floor) has no dynamic VRAM and no non-dynamic delegates: nothing to test there.
+pytestmark = pytest.mark.skipif(not HAS_DYNAMIC, reason="this ComfyUI has no dynamic VRAM (added in 0.18)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +87,20 @@ def test_dynamic_model_samples_on_its_resident_delegate(sampling, models, monkey
     seen.clear()
     torch.testing.assert_close(flash_sample(sampling, standin), want, rtol=1e-4, atol=1e-4)
     assert delegate in seen and standin not in seen
+
+
+def test_models_of_one_checkpoint_share_one_plain_reload(sampling, models):
+    lora_model, standin, path = models
+    weaker = standin.clone()  # e.g. the same LoRA at another strength: another MODEL of the same checkpoint
+    weaker.patches = {k: [(0.5, *patch[1:]) for patch in v] for k, v in standin.patches.items()}
+    weaker.patches_uuid = uuid.uuid4()  # what add_patches does: other patches, other weights
+    first, second = sampling.resident_model(standin), sampling.resident_model(weaker)
+    assert first is not second and first.model is second.model  # two delegates, one plain copy of the weights
+    assert first.model is not standin.model  # ... which is not the dynamic model's own
+    raw = load_checkpoint(path)
+    half, _ = comfy.sd.load_lora_for_models(raw, None, upstream_lora(raw), 0.5, 0.0)
+    torch.testing.assert_close(flash_sample(sampling, weaker), flash_sample(sampling, half), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flash_sample(sampling, standin), flash_sample(sampling, lora_model), rtol=1e-4, atol=1e-4)
 
 
 def test_plain_model_is_sampled_as_it_is(sampling, models):
