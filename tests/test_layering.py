@@ -106,3 +106,21 @@ def test_nothing_outside_tests_imports_tests():
 def test_the_files_checked_include_every_layer():
     layers = {(_package_of(path) or ["."])[0] for path in _python_files()}
     assert {"flash_core", "nodes", "training", "tests", "bench", "workflows"} <= layers, layers
+
+
+def test_files_are_moved_into_place_only_by_flash_core_files():
+    # every write is atomic through flash_core/files.py (write_atomic & co.); a hand-rolled temporary file +
+    # os.replace elsewhere is a second home for it. training/ and workflows/ follow in the training/ re-layout.
+    moves = {("os", "replace"), ("os", "rename"), ("shutil", "move")}
+    offenders = []
+    home = REPO_ROOT / "flash_core" / "files.py"
+    for path in _python_files():
+        if _package_of(path)[:1] not in (["flash_core"], ["nodes"], ["bench"]) or path == home:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
+                    and (func.value.id, func.attr) in moves:
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} calls {func.value.id}.{func.attr}")
+    assert not offenders, "write files with flash_core.files (write_atomic, write_json_atomic, ...):\n" + \
+        "\n".join(offenders)
