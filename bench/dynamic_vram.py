@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from flash_core.files import write_atomic, write_json_atomic
 from training import tiny_checkpoint
 from training.comfy_env import REPO_ROOT, cache_dir, comfyui_path, comfyui_version, import_comfy
 from training.comfy_server import ComfyServer
@@ -86,9 +86,7 @@ def build_models(folder: Path, rank: int = 64) -> None:
             tiny_checkpoint._randomise(module, generator)
             state.update({prefix + k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()})
             del module
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(checkpoint.with_suffix(".tmp")))
-        os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+        write_atomic(checkpoint, lambda tmp: save_file(state, tmp))
     if not lora.is_file():
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in UNetModel(**SD15_UNET).state_dict().items()}
@@ -99,9 +97,7 @@ def build_models(folder: Path, rank: int = 64) -> None:
                 out_features, in_features = shapes[ldm_key][:2]
                 tensors[f"unet.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
                 tensors[f"unet.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
-        lora.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(lora.with_suffix(".tmp")))
-        os.replace(lora.with_suffix(".tmp"), lora)
+        write_atomic(lora, lambda tmp: save_file(tensors, tmp))
 
 
 def workflow(path: str, seed: int, size: int, batch: int, checkpoint: str, lora: str) -> dict:
@@ -283,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": results,
         "goal": "euler_cfg / flash >= 5.9x at batch 1 under the defaults (the model-call limit is 25 / 4 = 6.25x)",
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2))
+    write_json_atomic(RESULTS, report)
     print(f"saved {RESULTS}")
     return 0
 

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from flash_core.files import write_json_atomic
 from training.comfy_env import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "node_overhead.json"
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         results[path] = json.loads(child.stdout.strip().splitlines()[-1])
     ratio = results["node"]["s_per_step"] / results["headless"]["s_per_step"]
     extra_mib = results["node"]["peak_rss_mib"] - results["headless"]["peak_rss_mib"]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"steps": args.steps, **results, "time_ratio": ratio, "extra_rss_mib": extra_mib}, indent=2))
+    write_json_atomic(RESULTS, {"steps": args.steps, **results, "time_ratio": ratio, "extra_rss_mib": extra_mib})
     print("| path | s / step | peak RSS (MiB) |\n|---|---:|---:|")
     for path, row in results.items():
         print(f"| {path} | {row['s_per_step']:.3f} | {row['peak_rss_mib']:.0f} |")

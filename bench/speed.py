@@ -15,10 +15,10 @@ cond and uncond). Prints a table and saves bench/results/speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
+from flash_core.files import write_json_atomic
 from training import tiny_checkpoint
 from training.comfy_env import REPO_ROOT, cache_dir, import_comfy, load_pack
 from training.comfy_server import ComfyServer
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_euler_cfg": median["euler_cfg"] / median["flash"],
         "overhead_vs_lcm": median["flash"] / median["lcm"] - 1.0,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    write_json_atomic(RESULTS, results)
 
     print("\n| path | sampler | steps | cfg | UNet evaluations | median s / image | vs flash |")
     print("|---|---|---|---|---|---|---|")

@@ -15,7 +15,6 @@ Prints a table and saves bench/results/train_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -23,6 +22,7 @@ import time
 
 import torch
 
+from flash_core.files import write_json_atomic
 from training.comfy_env import REPO_ROOT
 from training.digits.benchmark import StudentSettings, student_run
 from training.digits.data import load_splits
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": "digits teacher UNet (32, 64), 8x8x4 latents", "batch_size": settings.batch_size,
                "teacher_grid_steps": settings.teacher_grid_steps, "bare_forward_backward_s": bare,
                "phases": rows, "peak_rss_mib": peak_mib, "threads": torch.get_num_threads()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    write_json_atomic(RESULTS, results)
 
     print("| phase | teacher solve (s) | student (s) | discriminator (s) | DMD (s) | step (s) | step / bare fwd+bwd |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

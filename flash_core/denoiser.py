@@ -5,7 +5,8 @@ the same network with the adapters disabled (peft), so the teacher's weights are
 
 Time convention: `t` is the model timestep, a float tensor of shape [B] on the 0..1000 scale —
 the discrete DDPM timestep (0..999) for epsilon / v-prediction models, sigma*1000 for flow models (SD3).
-Both are written as x_t = alpha_t x0 + sigma_t eps with (alpha, sigma) from `noise_coefficients`.
+Both are written as x_t = alpha_t x0 + sigma_t eps with (alpha, sigma) from `noise_coefficients`; the algebra
+between the model outputs (eps / v / flow velocity) and x0 lives in flash_core.parameterization.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor, nn
 
-from flash_core.sampling import flow_x0, predicted_x0
-from flash_core.schedules import NUM_TRAIN_TIMESTEPS
+from flash_core import parameterization
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+PREDICTION_TYPES = parameterization.DENOISER_PREDICTION_TYPES
 
 
 @dataclass
@@ -238,43 +238,22 @@ class Denoiser(ABC):
         self.gradient_checkpointing = bool(enabled) and hasattr(model, "enable_gradient_checkpointing")
 
 
-# ---- output conversions (the one home of eps / v / flow <-> x0 algebra) ----------------------------
+# ---- output conversions at a Denoiser's noise schedule (the algebra: flash_core.parameterization) --------
 def noise_coefficients(denoiser: Denoiser, t: Tensor, ndim: int = 4) -> tuple[Tensor, Tensor]:
     """(alpha_t, sigma_t) with x_t = alpha_t x0 + sigma_t eps, broadcastable to an ndim tensor.
 
     Discrete: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t). Flow: sigma = t/1000, alpha = 1 - sigma.
     """
-    t = torch.as_tensor(t).float().reshape(-1)
-    if denoiser.is_flow:
-        sigma = (t / NUM_TRAIN_TIMESTEPS).double()  # flow sigma in [0, 1]
-        alpha = 1.0 - sigma  # x_t = sigma eps + (1 - sigma) x0
-    else:
-        abar = denoiser.alphas_cumprod.to(device=t.device, dtype=torch.float64)[t.round().long()]
-        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()  # DDPM: sqrt(abar), sqrt(1 - abar)
-    shape = (-1,) + (1,) * (ndim - 1)
-    return alpha.float().reshape(shape), sigma.float().reshape(shape)
+    return parameterization.noise_coefficients(t, denoiser.is_flow, denoiser.alphas_cumprod, ndim)
 
 
 def add_noise(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """z_t = alpha_t x0 + sigma_t eps (DDPM forward process; flow: sigma eps + (1-sigma) x0)."""
     alpha, sigma = noise_coefficients(denoiser, t, x0.ndim)
-    return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
+    return parameterization.add_noise(x0, noise, alpha, sigma)
 
 
 def output_to_x0_eps(denoiser: Denoiser, raw: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Convert a raw model output to (x0, eps) at (x_t, t); x0 via flash_core.sampling's step maths."""
+    """Convert a raw model output (eps / v / flow velocity) to (x0, eps) at (x_t, t)."""
     alpha, sigma = noise_coefficients(denoiser, t, x_t.ndim)
-    alpha, sigma = alpha.to(x_t.dtype), sigma.to(x_t.dtype)
-    kind = denoiser.prediction_type
-    if kind == "epsilon":
-        x0 = predicted_x0(raw, x_t, alpha**2, "epsilon")  # x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
-        eps = raw
-    elif kind == "v_prediction":
-        x0 = predicted_x0(raw, x_t, alpha**2, "v_prediction")  # x0 = sqrt(abar) x_t - sqrt(1-abar) v
-        eps = sigma * x_t + alpha * raw  # eps = sqrt(1-abar) x_t + sqrt(abar) v
-    elif kind == "flow":
-        x0 = flow_x0(raw, x_t, sigma)  # x0 = x_t - sigma v  (v = eps - x0)
-        eps = x_t + alpha * raw  # eps = x0 + v = x_t + (1 - sigma) v
-    else:
-        raise ValueError(f"unknown prediction_type {kind!r}; expected one of {PREDICTION_TYPES}")
-    return x0, eps
+    return parameterization.x0_and_eps(raw, x_t, alpha, sigma, denoiser.prediction_type)

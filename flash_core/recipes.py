@@ -51,9 +51,9 @@ class Recipe:
             raise ValueError(f"recipe {self.backbone!r}: uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         num_phases = len(self.phase_mode_weights)
         for name in ("distill_weights", "adversarial_weights", "dmd_weights"):
-            if len(getattr(self, name)) != num_phases:
+            if len(getattr(self, name)) != num_phases or any(not w >= 0 for w in getattr(self, name)):
                 raise ValueError(
-                    f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), "
+                    f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), each >= 0, "
                     f"got {getattr(self, name)!r}"
                 )
         if self.teacher_grid_steps < 1 or self.teacher_grid_steps % self.student_steps:

@@ -11,22 +11,30 @@ A "level" is whatever the caller's model is indexed by: an integer DDPM timestep
 a flow sigma for SD3, a ComfyUI sigma for the ComfyUI KSAMPLER shell (nodes/sampling.py), where the
 model wrapper already returns x0 and `model_sampling.noise_scaling` re-noises.
 
-The step maths (x0 from eps / v / flow velocity, the LCM boundary condition, the VP and flow re-noise)
-are small functions here so that every shell uses the same lines. Grids come from schedules.py.
+The step maths are small functions so that every shell uses the same lines: the LCM boundary condition here,
+x0 from eps / v / flow velocity and the VP / flow re-noise in parameterization.py (the one home of that algebra,
+re-exported here). Grids come from schedules.py.
 Never imports ComfyUI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+# The sampler's step maths, re-exported from their one home so `sampling.predicted_x0` & co. keep working.
+from flash_core.parameterization import (
+    PREDICTION_TYPES,
+    PredictionType,
+    discrete_renoise,
+    flow_renoise,
+    flow_x0,
+    predicted_x0,
+    vp_sample_from_ve,  # noqa: F401
+)
 from flash_core.schedules import NUM_TRAIN_TIMESTEPS, lcm_boundary_scalings
-
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 DenoiseFn = Callable[[torch.Tensor, Any], torch.Tensor]
 NoiseFn = Callable[[Any, Any], torch.Tensor]
@@ -70,31 +78,8 @@ def few_step_loop(
 
 
 # --------------------------------------------------------------------------------------------------
-# Step maths shared by every shell
+# The LCM boundary condition (the rest of the step maths: flash_core.parameterization)
 # --------------------------------------------------------------------------------------------------
-
-
-def predicted_x0(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    alpha_bar: float | torch.Tensor,
-    prediction_type: PredictionType = "epsilon",
-) -> torch.Tensor:
-    """x0 from a discrete VP model's output at noise level abar_t (sample is z_t)."""
-    if prediction_type == "epsilon":
-        # x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        return (sample - (1.0 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
-    if prediction_type == "v_prediction":
-        # x0 = sqrt(abar_t) z_t - sqrt(1 - abar_t) v
-        return alpha_bar**0.5 * sample - (1.0 - alpha_bar) ** 0.5 * model_output
-    if prediction_type == "sample":
-        return model_output  # the model predicts x0 directly
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def flow_x0(velocity: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
-    """Flow matching (SD3): x0 = x_sigma - sigma * v."""
-    return sample - sigma * velocity  # x_sigma = sigma*eps + (1-sigma)*x0, v = eps - x0
 
 
 def lcm_boundary_x0(x0_pred: torch.Tensor, z_t: torch.Tensor, timestep) -> torch.Tensor:
@@ -109,21 +94,6 @@ def lcm_boundary_x0(x0_pred: torch.Tensor, z_t: torch.Tensor, timestep) -> torch
         timestep = timestep.to(x0_pred.device)
     c_skip, c_out = lcm_boundary_scalings(timestep)  # c_skip = sd^2/((10t)^2+sd^2), c_out = 10t/sqrt(...)
     return c_skip * z_t + c_out * x0_pred  # x0' = c_skip z_t + c_out x0_pred
-
-
-def discrete_renoise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_next: float | torch.Tensor) -> torch.Tensor:
-    """VP forward process to the next timestep: z = sqrt(abar_next) x0 + sqrt(1 - abar_next) eps."""
-    return alpha_bar_next**0.5 * x0 + (1.0 - alpha_bar_next) ** 0.5 * noise
-
-
-def flow_renoise(x0: torch.Tensor, noise: torch.Tensor, sigma_next) -> torch.Tensor:
-    """Flow forward process to the next sigma: x = s_next eps + (1 - s_next) x0."""
-    return sigma_next * noise + (1.0 - sigma_next) * x0
-
-
-def vp_sample_from_ve(x: torch.Tensor, sigma) -> torch.Tensor:
-    """z_t of a VE sample x = x0 + sigma eps (ComfyUI's space): z_t = x sqrt(abar_t), abar_t = 1/(1+sigma^2)."""
-    return x / (1.0 + sigma**2) ** 0.5  # sqrt(abar) = 1/sqrt(1+sigma^2)
 
 
 # --------------------------------------------------------------------------------------------------

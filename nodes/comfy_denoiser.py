@@ -12,7 +12,7 @@ module is the ComfyUI adapter of that interface:
   APPLY_MODEL / DIFFUSION_MODEL wrappers and transformer_options of the MODEL) with the model_sampling of the
   ModelPatcher (so a ModelSamplingDiscrete patch is honoured), and converts between flash_core's VP
   convention (x_t = sqrt(abar) x0 + sqrt(1-abar) eps, integer DDPM timestep t) and ComfyUI's VE one
-  (x = x0 + sigma eps, sigma = sqrt((1-abar)/abar)).
+  (x = x0 + sigma eps, sigma = sqrt((1-abar)/abar)) with flash_core.parameterization.
 * `encoder_features` runs ComfyUI's UNetModel forward up to and including the middle block (the frozen
   encoder of the latent discriminator).
 
@@ -39,6 +39,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (
 )
 from torch import Tensor, nn
 
+from flash_core import parameterization
 from flash_core.denoiser import Conditioning, Denoiser
 
 LOG = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class ComfyDenoiser(Denoiser):
         self.lora_module = self.diffusion_model
         self.prediction_type = PREDICTION_TYPES[base.model_type]
         sigmas = self.model_sampling.sigmas.detach().double().cpu()
-        self.alphas_cumprod = 1.0 / (1.0 + sigmas**2)  # abar_t = 1 / (1 + sigma_t^2) (VE <-> VP)
+        self.alphas_cumprod = parameterization.alphas_cumprod_from_ve_sigmas(sigmas)  # abar_t = 1 / (1 + sigma_t^2)
         unet_config = base.model_config.unet_config
         self.encoder_feature_channels = int(unet_config["model_channels"] * unet_config["channel_mult"][-1])
         self.transformer_options = copy.copy(model.model_options.get("transformer_options", {}))
@@ -286,14 +287,13 @@ class ComfyDenoiser(Denoiser):
         batch = x_t.shape[0]
         sigma = self._sigmas(t, batch)
         s = sigma.reshape(-1, *([1] * (x_t.ndim - 1)))
-        x_ve = x_t.float() * (s**2 + 1.0).sqrt()  # VE sample x = x0 + sigma eps = x_t sqrt(1 + sigma^2)
+        x_ve = parameterization.ve_sample_from_vp(x_t.float(), s)  # x = x0 + sigma eps = x_t sqrt(1 + sigma^2)
         denoised = self.base_model.apply_model(
             x_ve, sigma, transformer_options=copy.copy(self.transformer_options), **self._model_inputs(cond, batch)
         )
         if self.prediction_type == "epsilon":
-            return (x_ve - denoised) / s  # eps = (x - x0) / sigma (inverse of EPS.calculate_denoised)
-        scale = (s**2 + 1.0).sqrt()
-        return (x_ve / (s**2 + 1.0) - denoised) * scale / s  # v from V_PREDICTION.calculate_denoised (sigma_data 1)
+            return parameterization.eps_from_ve_x0(x_ve, denoised, s)  # eps = (x - x0) / sigma
+        return parameterization.v_from_ve_x0(x_ve, denoised, s)  # v = (sqrt(abar) z_t - x0) / sqrt(1 - abar)
 
     def encoder_features(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """ComfyUI UNetModel forward (time embedding, input blocks, middle block), stopped before the decoder."""

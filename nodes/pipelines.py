@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 from pathlib import Path, PurePosixPath
@@ -45,9 +44,11 @@ import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
 import folder_paths
-import safetensors.torch
 import torch
 from comfy_api.latest import io
+
+from flash_core import file_formats
+from flash_core.file_formats import PICKLE_SUFFIXES
 
 LOG = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ FOLDER_NAME = "diffusers"  # ComfyUI's models/diffusers folder(s), where the sto
 CATEGORY = "Flash Diffusion"
 
 RESAVE = "re-save it with save_pretrained(..., safe_serialization=True)"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_LOADERS = (
     "use ComfyUI's own loaders for those (Load Checkpoint for a single-file checkpoint, or Load Diffusion "
     "Model + Load CLIP + Load VAE for separate files)"
@@ -126,12 +126,9 @@ def read_json(path: Path, folder: Path, what: str) -> dict:
         raise _fail(f"'{folder}' has no {path.relative_to(folder).as_posix()} ({what}). A diffusers pipeline "
                     "folder is what StableDiffusionPipeline.save_pretrained writes; re-save the pipeline.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise _fail(f"cannot read {path} ({what}): {err}. Re-save the pipeline with save_pretrained.") from err
-    if not isinstance(data, dict):
-        raise _fail(f"{path} ({what}) is not a JSON object. Re-save the pipeline with save_pretrained.")
-    return data
+        return file_formats.read_json(path, what=what, fix="re-save the pipeline with save_pretrained")
+    except file_formats.FileFormatError as err:
+        raise _fail(str(err)) from err
 
 
 def load_weights(folder: Path, component: str, stem: str) -> dict[str, torch.Tensor]:
@@ -168,9 +165,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise _fail(f"the weights file {path} is missing; {RESAVE}.")
     try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as err:  # safetensors has its own error types for truncated or foreign files
-        raise _fail(f"cannot read {path} as safetensors ({err}); {RESAVE}.") from err
+        return file_formats.read_safetensors(path, fix=RESAVE)[0]
+    except file_formats.FileFormatError as err:  # a pickle or zip under a .safetensors name, truncated, corrupt
+        raise _fail(str(err)) from err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from comfy.k_diffusion.sampling import default_noise_sampler
 from comfy_api.latest import io
 from tqdm.auto import tqdm
 
+from flash_core import parameterization
 from flash_core import sampling as flash_sampling
 from flash_core.schedules import (
     MAX_SAMPLING_STEPS,
@@ -174,7 +175,7 @@ def sample_flash(model, x, sigmas, extra_args=None, callback=None, disable=None,
         x0 = model(x_sigma, sigma * s_in, **extra_args)  # ComfyUI's wrapper returns the denoised x0
         if not boundary_condition:
             return x0
-        z_t = flash_sampling.vp_sample_from_ve(x_sigma, sigma)  # the student's VP input z_t
+        z_t = parameterization.vp_sample_from_ve(x_sigma, sigma)  # the student's VP input z_t
         x0_student = flash_sampling.lcm_boundary_x0(x0, z_t, model_sampling.timestep(sigma))
         mask = extra_args.get("denoise_mask", None)
         if mask is None:

@@ -429,21 +429,20 @@ def distill_config(backbone: str, steps: int, rank: int, learning_rate: float, g
     if guidance_max < guidance_min:
         raise TrainingInputError(f"{NODE}: guidance_max ({guidance_max}) is below guidance_min ({guidance_min}).")
     guidance = None if guidance_min == 0 and guidance_max == 0 else (guidance_min, guidance_max)
-    if teacher_steps % recipe.student_steps:
-        raise TrainingInputError(
-            f"{NODE}: teacher_steps must be a multiple of {recipe.student_steps} (the few-step grid the timestep "
-            f"mixture sits on), e.g. {recipe.teacher_grid_steps}; got {teacher_steps}."
-        )
-    return DistillConfig(
-        backbone=backbone, total_steps=steps, seed=seed,
+    overrides = dict(
         batch_size=batch_size or None, lora_rank=rank or None, lora_alpha=rank or None,  # alpha = rank (recipe rule)
         lr=learning_rate or None, guidance_range=guidance, teacher_grid_steps=teacher_steps or None,
         distill_weights=parse_phase_weights(distill_weights, "distill_weights", recipe.num_phases),
         adversarial_weights=parse_phase_weights(adversarial_weights, "adversarial_weights", recipe.num_phases),
         dmd_weights=parse_phase_weights(dmd_weights, "dmd_weights", recipe.num_phases),
-        grad_checkpointing=gradient_checkpointing,
-        mixed_precision="bf16" if mixed_precision == "bf16" and device.type == "cuda" else "no",
     )
+    try:  # flash_core checks the settings (K a multiple of the student grid, ...), as for flash-distill's config
+        return DistillConfig(
+            backbone=backbone, total_steps=steps, seed=seed, grad_checkpointing=gradient_checkpointing,
+            mixed_precision="bf16" if mixed_precision == "bf16" and device.type == "cuda" else "no", **overrides,
+        )
+    except ValueError as err:
+        raise TrainingInputError(f"{NODE}: {err}") from None
 
 
 def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe: int, rank: int,
@@ -456,6 +455,10 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     backbone = backbone_of(model)
     if not 1 <= nfe <= MAX_NFE:
         raise TrainingInputError(f"{NODE}: nfe must be 1 to {MAX_NFE}, got {nfe}.")
+    device = comfy.model_management.get_torch_device()
+    config = distill_config(backbone, steps, rank, learning_rate, guidance_min, guidance_max, teacher_steps,
+                            distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
+                            gradient_checkpointing, mixed_precision, device)
     data = gather_latents(latents)
     count = data.shape[0]
     latent_channels = model.model.latent_format.latent_channels
@@ -484,10 +487,6 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     try:
         files.remove_orphaned_temporaries(checkpoint_dir)
         files.remove_orphaned_temporaries(os.path.dirname(lora_path), recursive=False, stem=f"{name}.safetensors")
-        device = comfy.model_management.get_torch_device()
-        config = distill_config(backbone, steps, rank, learning_rate, guidance_min, guidance_max, teacher_steps,
-                                distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
-                                gradient_checkpointing, mixed_precision, device)
 
         # ---- build the student over a private copy of the teacher --------------------------------------
         hw = tuple(data.shape[-2:])

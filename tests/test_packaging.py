@@ -42,22 +42,6 @@ def test_registry_metadata_and_tested_comfyui_version():
     assert "GPL-3.0" in PYPROJECT["project"]["license"]["text"]
 
 
-def test_flash_core_never_imports_comfyui():
-    import ast
-
-    forbidden = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}
-    offenders = []
-    for path in (REPO_ROOT / "flash_core").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in forbidden]
-    assert not offenders, offenders
-
-
 def test_import_pack_outside_comfyui_is_harmless():
     code = "import runpy; g = runpy.run_path('__init__.py'); assert g['comfy_entrypoint'] is None"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -91,3 +91,5 @@ def test_config_rejects_bad_options():
         DistillConfig(teacher_grid_steps=30)  # the mixture's modes must sit on the K grid
     with pytest.raises(ValueError, match="one weight per phase"):
         DistillConfig(dmd_weights=[0.1, 0.2])  # a bad override fails when the config is made
+    with pytest.raises(ValueError, match="dmd_weights needs one weight per phase .4., each >= 0"):
+        DistillConfig(dmd_weights=[0.1, -0.2, 0.3, 0.4])  # the CLI's config takes loss weights unparsed

@@ -457,6 +457,14 @@ def test_bad_lora_names_are_refused(training, small_case, loras_dir, name, needl
     assert not list(loras_dir.rglob("*.safetensors"))
 
 
+def test_settings_are_checked_by_flash_core_before_any_work(training, small_case, loras_dir):
+    # the same checks as flash-distill's config (flash_core's DistillConfig), before a folder is made or locked
+    model, latents, prompts = small_case
+    with pytest.raises(ValueError, match=r"Flash Distill Train: .*teacher_grid_steps \(K = 6\) must be a multiple of"):
+        run_node(training, **node_inputs(model, latents, prompts, teacher_steps=6))
+    assert not (loras_dir / "flash").exists()
+
+
 def test_empty_latents_and_count_mismatch_are_refused(training, small_case, loras_dir):
     model, latents, prompts = small_case
     with pytest.raises(ValueError, match="no training latents"):

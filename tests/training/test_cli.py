@@ -100,9 +100,10 @@ def assert_one_line(code: int, stderr: str, *fragments: str) -> None:
         ({"mixed_precision": "fp8"}, ["mixed_precision must be one of"]),
         ({"sample_steps": [0, 4]}, ["sample_steps"]),
         ({"data": {"resolution": 30}}, ["multiple of 8"]),
+        ({"distill": {"teacher_grid_steps": 6}}, ["teacher_grid_steps (K = 6) must be a multiple of the 4-step"]),
     ],
     ids=["unknown-key", "unknown-data-key", "unknown-distill-key", "bad-distill-value", "negative-steps",
-         "missing-model", "bad-backbone", "bad-precision", "bad-sample-steps", "bad-resolution"],
+         "missing-model", "bad-backbone", "bad-precision", "bad-sample-steps", "bad-resolution", "bad-teacher-grid"],
 )
 def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, overrides, fragments):
     data = make_dataset(tmp_path / "data", 1)
