@@ -241,7 +241,9 @@ def _solve_items(denoiser, config: DistillConfig, dataset, items: Sequence[tuple
                  device=None, teacher_batch: int | None = None) -> dict[str, Tensor]:
     """The targets of (step, process) items, solved grouped by grid index in batches of `teacher_batch` samples;
     rows in item order. The inputs are exactly the training run's (run.batch_indices, distill.target_inputs)."""
-    from flash_core.run import batch_indices  # run imports this module's users; import late
+    from flash_core.run import (
+        batch_indices,  # run imports this module's users; import late
+    )
 
     recipe, device = config.recipe(), _device_of(denoiser, device)
     grid = training_grid(denoiser, recipe.teacher_grid_steps, recipe.student_steps)
@@ -339,7 +341,7 @@ def build_target_cache(
         items = [(step, process) for step in steps for process in range(num_processes)]
         tensors = _solve_items(denoiser, config, dataset, items, num_processes, device, teacher_batch)
         metadata = {"first_step": str(steps[0]), "last_step": str(steps[-1])}
-        write_atomic(cache.shard_path(index), lambda tmp, t=tensors: save_file(t, tmp, metadata=metadata))
+        write_atomic(cache.shard_path(index), lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
         if progress is not None:
             progress(len(cache.plan) - len(missing) + done + 1, len(cache.plan))
     return cache
