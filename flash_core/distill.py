@@ -448,8 +448,9 @@ class FlashDistiller:
         repeats the student's last losses (filter on student_update for one value per update); a side's keys
         are absent only before its first update (loss_discriminator on iteration 0);
         phase; grid_index (of this iteration's student input: trained on, or the fake sample's);
-        seconds: teacher_s = the teacher's multi-step CFG solve; student_s = student forward, adversarial
-        generator pass through the frozen encoder, backward and optimiser step; dmd_s = the DMD scores
+        seconds: teacher_s = the teacher's multi-step CFG solve (with a target cache: reading the target);
+        student_s = student forward, adversarial generator pass through the frozen encoder, backward and
+        optimiser step; dmd_s = the DMD scores
         (teacher CFG + student, no grad); discriminator_s = the head's LSGAN step (with the student's no-grad
         fake sample on a discriminator iteration). A non-finite student loss stops with FloatingPointError.
         """
