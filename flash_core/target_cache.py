@@ -24,6 +24,8 @@ API:
     build_target_cache(folder, denoiser, config, dataset, num_processes=1, teacher_batch=None, ...) -> TargetCache
     TargetCache(folder)   .manifest  .check(expected)  .missing_shards()  .target(step, process, inputs, shape)
                           .verify(denoiser, config, dataset, count, seed=0) -> dict
+    solve_targets(denoiser, config, dataset, items, num_processes=1, device=None, teacher_batch=None) -> dict
+                                        # the rows of (step, process) items, solved as the build does
     default_teacher_batch(denoiser, latent_shape, cond, uncond, device, mixed_precision) -> int
 """
 
@@ -205,7 +207,7 @@ class TargetCache:
         bad, worst, checked = [], 0.0, 0
         for step, process in picks:
             stored = self.rows(step, process)
-            fresh = _solve_items(denoiser, config, dataset, [(step, process)], num_processes, device, teacher_batch)
+            fresh = solve_targets(denoiser, config, dataset, [(step, process)], num_processes, device, teacher_batch)
             recomputed = fresh["targets"]
             error = float((stored["targets"] - recomputed).abs().max() / max(1.0, float(recomputed.abs().max())))
             worst, checked = max(worst, error), checked + recomputed.shape[0]
@@ -237,7 +239,7 @@ def _device_of(denoiser, device) -> torch.device:
     return torch.device(device) if device is not None else next(denoiser.lora_module.parameters()).device
 
 
-def _solve_items(denoiser, config: DistillConfig, dataset, items: Sequence[tuple[int, int]], num_processes: int,
+def solve_targets(denoiser, config: DistillConfig, dataset, items: Sequence[tuple[int, int]], num_processes: int = 1,
                  device=None, teacher_batch: int | None = None) -> dict[str, Tensor]:
     """The targets of (step, process) items, solved grouped by grid index in batches of `teacher_batch` samples;
     rows in item order. The inputs are exactly the training run's (run.batch_indices, distill.target_inputs)."""
@@ -339,7 +341,7 @@ def build_target_cache(
     for done, index in enumerate(missing):
         steps = cache.plan[index]
         items = [(step, process) for step in steps for process in range(num_processes)]
-        tensors = _solve_items(denoiser, config, dataset, items, num_processes, device, teacher_batch)
+        tensors = solve_targets(denoiser, config, dataset, items, num_processes, device, teacher_batch)
         metadata = {"first_step": str(steps[0]), "last_step": str(steps[-1])}
         write_atomic(cache.shard_path(index), lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
         if progress is not None:
@@ -355,4 +357,5 @@ __all__ = [
     "cache_manifest",
     "default_teacher_batch",
     "manifest_differences",
+    "solve_targets",
 ]
