@@ -12,12 +12,18 @@ Public API (used by training/cli.py, training/digits/ and the ComfyUI training n
     teacher_target(denoiser, z_t, grid_index, cond, uncond, guidance, grid_steps, student_steps=None) -> x0
                                                                          # DPM-Solver++ / flow Euler
     guided_output(denoiser, x_t, t, cond, uncond, guidance) -> raw       # CFG: w*out_c + (1-w)*out_u
+                                                                         # guidance: float or one per sample
+    TargetInputs(grid_index, guidance, noise)                            # the draws that define a target
+    target_inputs(config, step, process_index, latent_shape) -> TargetInputs    # counter-based, any step
+    student_updates(config) -> list[int]                                 # iterations that update the student
     training_grid(denoiser, grid_steps, student_steps=None) -> list[float]   # K-step grid in model timesteps
     FlashDistiller(denoiser, config, device=None, backward=None, process_index=0, reduce_gradients=None)
         .step: int                .phase -> int            .recipe: Recipe
         .student_params: list[Parameter]     .discriminator: DiscriminatorHead
         .student_optimizer / .discriminator_optimizer: AdamW
-        .sample_grid_index(phase=None) -> int                           # the timestep-mixture sampler
+        .sample_grid_index(phase=None, generator=None) -> int           # the timestep-mixture sampler
+        .target_inputs(step, latent_shape) -> TargetInputs              # this process's draws of `step`
+        .target_cache: TargetCache | None   # set by run.Run: targets read from flash_core.target_cache
         .student_x0(z_t, t, cond) -> Tensor                             # LCM-boundary student output
         .distribution_matching_loss(x, cond, uncond) -> Tensor          # DMD loss of a student sample
         .train_step(batch) -> dict[str, float]        # one iteration: the student OR the discriminator updates
@@ -39,6 +45,12 @@ iterations are 10k student updates (alternate_updates=False: both on every itera
 the iterations. Every sample of a batch draws its own adversarial re-noising level (t in {10, 250, 500, 750})
 and its own DMD timestep; the student's grid index and the teacher guidance w are drawn once per batch.
 
+Randomness is counter-based: every iteration draws from fresh generators seeded by (seed, process_index,
+step, stream), so the draws of any iteration are known without replaying the earlier ones (a resume needs
+only the step; flash_core.target_cache precomputes teacher targets of any iteration). Two streams: "target"
+(`target_inputs`: grid index from the phase mixture, guidance w, the z_t noise, drawn on the CPU so every
+device gives the same) and "rest" (adversarial t and noise, DMD draws).
+
 Mixed precision ("bf16", as accelerate / Lightning "bf16-mixed"): frozen weights may be bf16, the forward
 passes run under bf16 autocast, and everything trainable (LoRA adapters, discriminator head) and so the AdamW
 state is float32; FlashDistiller refuses trainable parameters of another dtype.
@@ -54,6 +66,7 @@ Everything trainable is reachable: `student_params`, `discriminator`, `student_o
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -175,14 +188,19 @@ def training_grid(denoiser: Denoiser, grid_steps: int, student_steps: int | None
 
 
 def guided_output(
-    denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning, guidance: float
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning, guidance: float | Tensor
 ) -> Tensor:
-    """Classifier-free guidance in one batched forward: w*out_cond + (1-w)*out_uncond."""
+    """Classifier-free guidance in one batched forward: w*out_cond + (1-w)*out_uncond.
+
+    guidance: one float, or a tensor with one w per sample (then combined in float32)."""
     batch = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device).float().reshape(-1).expand(batch)
     both = Conditioning.cat([uncond.expand_to(batch), cond])
     raw = denoiser.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
     raw_uncond, raw_cond = raw.chunk(2)
+    if isinstance(guidance, Tensor):  # per-sample w, broadcast over the sample's dimensions
+        w = guidance.to(raw.device, torch.float32).reshape(-1, *([1] * (raw.ndim - 1)))
+        return w * raw_cond.float() + (1.0 - w) * raw_uncond.float()  # eps = w eps_c + (1-w) eps_u
     return guidance * raw_cond + (1.0 - guidance) * raw_uncond  # eps = w eps_c + (1-w) eps_u
 
 
@@ -211,11 +229,12 @@ def _teacher_scheduler(denoiser: Denoiser, grid_steps: int, student_steps: int |
 @torch.no_grad()
 def teacher_target(
     denoiser: Denoiser, z_t: Tensor, grid_index: int, cond: Conditioning, uncond: Conditioning,
-    guidance: float, grid_steps: int, student_steps: int | None = None,
+    guidance: float | Tensor, grid_steps: int, student_steps: int | None = None,
 ) -> Tensor:
     """Teacher's fully denoised x0: multi-step solve with CFG from grid index `grid_index` to the end.
 
     Run under the caller's teacher context (LoRA disabled); no gradient. student_steps: see training_grid.
+    guidance: one w, or one per sample (a tensor [B]; training and the target cache pass that).
     """
     scheduler = _teacher_scheduler(denoiser, grid_steps, student_steps)
     sample = z_t.float()
@@ -223,6 +242,75 @@ def teacher_target(
         raw = guided_output(denoiser, sample, t.to(sample.device), cond, uncond, guidance)
         sample = scheduler.step(raw, t, sample, return_dict=False)[0]  # DPM-Solver++ 2M (flow: Euler) step
     return sample
+
+
+# ---- the training randomness ------------------------------------------------------------------------
+TARGET_STREAM, REST_STREAM = "target", "rest"
+
+
+def stream_seed(seed: int, process_index: int, step: int, stream: str) -> int:
+    """Seed of one stream of one iteration of one process: a hash of the four (counter-based, stateless)."""
+    digest = hashlib.sha256(f"flash|{seed}|{process_index}|{step}|{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def step_generator(seed: int, process_index: int, step: int, stream: str, device="cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(stream_seed(seed, process_index, step, stream))
+
+
+def sample_grid_index(probs: Tensor, generator: torch.Generator) -> int:
+    """One K-grid index from the timestep mixture p(grid index)."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def phase_mixture_probs(recipe: Recipe, phase: int) -> Tensor:
+    """p(grid index) of `phase` on the recipe's K grid."""
+    return timestep_mixture_probs(recipe.phase_mode_weights[phase], recipe.teacher_grid_steps)
+
+
+@dataclass(frozen=True)
+class TargetInputs:
+    """The draws of one iteration that define its teacher target: grid index (phase mixture), guidance w, and
+    the noise eps of z_t = sqrt(abar) z0 + sqrt(1-abar) eps (CPU float32, the batch's latent shape)."""
+
+    grid_index: int
+    guidance: float
+    noise: Tensor
+
+
+def target_inputs(
+    config: DistillConfig, step: int, process_index: int, latent_shape, grid_sampler: Callable | None = None
+) -> TargetInputs:
+    """The target-defining draws of iteration `step` of process `process_index` (the "target" stream).
+
+    The one home of these draws: FlashDistiller.train_step and the target cache's build call it. grid_sampler
+    (phase, generator) -> int replaces the mixture sampler (FlashDistiller passes its sample_grid_index)."""
+    recipe = config.recipe()
+    generator = step_generator(config.seed, process_index, step, TARGET_STREAM)
+    phase = phase_of_step(step, config.total_steps, recipe.num_phases)
+    if grid_sampler is not None:
+        grid_index = int(grid_sampler(phase, generator=generator))
+    else:
+        grid_index = sample_grid_index(phase_mixture_probs(recipe, phase), generator)
+    low, high = recipe.guidance_range
+    guidance = low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))  # w ~ U[min, max]
+    noise = torch.randn(tuple(latent_shape), generator=generator, dtype=torch.float32)
+    return TargetInputs(grid_index, guidance, noise)
+
+
+def student_updates(config: DistillConfig) -> list[int]:
+    """The iterations that update the student (and so need a teacher target): every one, or the even ones."""
+    return list(range(0, config.total_steps, 2 if config.alternate_updates else 1))
+
+
+def student_input(denoiser: Denoiser, grid: list[float], latents: Tensor, inputs: TargetInputs) -> tuple[Tensor, Tensor]:
+    """(z_t, t) of the student and the teacher solve; grid index 0 = pure Gaussian noise."""
+    size = latents.shape[0]
+    t = torch.full((size,), float(grid[inputs.grid_index]), device=latents.device)
+    noise = inputs.noise.to(latents.device)
+    if inputs.grid_index == 0:
+        return noise, t
+    return add_noise(denoiser, latents, noise, t), t  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps
 
 
 # ---- trainer --------------------------------------------------------------------------------------
@@ -263,10 +351,12 @@ class FlashDistiller:
         self.student_optimizer = torch.optim.AdamW(self.student_params, lr=self.recipe.lr)
         self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.recipe.lr)
 
-        # All training randomness: small draws (grid index, w, timesteps) on CPU, noise on the device.
-        seed = config.seed + 1000 * process_index
-        self.cpu_generator = torch.Generator("cpu").manual_seed(seed)
-        self.noise_generator = torch.Generator(self.device).manual_seed(seed + 1)
+        # Training randomness is counter-based (see the module docstring): target_inputs(step) for the target's
+        # draws; the "rest" stream (small draws on the CPU, noise on the device) is re-seeded at every step.
+        self.process_index = process_index
+        self._seed_rest_stream(0)
+        # Teacher targets read from a precomputed cache instead of solved (run.Run sets it after its checks).
+        self.target_cache = None
         self.grid = training_grid(denoiser, self.recipe.teacher_grid_steps, self.recipe.student_steps)
         self._mixture_probs: dict[int, Tensor] = {}
         # The latest losses of each side, reported on the other side's iterations (and kept by checkpoints).
@@ -296,13 +386,22 @@ class FlashDistiller:
         """p(grid index) of `phase` (default: the current one) on the K grid."""
         phase = self.phase if phase is None else phase
         if phase not in self._mixture_probs:
-            weights = self.recipe.phase_mode_weights[phase]
-            self._mixture_probs[phase] = timestep_mixture_probs(weights, self.recipe.teacher_grid_steps)
+            self._mixture_probs[phase] = phase_mixture_probs(self.recipe, phase)
         return self._mixture_probs[phase]
 
-    def sample_grid_index(self, phase: int | None = None) -> int:
-        """One K-grid index per batch from the phase's timestep mixture."""
-        return int(torch.multinomial(self.mixture_probs(phase), 1, generator=self.cpu_generator))
+    def sample_grid_index(self, phase: int | None = None, generator: torch.Generator | None = None) -> int:
+        """One K-grid index per batch from the phase's timestep mixture (default generator: the rest stream)."""
+        return sample_grid_index(self.mixture_probs(phase), generator if generator is not None else self.cpu_generator)
+
+    def target_inputs(self, step: int, latent_shape) -> TargetInputs:
+        """This process's target-defining draws of iteration `step` (flash_core.distill.target_inputs)."""
+        return target_inputs(self.config, step, self.process_index, latent_shape, self.sample_grid_index)
+
+    def _seed_rest_stream(self, step: int) -> None:
+        """Fresh generators of the "rest" stream of iteration `step`: adversarial t and noise, DMD draws."""
+        seed = self.config.seed
+        self.cpu_generator = step_generator(seed, self.process_index, step, REST_STREAM)
+        self.noise_generator = step_generator(seed, self.process_index, step, REST_STREAM + "-noise", self.device)
 
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.cpu_generator, dtype=torch.float64))
@@ -349,8 +448,9 @@ class FlashDistiller:
         repeats the student's last losses (filter on student_update for one value per update); a side's keys
         are absent only before its first update (loss_discriminator on iteration 0);
         phase; grid_index (of this iteration's student input: trained on, or the fake sample's);
-        seconds: teacher_s = the teacher's multi-step CFG solve; student_s = student forward, adversarial
-        generator pass through the frozen encoder, backward and optimiser step; dmd_s = the DMD scores
+        seconds: teacher_s = the teacher's multi-step CFG solve (with a target cache: reading the target);
+        student_s = student forward, adversarial generator pass through the frozen encoder, backward and
+        optimiser step; dmd_s = the DMD scores
         (teacher CFG + student, no grad); discriminator_s = the head's LSGAN step (with the student's no-grad
         fake sample on a discriminator iteration). A non-finite student loss stops with FloatingPointError.
         """
@@ -364,11 +464,11 @@ class FlashDistiller:
         uncond = batch.uncond.to(self.device).expand_to(size)
         timings = {"teacher_s": 0.0, "student_s": 0.0, "dmd_s": 0.0, "discriminator_s": 0.0}
 
-        # 1. Student input on the K grid (one grid index per batch); index 0 = pure Gaussian noise.
-        grid_index = self.sample_grid_index(phase)
-        t = self._timestep(self.grid[grid_index], size)
-        noise = self._noise(latents)
-        z_t = noise if grid_index == 0 else add_noise(den, latents, noise, t)  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps
+        # 1. Student input on the K grid (one grid index and one w per batch); index 0 = pure Gaussian noise.
+        inputs = self.target_inputs(self.step, latents.shape)
+        self._seed_rest_stream(self.step)
+        grid_index = inputs.grid_index
+        z_t, t = student_input(den, self.grid, latents, inputs)
         # 2. Adversarial re-noising, per sample: t in {10, 250, 500, 750} (flow: sigma = t/1000), the SAME
         #    noise for real and fake.
         t_adv = self._choices(self.recipe.adversarial_timesteps, size)
@@ -377,7 +477,7 @@ class FlashDistiller:
         # 3. The student's update, or (discriminator iteration) its fake sample without gradient.
         fake_features = None
         if update_student:
-            x, fake_features = self._student_update(latents, z_t, t, grid_index, cond, uncond, phase, t_adv,
+            x, fake_features = self._student_update(latents, z_t, t, inputs, cond, uncond, phase, t_adv,
                                                     adv_noise, timings)
         else:
             start = self._sync()
@@ -400,18 +500,23 @@ class FlashDistiller:
         }
 
     def _student_update(
-        self, latents: Tensor, z_t: Tensor, t: Tensor, grid_index: int, cond: Conditioning, uncond: Conditioning,
+        self, latents: Tensor, z_t: Tensor, t: Tensor, inputs: TargetInputs, cond: Conditioning, uncond: Conditioning,
         phase: int, t_adv: Tensor, adv_noise: Tensor, timings: dict[str, float],
     ) -> tuple[Tensor, Tensor | None]:
-        """Teacher target, the weighted losses, one AdamW step of the LoRA. Returns x and its encoder features."""
+        """Teacher target (solved, or read from the target cache), the weighted losses, one AdamW step of the
+        LoRA. Returns x and its encoder features."""
         den, recipe = self.denoiser, self.recipe
         w_distill, w_adv, w_dmd = recipe.distill_weights[phase], recipe.adversarial_weights[phase], recipe.dmd_weights[phase]
-        guidance = self._uniform(*recipe.guidance_range)  # w ~ U[min, max], once per batch
+        guidance = inputs.guidance  # w ~ U[min, max], once per batch
 
         start = self._sync()
-        with torch.no_grad(), den.teacher(), self._autocast():
-            x0_teacher = teacher_target(den, z_t, grid_index, cond, uncond, guidance, recipe.teacher_grid_steps,
-                                        recipe.student_steps)
+        if self.target_cache is not None:
+            x0_teacher = self.target_cache.target(self.step, self.process_index, inputs, z_t.shape).to(self.device)
+        else:
+            per_sample = torch.full((z_t.shape[0],), guidance, dtype=torch.float64)  # as the cache's batched solve
+            with torch.no_grad(), den.teacher(), self._autocast():
+                x0_teacher = teacher_target(den, z_t, inputs.grid_index, cond, uncond, per_sample,
+                                            recipe.teacher_grid_steps, recipe.student_steps)
         timings["teacher_s"] += self._sync() - start
 
         start = self._sync()
@@ -526,7 +631,8 @@ class FlashDistiller:
         return self.denoiser.lora_state_dict()
 
     def state_dict(self) -> dict:
-        """Everything for an exact resume (weights_only-loadable)."""
+        """Everything for an exact resume (weights_only-loadable; the training draws are counter-based, so the
+        step is all a resume needs of them)."""
         state = {
             "step": self.step,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
@@ -534,8 +640,6 @@ class FlashDistiller:
             "discriminator": {k: v.detach().cpu().clone() for k, v in _unwrap(self.discriminator).state_dict().items()},
             "student_optimizer": self.student_optimizer.state_dict(),
             "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
-            "cpu_generator": self.cpu_generator.get_state(),
-            "noise_generator": self.noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_random": random.getstate(),
             "student_logs": dict(self._student_logs),
@@ -556,8 +660,6 @@ class FlashDistiller:
         _unwrap(self.discriminator).load_state_dict(state["discriminator"])
         self.student_optimizer.load_state_dict(state["student_optimizer"])
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
-        self.cpu_generator.set_state(state["cpu_generator"])
-        self.noise_generator.set_state(state["noise_generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_tuple(state["python_random"]))
         if "cuda_rng" in state and torch.cuda.is_available():

@@ -37,7 +37,7 @@ API:
         .latest() / .list() / .save(run) / .load(folder)
     Run(distiller, dataset, settings, *, store=None, hooks=None, preview=None, preview_every=0,
         checkpoint_every=0, process_index=0, num_processes=1, teacher_fingerprint=None, dataset_fingerprint=None,
-        fresh_hint=..., rollback_on=())
+        fresh_hint=..., rollback_on=(), target_cache=None)   # target_cache: flash_core.target_cache.TargetCache
         .resume(folder, allow_changes=False)  .train() -> "done" | "stopped"   .history: list[dict]
     lora_modules(distiller, path_map=None) / lora_metadata(...)    # then lora_formats.build_lora_export(...)
 """
@@ -69,7 +69,7 @@ from flash_core.files import TEMP_PREFIX, replace_folder_atomic, torch_save_atom
 from flash_core.schedules import flow_sigmas, trailing_timesteps
 
 CHECKPOINT_FORMAT = "flash-run-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: counter-based training draws (no generator states)
 CHECKPOINT_PREFIX = "step-"
 LATEST_FILE = "latest"
 STATE_FILE = "state.pt"
@@ -77,7 +77,7 @@ META_FILE = "meta.json"
 EXPORT_DTYPE = torch.float32  # every LoRA file the pack writes (see the module docstring)
 PREVIEW_STEPS = (1, 2, 4)
 TIMING_KEYS = ("teacher_s", "student_s", "discriminator_s", "dmd_s", "step_s")
-RANK_KEYS = ("cpu_generator", "noise_generator", "torch_rng", "python_random", "cuda_rng")
+RANK_KEYS = ("torch_rng", "python_random", "cuda_rng")
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "pixart": "pixart", "sd3": "sd3"}
 # Run settings that may change on resume: how the run is computed, not what it trains.
 FREE_SETTINGS = ("mixed_precision", "grad_checkpointing")
@@ -502,7 +502,7 @@ class Run:
                  preview_every: int = 0, checkpoint_every: int = 0, process_index: int = 0, num_processes: int = 1,
                  teacher_fingerprint: str | None = None, dataset_fingerprint: str | None = None,
                  fresh_hint: str = "Start fresh (without resume) or use another output.",
-                 rollback_on: tuple[type[BaseException], ...] = ()):
+                 rollback_on: tuple[type[BaseException], ...] = (), target_cache=None):
         self.distiller, self.dataset = distiller, dataset
         self.config = distiller.config
         self.settings = dict(settings) if settings is not None else run_settings(distiller.config)
@@ -518,6 +518,14 @@ class Run:
             "teacher": teacher_fingerprint if teacher_fingerprint is not None else _teacher_fingerprint(distiller.denoiser),
             "data": dataset_fingerprint if dataset_fingerprint is not None else dataset.fingerprint(),
         }
+        # Precomputed teacher targets (flash_core.target_cache): built for exactly this run's target settings,
+        # teacher, data and processes, and complete, else TargetCacheMismatchError / TargetCacheError here.
+        self.target_cache = target_cache
+        if target_cache is not None:
+            from flash_core.target_cache import cache_manifest
+
+            target_cache.check(cache_manifest(self.config, self.fingerprints["teacher"], self.fingerprints["data"], num_processes))
+        distiller.target_cache = target_cache
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self._current_step = 0

@@ -38,7 +38,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from flash_core import files, lora_formats, run
+from flash_core import files, lora_formats, run, target_cache
 from flash_core.distill import DistillConfig, FlashDistiller
 from flash_core.recipes import get_recipe
 
@@ -55,6 +55,7 @@ CATEGORY = "Flash Diffusion"
 NODE = "Flash Distill Train"
 OUTPUT_SUBFOLDER = "flash"
 CHECKPOINT_SUBFOLDER = ".checkpoints"
+TARGET_CACHE_SUBFOLDER = "flash_target_cache"  # under ComfyUI's output folder
 CHECKPOINT_EVERY = 250  # optimiser steps between periodic checkpoints
 PREVIEW_COLUMNS = 4  # prompts / seeds shown side by side
 MAX_NFE = 4
@@ -95,6 +96,20 @@ def output_locations(name: str) -> tuple[str, str]:
     """(LoRA file path, checkpoint folder) for a checked name, under the first `loras` model folder."""
     root = os.path.join(folder_paths.get_folder_paths("loras")[0], OUTPUT_SUBFOLDER)
     return os.path.join(root, f"{name}.safetensors"), os.path.join(root, CHECKPOINT_SUBFOLDER, name)
+
+
+def target_cache_folder(name: str) -> str | None:
+    """'' = no cache; else <ComfyUI output>/flash_target_cache/<name> (a plain name: never outside that folder)."""
+    name = (name or "").strip()
+    if not name:
+        return None
+    separators = [s for s in ("/", "\\", os.sep, os.altsep) if s]
+    if any(s in name for s in separators) or ".." in name or not NAME_PATTERN.match(name):
+        raise TrainingInputError(
+            f"{NODE}: target_cache '{name}' is not a plain folder name; use letters, digits, spaces and _ . + = - "
+            f"(the cache always lives in ComfyUI's output/{TARGET_CACHE_SUBFOLDER}/)."
+        )
+    return os.path.join(folder_paths.get_output_directory(), TARGET_CACHE_SUBFOLDER, name)
 
 
 # LoRA files this server process wrote: path -> (size, mtime_ns). ComfyUI caches a node's outputs while its
@@ -384,6 +399,11 @@ class FlashDistillTrain(io.ComfyNode):
                 io.Combo.Input("mixed_precision", options=["bf16", "fp32"], default="bf16",
                                tooltip="bf16 autocast on GPUs; the CPU always trains in fp32."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the preview grid; without it latents are shown via latent2rgb."),
+                io.String.Input("target_cache", default="", optional=True,
+                                tooltip=f"Folder name under output/{TARGET_CACHE_SUBFOLDER}/: the teacher targets of the whole "
+                                "run are solved there first in large batches (an interrupted build continues), then read "
+                                "instead of solved. Students with other rank / learning rate / loss weights reuse it; "
+                                "empty = solve during training."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="Teacher + trained LoRA: sample it with Flash Sampler."),
@@ -402,7 +422,8 @@ class FlashDistillTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, negative, lora_name, steps, nfe, rank, learning_rate, guidance_min,
                 guidance_max, teacher_steps, distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
-                resume, overwrite, preview_every, gradient_checkpointing, mixed_precision, vae=None) -> io.NodeOutput:
+                resume, overwrite, preview_every, gradient_checkpointing, mixed_precision, vae=None,
+                target_cache="") -> io.NodeOutput:
         one = lambda v: v[0] if isinstance(v, list) else v
         model, vae = one(model), one(vae)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -414,6 +435,7 @@ class FlashDistillTrain(io.ComfyNode):
             dmd_weights=one(dmd_weights), seed=int(one(seed)), batch_size=int(one(batch_size)),
             resume=bool(one(resume)), overwrite=bool(one(overwrite)), preview_every=int(one(preview_every)),
             gradient_checkpointing=bool(one(gradient_checkpointing)), mixed_precision=one(mixed_precision),
+            target_cache=one(target_cache) or "",
         )
         with torch.inference_mode(False), torch.enable_grad():
             student, lora, loss_map, grid = train(model, latents, positive, negative, vae=vae, node_id=node_id, **options)
@@ -448,7 +470,8 @@ def distill_config(backbone: str, steps: int, rank: int, learning_rate: float, g
 def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe: int, rank: int,
           learning_rate: float, guidance_min: float, guidance_max: float, teacher_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
-          preview_every: int, gradient_checkpointing: bool, mixed_precision: str, vae=None, node_id=None):
+          preview_every: int, gradient_checkpointing: bool, mixed_precision: str, vae=None, node_id=None,
+          target_cache: str = ""):
     """The whole node run (in ComfyUI's grad mode). Returns (student MODEL, LORA_MODEL, LOSS_MAP, IMAGE)."""
     # ---- validate everything before any work -------------------------------------------------------
     name = check_lora_name(lora_name)
@@ -472,6 +495,7 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     if len(conditioning_entries(negative)) == 1:
         uncond_entries = uncond_entries[:1]
     lora_path, checkpoint_dir = output_locations(name)
+    cache_folder = target_cache_folder(target_cache)
     already_exists = TrainingInputError(
         f"{NODE}: '{lora_path}' already exists. Turn overwrite on to replace it, or choose another lora_name."
     )
@@ -506,8 +530,13 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
             tuple(data.shape[1:]), seed, sum(recipe.guidance_range) / 2, recipe.teacher_grid_steps,
             decode=lambda latents: to_images(latents, latent_format, vae),
         )
+        cache, teacher = None, None
+        if cache_folder is not None:
+            teacher = run.teacher_fingerprint(denoiser)
+            cache = build_target_cache(cache_folder, denoiser, config, dataset, teacher)
         trainer = run.Run(
             distiller, dataset, run.run_settings(config, base_model=type(model.model.model_config).__name__),
+            teacher_fingerprint=teacher, target_cache=cache,
             store=store, hooks=NodeHooks(Progress(steps, node_id), recipe.num_phases), preview=preview,
             preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
             fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
@@ -561,6 +590,20 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
         return student_model(model, lora), lora, loss_map, grid
     finally:
         lock.release()
+
+
+def build_target_cache(folder: str, denoiser, config: DistillConfig, dataset, teacher: str):
+    """Build (or finish) the run's teacher-target cache in `folder` (flash_core.target_cache), one builder at a time."""
+    LOG.info("%s: solving the teacher targets into %s (finished shards are kept).", NODE, folder)
+    try:
+        with files.OutputLock(folder, what=f"{NODE} target cache"):
+            files.remove_orphaned_temporaries(folder)
+            return target_cache.build_target_cache(
+                folder, denoiser, config, dataset, teacher_fingerprint=teacher, device=denoiser.device,
+                progress=lambda done, total: LOG.info("%s: target shard %d of %d", NODE, done, total),
+            )
+    except target_cache.TargetCacheError as err:
+        raise TrainingInputError(f"{NODE}: {err}") from None
 
 
 NODES = [FlashDistillTrain]

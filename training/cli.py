@@ -2,6 +2,8 @@
 
     flash-distill --config training/configs/sd15.yaml            # one process (GPU if there is one)
     flash-distill --config training/configs/sd15.yaml --resume   # continue from the latest checkpoint
+    flash-distill cache-targets --config training/configs/sd15.yaml [--verify N]   # teacher targets, once
+    flash-distill --config training/configs/sd15.yaml --target-cache DIR           # train on them
     accelerate launch --multi_gpu --num_processes 4 -m training.cli --config training/configs/sdxl.yaml
     accelerate launch --multi_gpu --num_machines 2 --machine_rank R --main_process_ip IP --main_process_port 29500 \\
         --num_processes 16 -m training.cli --config ...           # multi-node (output_dir on a shared disk)
@@ -24,6 +26,14 @@ an empty / corrupt dataset stop the run at once with exit code 2 and one line na
 difference; `--allow-changes` continues anyway). A non-finite loss, gradient or training latent stops the run
 before the optimiser step with one line naming the step and the likely cause, exit code 3; the checkpoints
 already written are kept and nothing is exported.
+
+Target cache (flash_core.target_cache): `flash-distill cache-targets` solves the teacher targets of every student
+update of the run the config describes (for `--processes N` processes) in large no-grad batches
+(`--teacher-batch`; default from the free GPU memory) into the folder `target_cache` (config key or
+`--target-cache`; default output_dir/target-cache). A killed build is finished by running it again; `--verify N`
+re-solves N random batches and compares (exit 5 on a mismatch). Training with `--target-cache DIR` (or the
+config key) reads the targets instead of solving; a cache of other settings / teacher / data refuses with every
+difference (exit 2). The targets do not depend on the student: other lr, rank or loss weights share a cache.
 
 The loop, batch order, checkpoint format, preview rule and export are flash_core.run's (the ComfyUI node
 drives the same run). Outputs under `output_dir`:
@@ -62,6 +72,7 @@ if TYPE_CHECKING:  # heavy imports happen inside functions: `flash-distill --hel
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3  # a non-finite loss / gradient / latent stopped the run (flash_core.run.NonFiniteError)
 EXIT_WRITE_ERROR = 4  # a checkpoint or export could not be written (full disk, permissions); earlier ones are kept
+EXIT_VERIFY_FAILED = 5  # cache-targets --verify: stored targets differ from a fresh solve
 EXIT_INTERRUPTED = 130
 
 BACKBONES = ("sd15", "sdxl", "pixart", "sd3")
@@ -99,6 +110,7 @@ TOP_LEVEL_KEYS = {
     "export": "list of LoRA formats written at the end: comfyui, diffusers, peft",
     "export_name": "file name stem of the exported LoRA",
     "distill": "mapping of flash_core DistillConfig overrides (e.g. teacher_grid_steps, loss weights)",
+    "target_cache": "folder of precomputed teacher targets (flash-distill cache-targets); training reads them",
 }
 MODEL_KEYS = {"path", "random_tiny", "tiny_seed"}
 DATA_KEYS = {"path", "kind", "captions", "image_column", "text_column", "split", "resolution", "max_items", "cache_dir", "encode_batch_size"}
@@ -143,6 +155,7 @@ class TrainConfig:
     export_name: str
     distill: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    target_cache: Path | None = None
 
 
 def _where(source: Path, key: str) -> str:
@@ -336,6 +349,7 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         export_name=_str(source, "export_name", raw.get("export_name", f"flash-{backbone}")),
         distill=dict(distill),
         raw=raw,
+        target_cache=None if raw.get("target_cache") is None else Path(_str(source, "target_cache", raw["target_cache"])).expanduser(),
     )
     distill_config_for(config).recipe()  # bad DistillConfig values fail here, before any model loads
     return config
@@ -846,49 +860,30 @@ def prompt_uncond_conditioning(uncond_tensors: dict, cond, size: int):
     return tensors_to_conditioning(uncond_tensors).expand_to(size)
 
 
-def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool = False) -> int:
-    """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing).
-    Raises NonFiniteError (main: exit EXIT_NON_FINITE), ConfigError / DataError / OutputLockedError (exit 2).
+@dataclass
+class Prepared:
+    """The loaded teacher and the encoded dataset of a config (training and cache-targets share them)."""
 
-    The main process holds output_dir's lock for the whole run (a second run on it refuses, naming this one)
-    and, holding it, first removes the temporaries a killed run left behind.
-    """
-    from accelerate import PartialState
+    teacher: Any
+    encoded: Any
+    uncond_tensors: dict
+    sample_cond: dict
+    distill_config: Any
+    base_model: str
 
-    from flash_core import files
-
-    if not PartialState().is_main_process:
-        return _train(config, resume, dump_rank_lora, allow_changes)
-    with files.OutputLock(config.output_dir, what=f"flash-distill --config {config.source}"):
-        files.remove_orphaned_temporaries(config.output_dir)
-        return _train(config, resume, dump_rank_lora, allow_changes)
+    @property
+    def dataset(self):
+        return EncodedRows(self.encoded, self.uncond_tensors)
 
 
-def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool) -> int:
+def _prepare(config: TrainConfig, accelerator) -> Prepared:
+    """Load the teacher, encode the dataset once (main process first) and the sample / unconditional prompts."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from flash_core import run as flash_run
-    from flash_core.distill import FlashDistiller
     from training import data
 
-    existing = flash_run.CheckpointStore(checkpoint_root(config)).list()
-    resume_folder = find_resume_checkpoint(config, resume) if resume else None
-    if resume_folder is None and existing:
-        raise ConfigError(
-            f"{checkpoint_root(config)} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
-        )
-
-    accelerator = Accelerator(mixed_precision="no")  # the trainer does its own bf16 autocast
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError(
-            f"flash-distill trains data-parallel (LoRA + discriminator head are small, the teacher is shared); "
-            f"launch without {accelerator.distributed_type.name} (e.g. `accelerate launch --multi_gpu ...`)"
-        )
     main_process = accelerator.is_main_process
-    set_seed(config.seed)  # the same LoRA and discriminator init on every rank
 
     # -- model --
     if config.random_tiny:
@@ -931,6 +926,79 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
         sample_cond = data.encode_prompts_cached(sample_prompts, teacher.encode_prompts, model_key, config.cache_dir, cache_dtype)
     teacher.release_text_encoders()
     teacher.sample_latent_shape = tuple(encoded.latents.shape[1:])
+    return Prepared(teacher, encoded, uncond_tensors, sample_cond, distill_config, base_model)
+
+
+def open_target_cache(folder: Path):
+    from flash_core.target_cache import TargetCache, TargetCacheError
+
+    try:
+        return TargetCache(folder)
+    except TargetCacheError as error:
+        raise ConfigError(f"target_cache: {error}") from None
+
+
+def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool = False) -> int:
+    """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing).
+    Raises NonFiniteError (main: exit EXIT_NON_FINITE), ConfigError / DataError / OutputLockedError (exit 2).
+
+    The main process holds output_dir's lock for the whole run (a second run on it refuses, naming this one)
+    and, holding it, first removes the temporaries a killed run left behind.
+    """
+    from accelerate import PartialState
+
+    from flash_core import files
+
+    if not PartialState().is_main_process:
+        return _train(config, resume, dump_rank_lora, allow_changes)
+    with files.OutputLock(config.output_dir, what=f"flash-distill --config {config.source}"):
+        files.remove_orphaned_temporaries(config.output_dir)
+        return _train(config, resume, dump_rank_lora, allow_changes)
+
+
+def _make_run(config: TrainConfig, accelerator, distiller, prepared: Prepared, store, hooks, preview, target_cache):
+    from flash_core import run as flash_run
+
+    return flash_run.Run(
+        distiller, prepared.dataset,
+        flash_run.run_settings(prepared.distill_config, base_model=prepared.base_model, resolution=config.resolution),
+        store=store, hooks=hooks, preview=preview,
+        preview_every=config.sample_every, checkpoint_every=config.checkpoint_every,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        fresh_hint=f"Start fresh with another output_dir (or delete {checkpoint_root(config)}), or pass --allow-changes "
+                   "to continue anyway.",
+        target_cache=target_cache,
+    )
+
+
+def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from flash_core import run as flash_run
+    from flash_core.distill import FlashDistiller
+
+    existing = flash_run.CheckpointStore(checkpoint_root(config)).list()
+    resume_folder = find_resume_checkpoint(config, resume) if resume else None
+    if resume_folder is None and existing:
+        raise ConfigError(
+            f"{checkpoint_root(config)} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+        )
+
+    accelerator = Accelerator(mixed_precision="no")  # the trainer does its own bf16 autocast
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"flash-distill trains data-parallel (LoRA + discriminator head are small, the teacher is shared); "
+            f"launch without {accelerator.distributed_type.name} (e.g. `accelerate launch --multi_gpu ...`)"
+        )
+    main_process = accelerator.is_main_process
+    set_seed(config.seed)  # the same LoRA and discriminator init on every rank
+
+    prepared = _prepare(config, accelerator)
+    teacher, uncond_tensors = prepared.teacher, prepared.uncond_tensors
+    distill_config, base_model, sample_cond = prepared.distill_config, prepared.base_model, prepared.sample_cond
+    target_cache = open_target_cache(config.target_cache) if config.target_cache is not None else None
 
     # -- trainer: flash_core.run drives FlashDistiller --
     distiller = FlashDistiller(
@@ -945,15 +1013,12 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
     stop = StopRequest()
     hooks = CliHooks(config, accelerator, None, stop, losses_path)
     preview = sample_preview(config, distiller, teacher, sample_cond, uncond_tensors) if main_process and config.sample_every else None
-    trainer = flash_run.Run(
-        distiller, EncodedRows(encoded, uncond_tensors),
-        flash_run.run_settings(distill_config, base_model=base_model, resolution=config.resolution),
-        store=store, hooks=hooks, preview=preview,
-        preview_every=config.sample_every, checkpoint_every=config.checkpoint_every,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-        fresh_hint=f"Start fresh with another output_dir (or delete {checkpoint_root(config)}), or pass --allow-changes "
-                   "to continue anyway.",
-    )
+    from flash_core.target_cache import TargetCacheError
+
+    try:
+        trainer = _make_run(config, accelerator, distiller, prepared, store, hooks, preview, target_cache)
+    except TargetCacheError as error:
+        raise ConfigError(f"target_cache: {error}") from None
     if resume_folder is not None:
         try:
             differences = trainer.resume(resume_folder, allow_changes=allow_changes)
@@ -996,6 +1061,60 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
     return 0
 
 
+def cache_folder(config: TrainConfig) -> Path:
+    return config.target_cache if config.target_cache is not None else config.output_dir / "target-cache"
+
+
+def cache_targets(config: TrainConfig, teacher_batch: int | None, processes: int, verify: int) -> int:
+    """`flash-distill cache-targets`: build (or finish) the run's target cache, then optionally verify it.
+    Returns the exit code (0, or EXIT_VERIFY_FAILED)."""
+    import time
+
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from flash_core import files
+    from flash_core import target_cache as targets
+
+    accelerator = Accelerator(mixed_precision="no")
+    if accelerator.num_processes > 1:
+        raise ConfigError("cache-targets runs in one process; `--processes N` builds the targets of an N-process run")
+    folder = cache_folder(config)
+    with files.OutputLock(folder, what=f"flash-distill cache-targets --config {config.source}"):
+        files.remove_orphaned_temporaries(folder)
+        prepared = _prepare(config, accelerator)
+        denoiser, dataset, distill_config = prepared.teacher.denoiser, prepared.dataset, prepared.distill_config
+        progress = tqdm(desc="teacher targets (shards)", unit="shard", dynamic_ncols=True)
+
+        def advance(done: int, total: int) -> None:
+            progress.total = total
+            progress.n = done
+            progress.refresh()
+
+        started = time.perf_counter()
+        try:
+            cache = targets.build_target_cache(folder, denoiser, distill_config, dataset, num_processes=processes,
+                                               teacher_batch=teacher_batch, device=accelerator.device, progress=advance)
+        except targets.TargetCacheError as error:
+            raise ConfigError(f"cache-targets: {error}") from None
+        finally:
+            progress.close()
+        recipe = distill_config.recipe()
+        count = sum(len(steps) for steps in cache.plan) * recipe.batch_size * processes
+        print(f"flash-distill: target cache {folder}: {count} targets in {len(cache.plan)} shards "
+              f"({time.perf_counter() - started:.1f} s this session)", file=sys.stderr)
+        if verify:
+            try:
+                report = cache.verify(denoiser, distill_config, dataset, verify, device=accelerator.device,
+                                      teacher_batch=teacher_batch)
+            except targets.TargetCacheError as error:
+                print(f"flash-distill: error: {error}", file=sys.stderr)
+                return EXIT_VERIFY_FAILED
+            print(f"flash-distill: verified {report['checked']} targets: max relative error {report['max_error']:.2e} "
+                  f"(tolerance {report['tolerance']:g})", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -1013,18 +1132,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --resume: continue although settings, teacher weights or data differ from the checkpoint's",
     )
     parser.add_argument("--dump-rank-lora", action="store_true", help="debug/test: every process writes its LoRA to output_dir/debug/")
+    parser.add_argument("--target-cache", default=None, metavar="DIR",
+                        help="read the teacher targets from this cache (flash-distill cache-targets) instead of solving")
     return parser.parse_args(argv)
+
+
+def parse_cache_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="flash-distill cache-targets",
+        description="Solve the teacher targets of every student update of the run a config describes, once.")
+    parser.add_argument("--config", required=True, help="the run's YAML config (the same file training uses)")
+    parser.add_argument("--target-cache", default=None, metavar="DIR",
+                        help="cache folder (default: the config's target_cache, else output_dir/target-cache)")
+    parser.add_argument("--teacher-batch", type=int, default=None, metavar="N",
+                        help="samples per no-grad teacher batch (default: from the free GPU memory; 64 on the CPU)")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="build the targets of a run on N data-parallel processes (accelerate launch --num_processes N)")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="afterwards re-solve N random stored batches and compare (exit 5 on a mismatch)")
+    args = parser.parse_args(argv)
+    for name in ("teacher_batch", "processes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.verify < 0:
+        parser.error(f"--verify must be >= 0, got {args.verify}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `flash-distill`; returns the exit code (2 for config / data errors)."""
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    building = argv[:1] == ["cache-targets"]
+    args = parse_cache_args(argv[1:]) if building else parse_args(argv)
     from flash_core.files import FileWriteError, OutputLockedError
     from flash_core.run import NonFiniteError
     from training.data import DataError
 
     try:
         config = load_config(args.config)
+        if args.target_cache is not None:
+            config.target_cache = Path(args.target_cache).expanduser()
+        if building:
+            return cache_targets(config, args.teacher_batch, args.processes, args.verify)
         return run(config, args.resume, args.dump_rank_lora, args.allow_changes)
     except (ConfigError, DataError, OutputLockedError) as error:
         print(f"flash-distill: error: {error}", file=sys.stderr)

@@ -120,7 +120,7 @@ def test_grid_index_zero_feeds_pure_noise_to_the_student():
     for name, latents_value in (("zeros", 0.0), ("ones", 1.0)):
         for forced in (0, 2):
             distiller = make_distiller()
-            distiller.sample_grid_index = lambda phase=None, forced=forced: forced
+            distiller.sample_grid_index = lambda phase=None, generator=None, forced=forced: forced
             den, seen = distiller.denoiser, []
             original = den.predict
             den.predict = lambda x, t, cond, seen=seen, original=original: (
@@ -146,7 +146,8 @@ def test_exact_resume_matches_uninterrupted_training():
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)  # checkpoints load without unpickling code
     torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore what matters
-    resumed = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", seed=99))
+    resumed = make_distiller()  # the draws are a function of (seed, process, step): the same seed, any step
+    randomise_lora(resumed, seed=99)  # the checkpoint's LoRA replaces whatever the student holds
     resumed.load_state_dict(state)
     assert resumed.step == 3 and resumed.phase == 1
     for _ in range(3):
@@ -262,7 +263,7 @@ def test_non_finite_loss_stops_before_the_update():
     batch = tiny_sd15_batch()
     latents = batch.latents.clone()
     latents[0, 0, 0, 0] = float("nan")
-    distiller.sample_grid_index = lambda phase=None: 2  # not the pure-noise index: the latents reach z_t
+    distiller.sample_grid_index = lambda phase=None, generator=None: 2  # not the pure-noise index: the latents reach z_t
     lora = snapshot(distiller.student_params)
     with pytest.raises(FloatingPointError, match="not finite at iteration 0"):
         distiller.train_step(Batch(latents, batch.cond, batch.uncond))

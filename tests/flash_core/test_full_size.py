@@ -45,7 +45,7 @@ def test_full_size_sd15_bf16_mixed_precision_step():
     denoiser = UNetDenoiser(unet)
     config = DistillConfig(backbone="sd15", total_steps=8, teacher_grid_steps=4, batch_size=1, mixed_precision="bf16")
     distiller = FlashDistiller(denoiser, config)  # the recipe's rank 128, alpha 128, lr 1e-5
-    distiller.sample_grid_index = lambda phase=None: 3  # the last of K = 4: one teacher CFG evaluation
+    distiller.sample_grid_index = lambda phase=None, generator=None: 3  # the last of K = 4: one teacher CFG evaluation
 
     lora = dict(denoiser.named_lora_parameters())
     assert sum(p.numel() for p in lora.values()) == SD15_LORA_PARAMETERS

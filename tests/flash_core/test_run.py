@@ -231,7 +231,7 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     (folder / run.META_FILE).write_text("{}")
     torch.save({"version": 1, "distiller": {}}, folder / run.STATE_FILE)
     trainer = make_run(tmp_path)
-    with pytest.raises(run.CheckpointError, match="not a version-2 Flash checkpoint"):
+    with pytest.raises(run.CheckpointError, match=f"not a version-{run.CHECKPOINT_VERSION} Flash checkpoint"):
         trainer.resume(folder)
 
 

@@ -63,7 +63,7 @@ def test_full_size_comfy_sd15_bf16_mixed_precision_step(pack):
         config = DistillConfig(backbone="sd15", total_steps=8, teacher_grid_steps=4, batch_size=1,
                                mixed_precision="bf16")
         distiller = FlashDistiller(den, config)  # the recipe's rank 128 on the attention projections
-        distiller.sample_grid_index = lambda phase=None: 3  # the last of K = 4: one teacher CFG evaluation
+        distiller.sample_grid_index = lambda phase=None, generator=None: 3  # the last of K = 4: one teacher CFG evaluation
         lora = dict(den.named_lora_parameters())
         assert sum(p.numel() for p in lora.values()) == 25_509_888
         assert den.encoder_feature_channels == 1280

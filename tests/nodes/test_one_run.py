@@ -85,9 +85,10 @@ def cli_run(tmp_path_factory):
     return root / "out", root / "cache", root / "teacher"
 
 
-@pytest.fixture()
-def node_run(cli_run, tmp_path, monkeypatch):
-    """FlashDistillTrain's body on the same teacher (loaded into ComfyUI) and the CLI's encoded data."""
+@pytest.fixture(params=["live", "target_cache"])
+def node_run(cli_run, tmp_path, monkeypatch, request):
+    """FlashDistillTrain's body on the same teacher (loaded into ComfyUI) and the CLI's encoded data; the
+    "target_cache" run first solves its teacher targets into output/flash_target_cache/ and trains on them."""
     import importlib
 
     import folder_paths
@@ -109,14 +110,18 @@ def node_run(cli_run, tmp_path, monkeypatch):
 
     loras = tmp_path / "loras"
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], set(folder_paths.supported_pt_extensions)))
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    cached = request.param == "target_cache"
     with torch.inference_mode(False), torch.enable_grad():
         _, _, loss_map, _ = training.train(
             model, latents, positive, negative, lora_name="node", steps=STEPS, nfe=4, rank=SETTINGS["rank"],
             learning_rate=SETTINGS["lr"], guidance_min=SETTINGS["guidance"], guidance_max=SETTINGS["guidance"],
             teacher_steps=SETTINGS["teacher_steps"], distill_weights="", adversarial_weights="", dmd_weights="",
             seed=SETTINGS["seed"], batch_size=SETTINGS["batch_size"], resume=False, overwrite=True, preview_every=0,
-            gradient_checkpointing=False, mixed_precision="fp32",
+            gradient_checkpointing=False, mixed_precision="fp32", target_cache="students" if cached else "",
         )
+    cache = tmp_path / "output" / training.TARGET_CACHE_SUBFOLDER / "students"
+    assert (cache / "manifest.json").is_file() == cached and len(list(cache.glob("targets-*.safetensors"))) == cached
     return loras / "flash" / "node.safetensors", loss_map
 
 
