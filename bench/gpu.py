@@ -28,7 +28,6 @@ Imports flash_core only (torch, diffusers, peft through flash_core), never Comfy
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
