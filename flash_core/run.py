@@ -40,6 +40,7 @@ API:
         fresh_hint=..., rollback_on=(), target_cache=None)   # target_cache: flash_core.target_cache.TargetCache
         .resume(folder, allow_changes=False)  .train() -> "done" | "stopped"   .history: list[dict]
     lora_modules(distiller, path_map=None) / lora_metadata(...)    # then lora_formats.build_lora_export(...)
+    sampling_settings(metadata) -> SamplingSettings | None         # what FlashLoRALoader hands FlashSampler
 """
 
 from __future__ import annotations
@@ -693,9 +694,16 @@ def sampling_timesteps(distiller: FlashDistiller, nfe: int) -> list[int]:
     return trailing_timesteps(nfe)
 
 
+RECOMMENDED_CFG = 1.0  # Flash students are distilled with the teacher's guidance: one model call per step
+
+
 def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], history: Sequence[Mapping[str, float]], *,
-                  base_model: str, teacher: str | None = None, nfe: int | None = None) -> dict[str, str]:
-    """The one metadata schema: kohya's ss_* (LoRA managers show rank / alpha / base) and Flash's flash.* keys."""
+                  base_model: str, teacher: str | None = None, nfe: int | None = None,
+                  trained_for: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The one metadata schema: kohya's ss_* (LoRA managers show rank / alpha / base) and Flash's flash.* keys.
+
+    `trained_for` is the stack the teacher was (base checkpoint name + sha256, LoRAs with strengths: what
+    nodes/stack.describe_stack returns); `sampling_settings` reads the sampling keys back."""
     recipe = distiller.recipe
     nfe = nfe or recipe.student_steps
     losses = [{k: v for k, v in h.items() if k.startswith("loss")} for h in history]
@@ -721,6 +729,10 @@ def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], histor
         "flash.nfe": str(nfe),
         "flash.timesteps": json.dumps(sampling_timesteps(distiller, nfe)),
         "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {nfe} steps, cfg 1",
+        "flash.prediction_type": distiller.denoiser.prediction_type,
+        "flash.recommended_steps": str(nfe),
+        "flash.recommended_cfg": f"{RECOMMENDED_CFG:g}",
+        "flash.trained_for": json.dumps(dict(trained_for)) if trained_for else "",
         "flash.teacher_grid_steps": str(recipe.teacher_grid_steps),
         "flash.guidance_range": json.dumps(list(recipe.guidance_range)),
         "flash.loss_weights": json.dumps({"distill": list(recipe.distill_weights), "adversarial": list(recipe.adversarial_weights),
@@ -731,6 +743,50 @@ def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], histor
         "flash.losses_last": json.dumps(last),
         "flash.losses_mean_last_50": json.dumps(window),
     }
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a Flash LoRA file says about sampling it (read from lora_metadata's flash.* keys)."""
+
+    steps: int  # recommended sampler steps (the student's nfe)
+    cfg: float
+    timesteps: tuple[int, ...]  # the grid of `steps` steps in model timesteps (trailing DDPM, or flow sigma * 1000)
+    prediction_type: str | None
+    trained_for: dict | None  # the stack the student was distilled from, None when not recorded
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "cfg": self.cfg, "timesteps": list(self.timesteps),
+                "prediction_type": self.prediction_type, "trained_for": self.trained_for}
+
+
+def sampling_settings(metadata: Mapping[str, str], source: str = "the LoRA") -> SamplingSettings | None:
+    """The sampling settings recorded in a Flash LoRA's metadata, or None for files without flash.* keys
+    (official flash-sd / flash-sdxl / PixArt / SD3 releases: the sampler keeps its own defaults). Files written
+    before recommended_steps existed use flash.nfe. A malformed value raises ValueError naming the key."""
+    if "flash.format_version" not in metadata:
+        return None
+
+    def parse(key: str, convert, default=None):
+        raw = metadata.get(key, "")
+        if raw == "":
+            return default
+        try:
+            return convert(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: metadata key '{key}' has an unreadable value {raw!r} ({err}); re-export the "
+                             "LoRA or remove the key.") from None
+
+    steps = parse("flash.recommended_steps", int) or parse("flash.nfe", int)
+    if not steps:
+        return None
+    trained_for = parse("flash.trained_for", json.loads)
+    return SamplingSettings(
+        steps=steps, cfg=parse("flash.recommended_cfg", float, RECOMMENDED_CFG),
+        timesteps=tuple(int(t) for t in parse("flash.timesteps", json.loads, [])),
+        prediction_type=metadata.get("flash.prediction_type") or None,
+        trained_for=trained_for if isinstance(trained_for, dict) else None,
+    )
 
 
 __all__ = [
@@ -744,6 +800,7 @@ __all__ = [
     "ResumeMismatchError",
     "Run",
     "RunHooks",
+    "SamplingSettings",
     "StepReport",
     "TensorDataset",
     "batch_indices",
@@ -753,6 +810,7 @@ __all__ = [
     "lora_modules",
     "preview_due",
     "run_settings",
+    "sampling_settings",
     "teacher_fingerprint",
     "tensor_fingerprint",
 ]

@@ -14,8 +14,24 @@ import folder_paths
 from comfy_api.latest import io
 
 from flash_core import lora_formats
+from flash_core.run import sampling_settings
 
 LOG = logging.getLogger(__name__)
+MODEL_OPTIONS_KEY = "flash"  # model_options[MODEL_OPTIONS_KEY]: what FlashLoRALoader read from the file
+
+
+def with_flash_sampling(model, settings: dict, lora_name: str):
+    """`model` (a fresh clone) carrying the Flash LoRA's sampling settings in model_options[MODEL_OPTIONS_KEY]
+    ({"lora_name", "steps", "cfg", "timesteps", "prediction_type", "trained_for"}); clones downstream keep it."""
+    model.model_options[MODEL_OPTIONS_KEY] = {"lora_name": lora_name, **settings}
+    return model
+
+
+def flash_sampling_of(model) -> dict | None:
+    """The Flash LoRA settings a MODEL carries (FlashLoRALoader / FlashDistillTrain), or None."""
+    options = getattr(model, "model_options", None) or {}
+    settings = options.get(MODEL_OPTIONS_KEY)
+    return settings if isinstance(settings, dict) else None
 
 
 def _weight_shapes(module) -> dict[str, tuple[int, ...]]:
@@ -52,7 +68,9 @@ class FlashLoRALoader(io.ComfyNode):
             description=(
                 "Loads a Flash Diffusion LoRA in any format it is published in (kohya / ComfyUI, diffusers "
                 "pytorch_lora_weights, PEFT adapter_model + adapter_config.json) at its trained alpha/rank scale. "
-                "Every key of the file is applied, or the node stops with an error naming the keys that do not fit."
+                "Every key of the file is applied, or the node stops with an error naming the keys that do not fit. "
+                "A LoRA trained by Flash Distill Train carries its sampling settings (steps, cfg, timestep grid) and the "
+                "stack it was distilled for along the MODEL: Flash Sampler at steps 0 / cfg 0 uses them."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the LoRA is applied to."),
@@ -89,6 +107,9 @@ class FlashLoRALoader(io.ComfyNode):
         plan = lora_formats.map_lora(lora, unet_keys, clip_keys, weight_shapes=shapes, model_family=family)
 
         new_model = _apply(model, plan.unet, strength_model, "model", lora_name)
+        settings = sampling_settings(lora.metadata, source=f"Flash LoRA Loader: '{lora_name}'")
+        if settings is not None:  # a Flash LoRA this pack wrote: FlashSampler's steps / cfg / grid default to it
+            with_flash_sampling(new_model, settings.as_dict(), lora_name)
         new_clip = None
         if clip is not None:
             new_clip = _apply(clip, plan.text_encoder, strength_clip, "text-encoder", lora_name)

@@ -9,6 +9,7 @@ flash_core.schedules; nothing here computes a timestep.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import comfy.model_sampling
@@ -30,7 +31,11 @@ from flash_core.schedules import (
     denoise_timesteps,
 )
 
+from .loaders import flash_sampling_of
+from .stack import stack_mismatch, warn_mismatch
+
 CATEGORY = "Flash Diffusion"
+LOG = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,16 +125,20 @@ def resident_model(model):
 # --------------------------------------------------------------------------------------------------
 
 
-def flash_sigmas(model, steps: int, denoise: float = 1.0, node: str = "FlashScheduler") -> torch.Tensor:
+def flash_sigmas(model, steps: int, denoise: float = 1.0, node: str = "FlashScheduler",
+                 trained_timesteps: list[int] | None = None) -> torch.Tensor:
     """The few-step grid of a ComfyUI MODEL as SIGMAS (steps + 1 values, ending in 0).
 
-    Discrete models: model_sampling.sigma of schedules.denoise_timesteps (999/749/499/249 for 4 steps).
+    Discrete models: model_sampling.sigma of schedules.denoise_timesteps (999/749/499/249 for 4 steps), or of
+    `trained_timesteps` (the grid a Flash LoRA's metadata records) when it has `steps` entries and denoise is 1.
     Flow models: flash_core's shifted flow sigmas with the model's own shift, truncated for denoise alike.
     """
     check_steps_and_denoise(node, steps, denoise)
     model_sampling = model.get_model_object("model_sampling")
     if is_discrete_vp(model_sampling):
-        timesteps = torch.tensor(denoise_timesteps(steps, denoise), dtype=torch.float32)
+        recorded = trained_timesteps is not None and len(trained_timesteps) == steps and denoise == 1.0
+        grid = list(trained_timesteps) if recorded else denoise_timesteps(steps, denoise)
+        timesteps = torch.tensor(grid, dtype=torch.float32)
         sigmas = model_sampling.sigma(timesteps).float().cpu()
     elif is_discrete_flow(model_sampling):
         grid = denoise_flow_sigmas(steps, denoise, shift=float(model_sampling.shift))
@@ -225,6 +234,29 @@ def _denoise_input() -> io.Float.Input:
     )
 
 
+AUTO = 0  # FlashSampler steps / cfg: take the value from the Flash LoRA's metadata
+DEFAULT_STEPS = 4  # steps of a Flash LoRA without metadata (the official releases are distilled for 4)
+DEFAULT_CFG = 1.0
+
+
+def sampling_defaults(model, steps: int, cfg: float, prompt=None, node_id=None) -> tuple[int, float, list[int] | None]:
+    """(steps, cfg, trained grid or None) for FlashSampler: AUTO values come from the Flash LoRA settings the
+    MODEL carries (FlashLoRALoader / FlashDistillTrain put them in model_options), else DEFAULT_STEPS / 1.0.
+    When the stack under the sampler is not the one the LoRA was distilled for, a warning (never an error)
+    names both in the log and in the UI."""
+    settings = flash_sampling_of(model)
+    if settings is not None:
+        mismatch = stack_mismatch(settings, prompt, node_id)
+        if mismatch is not None:
+            warn_mismatch(mismatch, node_id, "FlashSampler", LOG)
+    steps = int(steps) if steps != AUTO else int((settings or {}).get("steps") or DEFAULT_STEPS)
+    cfg = float(cfg) if cfg != AUTO else float((settings or {}).get("cfg") or DEFAULT_CFG)
+    if settings is not None:
+        LOG.info("FlashSampler: %d steps, cfg %g (Flash LoRA '%s' recommends %s steps, cfg %s).", steps, cfg,
+                 settings.get("lora_name"), settings.get("steps"), settings.get("cfg"))
+    return steps, cfg, (settings or {}).get("timesteps") or None
+
+
 class FlashSampler(io.ComfyNode):
     """All-in-one Flash sampler: like SamplerCustom with FlashSamplerSelect + FlashScheduler."""
 
@@ -242,20 +274,29 @@ class FlashSampler(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="Only used when cfg is above 1."),
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                _steps_input(),
+                io.Int.Input(
+                    "steps", default=AUTO, min=AUTO, max=MAX_SAMPLING_STEPS,
+                    tooltip="Few-step sampling steps (1-8); 0 = what the Flash LoRA's metadata recommends (the "
+                    f"steps its student was distilled for), {DEFAULT_STEPS} for LoRAs without it (official releases).",
+                ),
                 io.Float.Input(
-                    "cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                    tooltip="Flash students are distilled with guidance: keep 1.0 (one model call per step).",
+                    "cfg", default=AUTO, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="0 = the Flash LoRA's recommended cfg (1.0: Flash students are distilled with guidance, "
+                    "one model call per step); any other value is used as it is.",
                 ),
                 _denoise_input(),
             ],
             outputs=[io.Latent.Output()],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, denoise) -> io.NodeOutput:
-        model = resident_model(model)
-        sigmas = flash_sigmas(model, steps, denoise, node="FlashSampler")
+        hidden = getattr(cls, "hidden", None)
+        steps, cfg, trained_timesteps = sampling_defaults(model, steps, cfg, getattr(hidden, "prompt", None),
+                                                          getattr(hidden, "unique_id", None))
+        sigmas = flash_sigmas(model, steps, denoise, node="FlashSampler", trained_timesteps=trained_timesteps)
+        model = resident_model(model)  # after reading its settings (the delegate carries the same)
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         if not samples.is_nested:

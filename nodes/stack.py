@@ -58,12 +58,19 @@ def file_sha256(path: str) -> str | None:
 
 
 def _full_path(folder: str, name: Any) -> str | None:
+    """The file (or, for diffusers pipelines, the folder) `name` in ComfyUI's model folder `folder`, else None."""
     try:
         import folder_paths
 
-        return folder_paths.get_full_path(folder, str(name))
-    except Exception:  # not inside ComfyUI, or an unknown folder
+        roots = folder_paths.get_folder_paths(folder)
+    except (ImportError, KeyError):  # not inside ComfyUI, or an unknown folder
         return None
+    relative = os.path.relpath(os.path.join("/", str(name)), "/")  # no way out of the model folder
+    for root in roots:
+        candidate = os.path.join(root, relative)
+        if os.path.isfile(candidate) or os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def _link(value: Any) -> str | None:
@@ -156,3 +163,48 @@ def describe(stack: dict) -> str:
     parts = [describe_file(stack.get("base"))]
     parts += [f"{lora.get('name')}@{lora.get('strength')}" for lora in stack.get("loras", [])]
     return " + ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# The mismatch warning: a Flash LoRA sampled on another stack than the one it was distilled for
+# --------------------------------------------------------------------------------------------------
+
+MISMATCH_EVENT = "flash.stack_mismatch"  # the websocket event web/flash_stack.js shows as a warning toast
+
+
+def stack_mismatch(settings: dict | None, prompt: dict | None, node_id: Any, input_name: str = "model") -> dict | None:
+    """{"lora", "trained_for", "applied_on", "differences"} when the stack feeding `input_name` of `node_id`
+    is not the one the Flash LoRA was trained for; None when it is, or when either is unknown."""
+    trained_for = (settings or {}).get("trained_for")
+    if not trained_for or not trained_for.get("base") or not prompt or node_id is None:
+        return None
+    applied_on = describe_stack(prompt, node_id, input_name)
+    if applied_on.get("base") is None:
+        return None
+    lora = settings.get("lora_name")
+    differences = stack_differences(trained_for, applied_on, ignore_loras=(lora,) if lora else ())
+    if not differences:
+        return None
+    shown = {"base": applied_on["base"], "loras": [x for x in applied_on["loras"] if x.get("name") != lora]}
+    return {"lora": lora, "trained_for": describe(trained_for), "applied_on": describe(shown), "differences": differences}
+
+
+def mismatch_message(mismatch: dict) -> str:
+    return (f"Flash LoRA '{mismatch['lora'] or '(trained in this graph)'}' was distilled for "
+            f"{mismatch['trained_for']} but is applied on {mismatch['applied_on']} "
+            f"({'; '.join(mismatch['differences'])}). It will still sample, but expect weaker style or artefacts: "
+            "distil a student of this stack with Flash Distill Train.")
+
+
+def warn_mismatch(mismatch: dict, node_id: Any, node: str, log) -> None:
+    """Log the mismatch and show it in the UI (a warning toast through web/flash_stack.js; not an error)."""
+    message = mismatch_message(mismatch)
+    log.warning("%s: %s", node, message)
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+    except (ImportError, AttributeError):  # not inside the ComfyUI server (in-process use)
+        return
+    server.send_sync(MISMATCH_EVENT, {"node": str(node_id), "node_type": node, "message": message, **mismatch},
+                     getattr(server, "client_id", None))

@@ -48,6 +48,8 @@ from .comfy_denoiser import (
     conditioning_entries,
     to_conditioning,
 )
+from .loaders import with_flash_sampling
+from .stack import describe_stack
 
 LOG = logging.getLogger(__name__)
 
@@ -364,7 +366,10 @@ class FlashDistillTrain(io.ComfyNode):
                 "Distils the MODEL (SD1.5 / SDXL) into a 1-4 step Flash Diffusion student: a LoRA trained with the "
                 "distillation, adversarial and DMD losses of the published recipe (0 / empty = the recipe's value). "
                 f"Writes models/loras/{OUTPUT_SUBFOLDER}/<lora_name>.safetensors (FlashLoRALoader and LoraLoader load it) "
-                "and a resumable checkpoint; Cancel keeps the checkpoint, queue again with resume on to continue."
+                "and a resumable checkpoint; Cancel keeps the checkpoint, queue again with resume on to continue. "
+                "The MODEL may carry LoRAs loaded upstream (your style stack): the student is distilled from exactly "
+                "that stack and its metadata records it (base checkpoint + hash, LoRAs + strengths), with the grid, "
+                "steps and cfg Flash Sampler then uses."
             ),
             is_input_list=True,  # latents / conditioning arrive as lists (Make / Load Training Dataset)
             is_output_node=True,
@@ -411,7 +416,7 @@ class FlashDistillTrain(io.ComfyNode):
                 io.Custom("LOSS_MAP").Output(display_name="loss_map", tooltip="Loss per step (Plot Loss Graph)."),
                 io.Image.Output(display_name="preview", tooltip="Teacher (multi-step CFG) vs student at 1 / 2 / 4 steps."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -427,6 +432,8 @@ class FlashDistillTrain(io.ComfyNode):
         one = lambda v: v[0] if isinstance(v, list) else v
         model, vae = one(model), one(vae)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        # the stack the teacher MODEL is made of (base checkpoint, LoRAs with strengths), read from the workflow
+        trained_for = describe_stack(getattr(getattr(cls, "hidden", None), "prompt", None), node_id)
         options = dict(
             lora_name=one(lora_name), steps=int(one(steps)), nfe=int(one(nfe)), rank=int(one(rank)),
             learning_rate=float(one(learning_rate)), guidance_min=float(one(guidance_min)),
@@ -438,7 +445,8 @@ class FlashDistillTrain(io.ComfyNode):
             target_cache=one(target_cache) or "",
         )
         with torch.inference_mode(False), torch.enable_grad():
-            student, lora, loss_map, grid = train(model, latents, positive, negative, vae=vae, node_id=node_id, **options)
+            student, lora, loss_map, grid = train(model, latents, positive, negative, vae=vae, node_id=node_id,
+                                                  trained_for=trained_for, **options)
         return io.NodeOutput(student, lora, loss_map, grid, ui=ui.PreviewImage(grid, cls=cls))
 
 
@@ -471,8 +479,9 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
           learning_rate: float, guidance_min: float, guidance_max: float, teacher_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
           preview_every: int, gradient_checkpointing: bool, mixed_precision: str, vae=None, node_id=None,
-          target_cache: str = ""):
-    """The whole node run (in ComfyUI's grad mode). Returns (student MODEL, LORA_MODEL, LOSS_MAP, IMAGE)."""
+          target_cache: str = "", trained_for: dict | None = None):
+    """The whole node run (in ComfyUI's grad mode). Returns (student MODEL, LORA_MODEL, LOSS_MAP, IMAGE).
+    `trained_for` (nodes.stack.describe_stack of the MODEL input) goes into the LoRA's metadata."""
     # ---- validate everything before any work -------------------------------------------------------
     name = check_lora_name(lora_name)
     backbone = backbone_of(model)
@@ -564,7 +573,7 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
 
         # ---- outputs -----------------------------------------------------------------------------------
         metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
-                                     teacher=trainer.fingerprints["teacher"], nfe=nfe)
+                                     teacher=trainer.fingerprints["teacher"], nfe=nfe, trained_for=trained_for)
         export = export_lora(distiller, path_map, backbone, metadata)
         lora = export.tensors
         if os.path.exists(lora_path) and not overwrite:
@@ -587,7 +596,11 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
         del preview, trainer, dataset, distiller, denoiser
         gc.collect()
         comfy.model_management.soft_empty_cache()
-        return student_model(model, lora), lora, loss_map, grid
+        student = student_model(model, lora)
+        settings = run.sampling_settings(export.metadata)
+        if settings is not None:  # Flash Sampler on the student output configures itself like after FlashLoRALoader
+            with_flash_sampling(student, settings.as_dict(), f"{OUTPUT_SUBFOLDER}/{name}.safetensors")
+        return student, lora, loss_map, grid
     finally:
         lock.release()
 

@@ -78,7 +78,7 @@ INPAINT_PROMPTS = (8, 9, 2, 3)
 ORDER = [
     "flash_sd15_txt2img", "flash_sdxl_txt2img", "flash_txt2img", "flash_sd15_lora_stack", "flash_img2img",
     "flash_hires_fix", "flash_inpaint_noise_mask", "flash_inpaint_vae_encode", "flash_inpaint_model_conditioning",
-    "flash_controlnet", "flash_ip_adapter", "flash_demo_compare", "flash_demo_distill", "flash_distill_train",
+    "flash_controlnet", "flash_ip_adapter", "flash_demo_compare", "flash_demo_distill", "flash_distill_train", "flash_distill_my_stack",
 ]
 
 SKIPPED = {
@@ -90,6 +90,8 @@ SKIPPED = {
                            "twin flash_demo_distill is what `make demo` runs, see flash_demo_compare for its student.",
     "flash_demo_distill": "not rendered here: `make demo` runs it (FlashDistillTrain, minutes on a CPU); the student "
                           "LoRA it trained makes every digits image in this gallery (see flash_demo_compare).",
+    "flash_distill_my_stack": "not rendered: a training graph (the student of a checkpoint + style LoRA stack); "
+                              "`make bench-stack` measures it on the digits model, see Benchmarks: Distil your own stack.",
     "flash_txt2img": "not rendered: the same graph as flash_sd15_txt2img with the test fixtures' file names; its "
                      "image would be identical to that one.",
 }

@@ -112,6 +112,19 @@ def test_upstream_lora_is_the_teacher(models, comfy_denoiser):
     assert_plain(den, patched)
 
 
+def test_a_stack_of_loras_at_strengths_is_the_teacher(models, comfy_denoiser):
+    """A user's stack (issue 12): two LoRAs at strengths 0.8 and 0.5 (LoraLoader twice) on the checkpoint."""
+    raw, lora_model, _, _ = models
+    stack, _ = comfy.sd.load_lora_for_models(raw, None, upstream_lora(raw), 0.8, 0.0)
+    stack, _ = comfy.sd.load_lora_for_models(stack, None, upstream_lora(raw, seed=1), 0.5, 0.0)
+    x_t, t, cond = inputs()
+    want = comfy_eps(stack, x_t, t, cond)
+    assert (want - comfy_eps(lora_model, x_t, t, cond)).abs().max() > 1e-2  # the second LoRA and strengths matter
+    with torch.inference_mode(False):
+        got = teacher_eps(comfy_denoiser.ComfyDenoiser(stack), x_t, t, cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_dynamic_patcher_gives_plain_patched_weights(models, comfy_denoiser):
     _, lora_model, patched, path = models
     standin = cast_time_twin(lora_model, path)

@@ -308,10 +308,11 @@ def test_denoise_first_timestep_within_one_of_stock_when_rounding_differs(sampli
 # ---------------------------------------------------------------- clear errors
 
 
-@pytest.mark.parametrize("steps", [0, 9])
+@pytest.mark.parametrize("steps", [-1, 0, 9])
 def test_bad_steps_raise(sampling_nodes, model, cond, steps):
-    with pytest.raises(ValueError, match=r"FlashSampler: .*1 to 8 steps"):
-        _flash(sampling_nodes, model, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=steps)
+    if steps != 0:  # FlashSampler: 0 = the Flash LoRA's recommended steps (tests/nodes/test_stack_sampling.py)
+        with pytest.raises(ValueError, match=r"FlashSampler: .*1 to 8 steps"):
+            _flash(sampling_nodes, model, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=steps)
     with pytest.raises(ValueError, match=r"FlashScheduler: .*1 to 8 steps"):
         sampling_nodes.FlashScheduler.execute(model, steps, 1.0)
 
@@ -348,5 +349,7 @@ def test_node_schemas(sampling_nodes):
         "model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "denoise",
     ]
     steps = next(i for i in schema.inputs if i.id == "steps")
-    assert (steps.default, steps.min, steps.max) == (4, 1, 8)
+    assert (steps.default, steps.min, steps.max) == (0, 0, 8)  # 0: the Flash LoRA's recommendation, else 4
+    cfg = next(i for i in schema.inputs if i.id == "cfg")
+    assert cfg.default == 0.0  # 0: the Flash LoRA's recommended cfg, else 1.0
     assert all(node.define_schema().category == "Flash Diffusion" for node in sampling_nodes.NODES)
