@@ -389,7 +389,7 @@ TINY_TEXT_ENCODER = {
 
 def tiny_tokenizer_folder() -> Path:
     """The real CLIP BPE files ComfyUI ships (no download possible); COMFYUI_PATH may point elsewhere."""
-    from training.comfy_env import REPO_ROOT
+    from training.fixtures.comfy_env import REPO_ROOT
 
     root = Path(os.environ.get("COMFYUI_PATH", REPO_ROOT / ".comfyui"))
     folder = root / "comfy" / "sd1_tokenizer"
