@@ -89,7 +89,7 @@ comfyui-floor: comfyui
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 demo: setup
-	$(PY) -P -m training.demo $(DEMO_ARGS)
+	$(PY) -P -m training.digits.demo $(DEMO_ARGS)
 
 # The whole suite on COMFYUI_VERSION, then the node and end-to-end suites on the floor version.
 test: setup comfyui-floor

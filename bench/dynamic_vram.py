@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from flash_core.files import write_atomic, write_json_atomic
-from training import tiny_checkpoint
-from training.comfy_env import REPO_ROOT, cache_dir, comfyui_path, comfyui_version, import_comfy
-from training.comfy_server import ComfyServer
+from training.fixtures import tiny_checkpoint
+from training.fixtures.comfy_env import REPO_ROOT, cache_dir, comfyui_path, comfyui_version, import_comfy
+from training.fixtures.comfy_server import ComfyServer
 
 RESULTS = REPO_ROOT / "bench" / "results" / "dynamic_vram.json"
 TEACHER_RESULTS = REPO_ROOT / "bench" / "results" / "dynamic_vram_teacher.json"
@@ -185,7 +185,7 @@ def teacher_check(models: Path, checkpoint: str = CHECKPOINT, dynamic: bool = Tr
             raise RuntimeError("comfy-aimdo found no device: dynamic VRAM is not available here")
         comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
         comfy.memory_management.aimdo_enabled = True
-    from training.comfy_env import load_pack
+    from training.fixtures.comfy_env import load_pack
 
     comfy_denoiser = load_pack().nodes.comfy_denoiser
 

@@ -28,7 +28,7 @@ import time
 import torch
 
 from flash_core.files import write_json_atomic
-from training.comfy_env import REPO_ROOT
+from training.fixtures.comfy_env import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "node_overhead.json"
 IMAGES = 256  # training digits encoded for the node path
@@ -51,7 +51,7 @@ def run_headless(steps: int) -> dict:
 
 
 def run_node(steps: int) -> dict:
-    from training.comfy_env import import_comfy, load_pack
+    from training.fixtures.comfy_env import import_comfy, load_pack
 
     import_comfy()
     import folder_paths

@@ -19,9 +19,9 @@ import statistics
 import sys
 
 from flash_core.files import write_json_atomic
-from training import tiny_checkpoint
-from training.comfy_env import REPO_ROOT, cache_dir, import_comfy, load_pack
-from training.comfy_server import ComfyServer
+from training.fixtures import tiny_checkpoint
+from training.fixtures.comfy_env import REPO_ROOT, cache_dir, import_comfy, load_pack
+from training.fixtures.comfy_server import ComfyServer
 
 RESULTS = REPO_ROOT / "bench" / "results" / "speed.json"
 PROMPT = "a raccoon reading a book in a lush forest, golden hour"

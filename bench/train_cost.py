@@ -34,7 +34,7 @@ import torch
 
 from flash_core import run, target_cache
 from flash_core.files import write_json_atomic
-from training.comfy_env import REPO_ROOT
+from training.fixtures.comfy_env import REPO_ROOT
 from training.digits.benchmark import DigitsDataset, StudentSettings, make_distiller
 from training.digits.data import load_splits
 from training.digits.teacher import (

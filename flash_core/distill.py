@@ -1,6 +1,6 @@
 """Flash Diffusion training: one optimiser step of the student (and of the discriminator) and the loop state.
 
-Public API (used by training/cli.py, training/digits/ and the ComfyUI training node):
+Public API (used by training/cli/, training/digits/ and the ComfyUI training node):
 
     DistillConfig(backbone="sd15", total_steps=20_000, seed=0, batch_size=None, lora_rank=None,
                   lora_alpha=None, lora_targets=None, lr=None, guidance_range=None, teacher_grid_steps=None,

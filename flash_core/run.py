@@ -1,6 +1,6 @@
 """One Flash training run: the loop over FlashDistiller.train_step and everything around it.
 
-The ComfyUI node (nodes/training.py), the CLI (training/cli.py), the digits benchmark and bench/ all drive
+The ComfyUI node (nodes/training.py), the CLI (training/cli/), the digits benchmark and bench/ all drive
 this module; none keeps a loop of its own. It owns:
 
 * the batch order: `batch_indices(seed, step, ...)`, a function of (seed, step, process) only, so a resumed

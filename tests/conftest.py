@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.comfy_env import import_comfy, load_pack  # noqa: F401  (re-exported for tests)
+from training.fixtures.comfy_env import import_comfy, load_pack  # noqa: F401  (re-exported for tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui_flash"

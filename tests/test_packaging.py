@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 import flash_core
-from training.comfy_env import comfyui_path
+from training.fixtures.comfy_env import comfyui_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())

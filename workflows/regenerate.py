@@ -17,9 +17,12 @@ widget names one of them gets that entry in its `properties.models`. Frontend 1.
 select) and offers the files it cannot find in the server's model folders in its "Missing Models" dialog,
 with download buttons for https://huggingface.co/ or https://civitai.com/ URLs of .safetensors/.sft files.
 
-    python -m workflows.regenerate                   # every workflows/api/*.json
-    python -m workflows.regenerate flash_txt2img     # only these
-    python -m workflows.regenerate --check           # exit 1 if a committed twin differs from a fresh export
+    python -P workflows/regenerate.py                   # every workflows/api/*.json
+    python -P workflows/regenerate.py flash_txt2img     # only these
+    python -P workflows/regenerate.py --check           # exit 1 if a committed twin differs from a fresh export
+
+Run it as a script with -P, like bench/: the repository root never goes on sys.path (our nodes/ package would
+shadow ComfyUI's `nodes` module); flash_core and training come from the editable install of `make setup`.
 
 Needs `make setup` (ComfyUI in .comfyui/, the venv with playwright, the system chromium). Nodes from other
 packs are not installed in the server; their public signatures are in THIRD_PARTY_NODE_DEFS below.
@@ -35,13 +38,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as `python workflows/regenerate.py`
-    sys.path.insert(0, str(REPO_ROOT))
+from training.fixtures import tiny_checkpoint
+from training.fixtures.browser import Frontend, open_frontend
+from training.fixtures.comfy_server import ComfyServer
 
-from tests.e2e.browser import Frontend, open_frontend
-from training import tiny_checkpoint
-from training.comfy_server import ComfyServer
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"

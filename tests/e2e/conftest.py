@@ -7,12 +7,14 @@ through --extra-model-paths-config: the cached tiny SD1.5 checkpoint plus files 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from training import tiny_checkpoint
-from training.comfy_server import ComfyServer
+from training.fixtures import tiny_checkpoint
+from training.fixtures.browser import Frontend, open_frontend
+from training.fixtures.comfy_server import ComfyServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT / "workflows"
@@ -37,6 +39,13 @@ def server(tmp_path_factory, models_root):
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend(server) -> Iterator[Frontend]:
+    """The real frontend of the session's ComfyUI server in a real (headless) Chromium."""
+    with open_frontend(server.url) as opened:
+        yield opened
 
 
 def load_api_workflow(name: str) -> dict:

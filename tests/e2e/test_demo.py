@@ -1,6 +1,6 @@
 """`make demo` end to end on a reduced budget: the README's main job really runs, and a newcomer can follow it.
 
-One run of `make demo`'s entry point (`python -P -m training.demo`, what the Makefile target runs after
+One run of `make demo`'s entry point (`python -P -m training.digits.demo`, what the Makefile target runs after
 `make setup`) with fewer distillation steps and images, in a private FLASH_CACHE_DIR and a private results
 folder (the committed bench/results/demo stays untouched). The digits teacher comes from the environment's
 cache (FLASH_CACHE_DIR) when it holds the default one, else it is trained here on a reduced VAE budget. The run
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.comfy_server import ComfyServer
-from training.demo import (
+from training.fixtures.comfy_server import ComfyServer
+from training.digits.demo import (
     DISTILL_NODE,
     LINE_WIDTH,
     LORA_NAME,
@@ -35,7 +35,7 @@ from training.demo import (
     TEACHER_PIPELINE,
 )
 
-from .browser import open_frontend
+from training.fixtures.browser import open_frontend
 from .conftest import REPO_ROOT, WORKFLOWS
 
 pytestmark = pytest.mark.timeout(3000)  # the shared fixture runs the whole demo (minutes on a busy 2-core machine)
@@ -82,7 +82,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
     env = dict(os.environ, FLASH_CACHE_DIR=str(cache))
     env.pop("PYTHONUNBUFFERED", None)  # the demo must flush its own lines
     # stdin is not a terminal and stdout a pipe: the demo prints plain progress lines, as into a log or CI
-    process = subprocess.Popen([sys.executable, "-P", "-m", "training.demo", *args], cwd=REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-P", "-m", "training.digits.demo", *args], cwd=REPO_ROOT, env=env,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killer = threading.Timer(2700, process.kill)
     killer.start()

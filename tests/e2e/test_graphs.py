@@ -1,7 +1,7 @@
 """The shared graph workflows (workflows/api/flash_*.json) through a real ComfyUI server on tiny fixtures.
 
 Each workflow names the real models it is shared with (SD1.5, flash-sd, a canny ControlNet ...); the tests
-substitute the tiny fixtures (training/tiny_checkpoint.py, training/tiny_controlnet.py) and 64 px latents,
+substitute the tiny fixtures (training/fixtures/tiny_checkpoint.py, training/fixtures/tiny_controlnet.py) and 64 px latents,
 and put generated input images into the server's input folder. The SDXL workflow cannot run on the SD1.5-
 family tiny checkpoint: its only failures must be its two missing model files. The IP-Adapter workflow
 needs the third-party ComfyUI_IPAdapter_plus pack: its node types must be exactly the documented allow-list.
@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from training import tiny_checkpoint, tiny_controlnet
-from training.comfy_env import comfyui_version
+from training.fixtures import tiny_checkpoint, tiny_controlnet
+from training.fixtures.comfy_env import comfyui_version
 
 from .conftest import (
     REPO_ROOT,

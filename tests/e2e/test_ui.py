@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import tiny_checkpoint
+from training.fixtures import tiny_checkpoint
 
-from .browser import MISSING_MODELS_SETTING, Frontend, frontend_fixture  # noqa: F401  (`frontend` fixture)
+from training.fixtures.browser import MISSING_MODELS_SETTING, Frontend
 from .conftest import WORKFLOWS
 
 PACK = "ComfyUI-Flash"  # our folder name under custom_nodes/, the key /workflow_templates lists
@@ -95,13 +95,13 @@ def test_ui_workflow_loads_with_no_missing_nodes(frontend: Frontend, path: Path)
     assert sorted(frontend.graph_node_types().items()) == sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
 
     # What Run would queue from this graph is exactly the API twin (same ids, classes, inputs), apart from
-    # the nodes of packs the server lacks. Out of date? Run `python -m workflows.regenerate`.
+    # the nodes of packs the server lacks. Out of date? Run `python -P workflows/regenerate.py`.
     api_path = WORKFLOWS / "api" / path.name
     if api_path.is_file():
         absent = {str(node["id"]) for node in workflow["nodes"] if node["type"] in missing}
         api = _api_inputs({k: v for k, v in json.loads(api_path.read_text()).items() if k not in absent})
         queued = _api_inputs({k: v for k, v in frontend.export()["output"].items() if k not in absent})
-        assert queued == api, f"{path.name} differs from {api_path.name}: run python -m workflows.regenerate"
+        assert queued == api, f"{path.name} differs from {api_path.name}: run python -P workflows/regenerate.py"
 
 
 def _sidecar_models() -> dict[str, list[dict]]:
@@ -115,7 +115,7 @@ def _sidecar_models() -> dict[str, list[dict]]:
 def test_ui_workflow_lists_its_model_downloads(path: Path):
     """The top-level `models` list is the sidecar's entry for the workflow (none if it has none); each node
     whose widgets name one of those files has that file's entry in properties.models. Out of date? Run
-    `python -m workflows.regenerate`."""
+    `python -P workflows/regenerate.py`."""
     workflow = json.loads(path.read_text())
     models = _sidecar_models().get(path.stem, [])
     assert workflow.get("models", []) == models, path.name

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes"))
 import lora_fixtures as F
 
 from flash_core import lora_formats as L
-from training.comfy_env import comfyui_path
+from training.fixtures.comfy_env import comfyui_path
 
 SD1_TOKENIZER = "comfy/sd1_tokenizer"  # CLIP-L vocab + merges, shipped inside ComfyUI
 

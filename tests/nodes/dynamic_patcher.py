@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from training.comfy_env import import_comfy
+from training.fixtures.comfy_env import import_comfy
 
 import_comfy()  # ComfyUI on sys.path, configured for the CPU, before any comfy import
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import tiny_checkpoint
-from training.comfy_env import import_comfy
+from training.fixtures import tiny_checkpoint
+from training.fixtures.comfy_env import import_comfy
 
 import_comfy()  # ComfyUI on sys.path, configured for the CPU, before any comfy import
 

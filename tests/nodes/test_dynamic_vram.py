@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import tiny_checkpoint
-from training.comfy_env import import_comfy, load_pack
+from training.fixtures import tiny_checkpoint
+from training.fixtures.comfy_env import import_comfy, load_pack
 
 import_comfy()
 

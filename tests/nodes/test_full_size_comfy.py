@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.comfy_env import import_comfy, load_pack
+from training.fixtures.comfy_env import import_comfy, load_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_fixtures as F  # noqa: E402

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from flash_core.schedules import denoise_timesteps, trailing_timesteps
-from training import tiny_checkpoint, tiny_controlnet
-from training.comfy_env import import_comfy_nodes, load_pack
+from training.fixtures import tiny_checkpoint, tiny_controlnet
+from training.fixtures.comfy_env import import_comfy_nodes, load_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_fixtures as F

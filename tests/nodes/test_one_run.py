@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from training.comfy_env import REPO_ROOT, import_comfy, load_pack
+from training.fixtures.comfy_env import REPO_ROOT, import_comfy, load_pack
 
 import_comfy()
 

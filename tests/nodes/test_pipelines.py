@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.comfy_env import import_comfy_nodes, load_pack
+from training.fixtures.comfy_env import import_comfy_nodes, load_pack
 
 SCALE = 0.4417  # the VAE's scaling_factor (deliberately not SD's 0.18215)
 PROMPT = "a photo of the digit seven"

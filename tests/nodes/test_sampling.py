@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.comfy_env import import_comfy, load_pack
+from training.fixtures.comfy_env import import_comfy, load_pack
 
 import_comfy()
 

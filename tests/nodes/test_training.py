@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.comfy_env import import_comfy, load_pack
+from training.fixtures.comfy_env import import_comfy, load_pack
 
 import_comfy()  # ComfyUI on sys.path, configured for the CPU, before any comfy import
 

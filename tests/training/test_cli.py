@@ -238,7 +238,7 @@ def test_run_writes_checkpoints_losses_samples_and_exports(reference_run):
     assert set(diffusers_tensors) == {f"unet.{key}" for key in trained}
 
 
-# The LDM twin of training.cli.TINY_UNET (what ComfyUI would build for this UNet).
+# The LDM twin of training.cli.teacher.TINY_UNET (what ComfyUI would build for this UNet).
 TINY_LDM_UNET = {
     "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
     "channel_mult": [1, 2], "num_heads": 4, "transformer_depth": [1, 0],
@@ -390,7 +390,7 @@ def test_diffusers_export_loads_in_diffusers_and_applies_alpha_over_rank(referen
 def test_shipped_configs_validate(tmp_path, name):
     """Every shipped config uses known keys and valid values once its model / data paths exist."""
     from flash_core.recipes import get_recipe
-    from training.cli import validate_config
+    from training.cli.config import validate_config
 
     raw = yaml.safe_load((REPO_ROOT / "training" / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))
     if "path" in raw["model"]:
@@ -420,7 +420,7 @@ def build_tiny_sdxl(folder: Path) -> Path:
         CLIPTokenizer,
     )
 
-    from training.cli import TINY_TEXT_ENCODER, TINY_VAE, tiny_tokenizer_folder
+    from training.cli.teacher import TINY_TEXT_ENCODER, TINY_VAE, tiny_tokenizer_folder
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -472,7 +472,7 @@ def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_good_checkpoi
 
     import torch
 
-    from training.cli import EXIT_NON_FINITE
+    from training.cli.errors import EXIT_NON_FINITE
 
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", output_dir=str(out), data={"path": str(run_data), "cache_dir": str(shared_cache)},

@@ -23,7 +23,8 @@ def _raw(tmp_path: Path, backbone: str, **overrides) -> dict:
 
 
 def test_pixart_diffusers_export_is_a_config_error_with_the_reason(tmp_path):
-    from training.cli import ConfigError, validate_config
+    from training.cli.config import validate_config
+    from training.cli.errors import ConfigError
 
     with pytest.raises(ConfigError) as error:
         validate_config(_raw(tmp_path, "pixart", export=["comfyui", "diffusers"]), Path("pixart.yaml"))
@@ -38,7 +39,7 @@ def test_pixart_diffusers_export_is_a_config_error_with_the_reason(tmp_path):
     ("sdxl", ["comfyui", "diffusers", "peft"]), ("sd15", ["comfyui", "diffusers", "peft"]),
 ])
 def test_default_exports_are_every_format_the_backbone_offers(tmp_path, backbone, formats):
-    from training.cli import validate_config
+    from training.cli.config import validate_config
 
     raw = _raw(tmp_path, backbone)
     raw.pop("export")
@@ -46,7 +47,8 @@ def test_default_exports_are_every_format_the_backbone_offers(tmp_path, backbone
 
 
 def test_unknown_export_format_is_a_config_error(tmp_path):
-    from training.cli import ConfigError, validate_config
+    from training.cli.config import validate_config
+    from training.cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"export: unknown LoRA export format 'kohya': use one of comfyui, "
                                           r"diffusers, peft"):

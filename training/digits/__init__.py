@@ -1,5 +1,6 @@
 """Digits: a self-trained text-to-image teacher (scikit-learn's handwritten digits) to prove Flash distillation.
 
 data.py (corpus and prompts), teacher.py (diffusers pipeline folder), evaluator.py (accuracy and Fréchet
-distance in a digit classifier's features), benchmark.py (`make bench-quality`).
+distance in a digit classifier's features), benchmark.py (`make bench-quality`), demo.py (`make demo`),
+gallery.py (the README's workflow images), stack.py and style.py.
 """

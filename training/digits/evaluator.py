@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.comfy_env import cache_dir
+from training.fixtures.comfy_env import cache_dir
 from training.digits.data import IMAGE_SIZE, load_splits, to_grey
 
 CLASSIFIER_VERSION = 1

@@ -73,7 +73,7 @@ def mean_slant(images: torch.Tensor) -> float:
 
 
 def default_style_dir() -> Path:
-    from training.comfy_env import cache_dir
+    from training.fixtures.comfy_env import cache_dir
 
     return cache_dir() / "digits" / "style"
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.comfy_env import cache_dir, comfyui_path
+from training.fixtures.comfy_env import cache_dir, comfyui_path
 from training.digits.data import (
     DIGIT_WORDS,
     IMAGE_CHANNELS,

@@ -2,7 +2,7 @@
 
 The shipped graphs (workflows/api/flash_*.json) name SD1.5 / SDXL files that this project cannot download.
 This script rewrites each graph onto the models `make demo` builds and runs it on a real ComfyUI server
-(training/comfy_server.py), changing only what the model needs:
+(training/fixtures/comfy_server.py), changing only what the model needs:
 
   * Load Checkpoint          -> Flash Diffusers Pipeline `flash_digits_teacher` (same MODEL/CLIP/VAE slots);
   * Flash LoRA Loader        -> the distilled demo student `flash/flash_digits_demo.safetensors`;
@@ -24,7 +24,7 @@ docs/gallery/<workflow>.png, and a markdown snippet (image + caption per workflo
 with --snippet.
 
 ControlNet needs an SD1.5 ControlNet of the digits UNet's shape, which does not exist: its graph runs on the
-tiny random-weight fixtures of the test suite (training/tiny_checkpoint.py, training/tiny_controlnet.py), so
+tiny random-weight fixtures of the test suite (training/fixtures/tiny_checkpoint.py, training/fixtures/tiny_controlnet.py), so
 its image shows that the graph runs and that the hint changes the output, not image quality. SDXL (no SDXL
 model here), IP-Adapter (third-party node pack), the training graphs (`make demo` runs the digits one) and
 the test-fixture copy of the txt2img graph are skipped, each with its reason in the snippet.
@@ -35,7 +35,7 @@ server's base directory; comfyui.log). Nothing under <cache>/demo is written. Ab
 2-core CPU; the server runs with OMP_NUM_THREADS=1 unless it is set (these models are tiny, and OpenMP
 threads competing with another busy process slow every step down many times over).
 
-    python -P -m training.gallery [--only flash_img2img ...] [--out DIR] [--snippet PATH]
+    python -P -m training.digits.gallery [--only flash_img2img ...] [--out DIR] [--snippet PATH]
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.comfy_env import REPO_ROOT, cache_dir
-from training.comfy_server import ComfyServer
+from training.fixtures.comfy_env import REPO_ROOT, cache_dir
+from training.fixtures.comfy_server import ComfyServer
 
 API_DIR = REPO_ROOT / "workflows" / "api"
 GALLERY_DIR = REPO_ROOT / "docs" / "gallery"
@@ -144,7 +144,7 @@ def prepare_models(models_root: Path, with_fixtures: bool) -> None:
     _link(models_root / "diffusers" / TEACHER_PIPELINE, teacher)
     _link(models_root / "loras" / FLASH_LORA, student)
     if with_fixtures:
-        from training import tiny_checkpoint, tiny_controlnet
+        from training.fixtures import tiny_checkpoint, tiny_controlnet
 
         _link(models_root / "checkpoints" / tiny_checkpoint.CHECKPOINT_NAME, tiny_checkpoint.build())
         _link(models_root / "loras" / tiny_checkpoint.LORA_NAME, tiny_checkpoint.build_lora())
@@ -251,7 +251,7 @@ def onto_digits(workflow: dict, name: str, digit: int) -> dict:
 
 def onto_fixtures(workflow: dict, name: str) -> dict:
     """The shipped graph on the tiny random-weight SD1.5-family fixtures (what tests/e2e/test_graphs.py runs)."""
-    from training import tiny_checkpoint, tiny_controlnet
+    from training.fixtures import tiny_checkpoint, tiny_controlnet
 
     workflow = copy.deepcopy(workflow)
     for node in workflow.values():
@@ -437,7 +437,7 @@ def render_controlnet(runner: Runner, name: str, inputs: Path) -> Rendered:
 
 
 def render_demo_compare(runner: Runner, name: str, inputs: Path) -> Rendered:
-    from training.demo import PATHS
+    from training.digits.demo import PATHS
 
     shipped = load(name)
     labels = {"teacher_25": "teacher 25", "teacher_2": "teacher 2", "student_1": "Flash 1",

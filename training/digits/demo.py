@@ -23,8 +23,8 @@ The terminal gets short lines: one per started and finished step, live progress 
 terminal, a plain line every few seconds otherwise). comfy-cli's output and every ComfyUI answer go to
 <cache>/demo/demo.log, the server's own output to <cache>/demo/comfyui.log; a failure names both.
 
-    python -m training.demo [--retrain] [--teacher-steps N] [--student-steps N] [--per-digit N] [--serve]
-                            [--results-dir DIR]
+    python -m training.digits.demo [--retrain] [--teacher-steps N] [--student-steps N] [--per-digit N] [--serve]
+                                   [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ import numpy as np
 import torch
 
 from flash_core.files import write_atomic, write_text_atomic
-from training.comfy_env import REPO_ROOT, cache_dir
-from training.comfy_progress import PromptEvent, PromptFailed, PromptFollower
-from training.comfy_server import ComfyServer
+from training.fixtures.comfy_env import REPO_ROOT, cache_dir
+from training.fixtures.comfy_progress import PromptEvent, PromptFailed, PromptFollower
+from training.fixtures.comfy_server import ComfyServer
 
 DISTILL_WORKFLOW = REPO_ROOT / "workflows" / "api" / "flash_demo_distill.json"
 COMPARE_WORKFLOW = REPO_ROOT / "workflows" / "api" / "flash_demo_compare.json"

@@ -1,0 +1,265 @@
+"""The teacher of a flash-distill run: a diffusers pipeline folder (or the tiny random one of the tests)
+loaded as a flash_core Denoiser, its VAE and its prompt encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from training.cli.config import TrainConfig
+from training.cli.errors import ConfigError
+
+if TYPE_CHECKING:  # heavy imports happen inside functions: `flash-distill --help` stays instant
+    import torch
+
+# --------------------------------------------------------------------------------------------------
+# The tiny random model (tests / CI): a diffusers SD1.5-family pipeline folder built from a seed
+# --------------------------------------------------------------------------------------------------
+
+# A UNet whose LDM twin is {model_channels 32, channel_mult [1, 2], num_res_blocks [1, 1],
+# transformer_depth [1, 0], transformer_depth_output [1, 1, 0, 0], transformer_depth_middle 1, context_dim 32}.
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
+    "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+TINY_VAE = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3, "block_out_channels": (8, 16, 16), "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32, "layers_per_block": 1,
+}
+TINY_TEXT_ENCODER = {
+    "vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "projection_dim": 32,
+}
+
+
+def tiny_tokenizer_folder() -> Path:
+    """The real CLIP BPE files ComfyUI ships (no download possible); COMFYUI_PATH may point elsewhere."""
+    from training.fixtures.comfy_env import REPO_ROOT
+
+    root = Path(os.environ.get("COMFYUI_PATH", REPO_ROOT / ".comfyui"))
+    folder = root / "comfy" / "sd1_tokenizer"
+    if not (folder / "vocab.json").is_file():
+        raise ConfigError(
+            f"model.random_tiny needs the CLIP tokenizer files ComfyUI ships at {folder}: run `make setup` or set COMFYUI_PATH"
+        )
+    return folder
+
+
+def build_tiny_pipeline(folder: Path, seed: int) -> Path:
+    """Write a tiny random SD1.5-family diffusers pipeline (UNet, VAE, CLIP text encoder, tokenizer) to `folder`.
+
+    Deterministic for a seed; built once (an existing complete folder is reused). Written to a temporary
+    folder next to it and renamed, so a crash never leaves a half-written model.
+    """
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_tokenizer_folder()))
+    tokenizer.model_max_length = TINY_TEXT_ENCODER["max_position_embeddings"]
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", clip_sample=False
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def tiny_model_folder(config: TrainConfig) -> Path:
+    digest = hashlib.sha256(json.dumps([TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, config.tiny_seed], sort_keys=True, default=str).encode())
+    return config.cache_dir / f"tiny-sd15-{digest.hexdigest()[:12]}"
+
+
+def model_identity(folder: Path) -> str:
+    """What the latent cache depends on: the model folder and the size+mtime of its weight files."""
+    parts = [str(folder.resolve())]
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json"):
+            stat = file.stat()
+            parts.append(f"{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher model: network (as a flash_core Denoiser), VAE and text encoders of a diffusers folder
+# --------------------------------------------------------------------------------------------------
+
+NETWORK_SUBFOLDER = {"sd15": "unet", "sdxl": "unet", "pixart": "transformer", "sd3": "transformer"}
+COND_FIELDS = ("encoder_hidden_states", "pooled", "time_ids", "attention_mask")
+EXTRA_PREFIX = "extra."
+T5_OFFSET_SD3 = 77  # SD3 prompt embeddings: 77 CLIP tokens, then the T5 tokens
+
+
+def conditioning_to_tensors(cond) -> dict[str, torch.Tensor]:
+    """flash_core Conditioning -> flat dict of batch-first tensors (what the caches store)."""
+    tensors = {name: getattr(cond, name) for name in COND_FIELDS if getattr(cond, name) is not None}
+    tensors.update({EXTRA_PREFIX + name: value for name, value in cond.extra.items()})
+    return tensors
+
+
+def tensors_to_conditioning(tensors: dict[str, torch.Tensor]):
+    from flash_core.denoiser import Conditioning
+
+    return Conditioning(
+        **{name: tensors.get(name) for name in COND_FIELDS},
+        extra={k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)},
+    )
+
+
+class TeacherModel:
+    """The diffusers pieces flash-distill needs: the network (wrapped as a Denoiser), VAE, prompt encoding.
+
+    Text encoders are only loaded when something has to be encoded (a cache miss) and freed afterwards.
+    """
+
+    def __init__(self, folder: Path, backbone: str, resolution: int, device, weight_dtype):
+        import torch
+        from diffusers import AutoencoderKL
+
+        from flash_core.backends.diffusers import make_diffusers_denoiser
+
+        self.folder, self.backbone, self.resolution = folder, backbone, resolution
+        self.device, self.weight_dtype = device, weight_dtype
+        subfolder = NETWORK_SUBFOLDER[backbone]
+        network_class = self._network_class()
+        try:
+            self.network = network_class.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=weight_dtype)
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model folder {folder}: cannot load the {backbone} {subfolder} / vae ({error})") from None
+        self.network.to(device)
+        self.vae.to(device).requires_grad_(False).eval()
+        kwargs = {}
+        if backbone in ("sd15", "sdxl"):
+            kwargs["prediction_type"] = self._scheduler_prediction_type()
+        self.denoiser = make_diffusers_denoiser(backbone, self.network, **kwargs)
+        self._pipeline = None
+        self.sample_latent_shape: tuple[int, ...] | None = None  # [C, h, w] of the dataset latents
+
+    def _network_class(self):
+        if self.backbone in ("sd15", "sdxl"):
+            from diffusers import UNet2DConditionModel as network_class
+        elif self.backbone == "pixart":
+            from diffusers import PixArtTransformer2DModel as network_class
+        else:
+            from diffusers import SD3Transformer2DModel as network_class
+        return network_class
+
+    def _scheduler_prediction_type(self) -> str:
+        config_file = self.folder / "scheduler" / "scheduler_config.json"
+        if config_file.is_file():
+            return json.loads(config_file.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+        return "epsilon"
+
+    # ---- pixels <-> latents ----
+    def encode_images(self, pixels):
+        """[B, 3, R, R] in [-1, 1] -> model latents ((mean - shift) * scaling, the diffusers convention)."""
+        import torch
+
+        config = self.vae.config
+        with torch.no_grad():
+            mean = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()  # deterministic: the posterior mean
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (mean - shift) * config.scaling_factor  # z = (E(x) - shift) * scaling_factor
+
+    def decode_latents(self, latents):
+        import torch
+
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            return self.vae.decode(latents.to(self.device, torch.float32) / config.scaling_factor + shift).sample  # x = D(z / s + shift)
+
+    # ---- prompts ----
+    def _load_pipeline(self):
+        if self._pipeline is None:
+            from diffusers import DiffusionPipeline
+
+            components = {NETWORK_SUBFOLDER[self.backbone]: self.network, "vae": self.vae}
+            if self.backbone == "sd15":
+                components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline = DiffusionPipeline.from_pretrained(str(self.folder), torch_dtype=self.weight_dtype, **components)
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                module = getattr(self._pipeline, name, None)
+                if module is not None:
+                    module.to(self.device).requires_grad_(False).eval()
+        return self._pipeline
+
+    def release_text_encoders(self) -> None:
+        self._pipeline = None
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> flat conditioning tensors for this backbone (diffusers' own encode_prompt)."""
+        import torch
+
+        pipe = self._load_pipeline()
+        device, size, res = self.device, len(prompts), self.resolution
+        with torch.no_grad():
+            if self.backbone == "sd15":
+                embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+                return {"encoder_hidden_states": embeds}
+            if self.backbone == "sdxl":
+                embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+                time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).expand(size, -1)  # size, crop, target
+                return {"encoder_hidden_states": embeds, "pooled": pooled, "time_ids": time_ids.clone()}
+            if self.backbone == "pixart":
+                embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, clean_caption=False)
+                tensors = {"encoder_hidden_states": embeds, "attention_mask": mask}
+                if getattr(self.network.config, "sample_size", 0) == 128:  # PixArt-alpha 1024: size conditioning
+                    tensors["extra.resolution"] = torch.tensor([[res, res]], dtype=torch.float32).expand(size, -1).clone()
+                    tensors["extra.aspect_ratio"] = torch.ones(size, 1)
+                return tensors
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "pooled": pooled}
+
+    def unconditional(self, recipe_uncond: str, encode: Callable[[list[str]], dict]) -> dict[str, torch.Tensor]:
+        """The teacher's unconditional input per the recipe: empty prompt, zeros (built per batch) or the
+        SD3 negative prompt without T5 (T5 tokens zeroed)."""
+        if recipe_uncond == "zeros":
+            return {}
+        tensors = dict(encode([""]))
+        if recipe_uncond == "negative_prompt":
+            embeds = tensors["encoder_hidden_states"].clone()
+            embeds[:, T5_OFFSET_SD3:] = 0  # "without T5": only the CLIP part of the negative prompt
+            tensors["encoder_hidden_states"] = embeds
+        return tensors
+
+
+def weight_dtype_for(mixed_precision: str):
+    import torch
+
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
