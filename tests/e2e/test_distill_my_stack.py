@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from training.digits.teacher import TeacherConfig, default_teacher_dir, is_complete
 
-from .browser import open_frontend
+from training.fixtures.browser import open_frontend
 from .conftest import error_text, load_api_workflow
 
 pytestmark = pytest.mark.timeout(1800)
@@ -98,7 +98,7 @@ def trained(digits_server, models_root):
 
 
 def test_the_student_records_the_stack_it_was_distilled_from(trained, digits_server):
-    from training.comfy_env import load_pack
+    from training.fixtures.comfy_env import load_pack
 
     stack = load_pack().nodes.stack
     trained_for = json.loads(trained["metadata"]["flash.trained_for"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from training.comfy_env import import_comfy, load_pack
+from training.fixtures.comfy_env import import_comfy, load_pack
 
 import_comfy()
 
