@@ -50,7 +50,11 @@ def test_cache_targets_then_training_on_it_equals_the_live_run(setup, capsys):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     la = load_file(str(root / "live" / "debug" / "lora-rank0.safetensors"))
     lb = load_file(str(root / "cached" / "debug" / "lora-rank0.safetensors"))
-    assert la.keys() == lb.keys() and all(torch.allclose(la[k], lb[k], rtol=1e-4, atol=1e-6) for k in la)
+    # the cache solves the teacher in batches of 3, the live run in its own batch: float rounding differs, and
+    # Adam turns tiny gradient differences into parts of a step. Tolerance: a tenth of one Adam step (lr 1e-3),
+    # as in tests/nodes/test_one_run.py; a wrong target moves the LoRA by whole steps.
+    assert la.keys() == lb.keys()
+    assert max(float((la[k] - lb[k]).abs().max()) for k in la) < 1e-4
 
 
 def test_a_run_of_other_settings_refuses_the_cache_and_verify_catches_a_corrupted_shard(setup, capsys):
