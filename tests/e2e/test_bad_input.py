@@ -85,7 +85,7 @@ def test_lora_with_zero_matching_keys(server, models_root):
     assert_failed_cleanly(server, entry, path.name, "LoRA")
 
 
-@pytest.mark.parametrize("field,value", [("steps", 9), ("steps", 0), ("denoise", 1.5), ("denoise", -0.1)])
+@pytest.mark.parametrize("field,value", [("steps", 9), ("steps", -1), ("denoise", 1.5), ("denoise", -0.1)])  # steps 0 = from the LoRA
 def test_steps_or_denoise_out_of_range(server, field, value):
     workflow = small(load_api_workflow("flash_txt2img"))
     workflow["6"]["inputs"][field] = value
