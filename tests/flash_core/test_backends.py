@@ -24,13 +24,7 @@ from flash_core.schedules import flow_sigmas, flow_training_sigmas, scaled_linea
 TEXT_DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest on one intra-op thread (and far faster on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- tiny models (also used by test_distill.py) --------------------------------------------------

@@ -14,12 +14,7 @@ from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_tar
 from tests.flash_core.test_backends import snapshot, tiny_config, tiny_sd15_batch, tiny_sd15_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_distiller(**overrides) -> FlashDistiller:

@@ -16,12 +16,7 @@ from flash_core.distill import FlashDistiller
 from tests.flash_core.test_backends import TEXT_DIM, tiny_config, tiny_sd15_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_dataset(count: int = 4, seed: int = 0) -> run.TensorDataset:

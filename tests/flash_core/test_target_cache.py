@@ -16,12 +16,7 @@ from tests.flash_core.test_run import tiny_dataset
 SETTINGS = {"total_steps": 8, "batch_size": 2, "lr": 1e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_run(cache=None, **overrides) -> run.Run:

@@ -31,12 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dynamic_patcher import LORA_TARGETS, cast_time_twin, load_checkpoint, upstream_lora  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

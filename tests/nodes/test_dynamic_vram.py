@@ -27,15 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dynamic_patcher import HAS_DYNAMIC, cast_time_twin, load_checkpoint, upstream_lora  # noqa: E402
 
 # ComfyUI < 0.18 (the 0.3.75 floor) has no dynamic VRAM and no non-dynamic delegates: nothing to test there.
-pytestmark = pytest.mark.skipif(not HAS_DYNAMIC, reason="this ComfyUI has no dynamic VRAM (added in 0.18)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not HAS_DYNAMIC, reason="this ComfyUI has no dynamic VRAM (added in 0.18)"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
