@@ -94,13 +94,13 @@ demo: setup
 # The whole suite on COMFYUI_VERSION, then the node and end-to-end suites on the floor version, less the demo
 # run (half the suite's time: a 400-iteration distillation; its nodes run on the floor in test_distill_train).
 test: setup comfyui-floor
-	$(PY) -P -m pytest tests -q -p no:cacheprovider
+	$(PY) -P -m pytest tests -q -p no:cacheprovider --durations=15
 	$(MAKE) --no-print-directory test-floor
 
 test-floor: comfyui-floor
 	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
 	  echo "== node and end-to-end suites on ComfyUI $(FLOOR_VERSION) ($(FLOOR_PATH))"; \
-	  COMFYUI_PATH=$(FLOOR_PATH) $(PY) -P -m pytest tests/nodes tests/e2e -q -p no:cacheprovider \
+	  COMFYUI_PATH=$(FLOOR_PATH) $(PY) -P -m pytest tests/nodes tests/e2e -q -p no:cacheprovider --durations=10 \
 	    --deselect tests/e2e/test_demo.py; fi
 
 bench: setup

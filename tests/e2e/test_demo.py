@@ -2,8 +2,8 @@
 
 One run of `make demo`'s entry point (`python -P -m training.digits.demo`, what the Makefile target runs after
 `make setup`) with fewer distillation steps and images, in a private FLASH_CACHE_DIR and a private results
-folder (the committed bench/results/demo stays untouched). The digits teacher comes from the environment's
-cache (FLASH_CACHE_DIR) when it holds the default one, else it is trained here on a reduced VAE budget. The run
+folder (the committed bench/results/demo stays untouched). The digits teacher is the session's (the cached
+default one, else one the `digits_teacher` fixture trains on a reduced VAE budget), so the demo finds it cached. The run
 distils with FlashDistillTrain (followed over ComfyUI's websocket), generates with the teacher and the student
 through comfy-cli, scores, and writes the grid, the tables and the run times. Its output is read line by line
 as it arrives: live distillation progress, short lines, no JSON. Then the real frontend opens the demo
@@ -42,9 +42,6 @@ pytestmark = pytest.mark.timeout(3000)  # the shared fixture runs the whole demo
 
 STUDENT_STEPS = 400  # iterations: 200 student updates (the recipe alternates student and discriminator)
 DEMO_ARGS = ["--student-steps", str(STUDENT_STEPS), "--per-digit", "6", "--no-serve"]
-# Without a cached default teacher: it needs its ~1000 UNet steps before prompts steer it (at 400 it is still
-# unconditional: 13 % accuracy), so the budget is cut on the VAE only.
-REDUCED_TEACHER_ARGS = ["--teacher-vae-steps", "120"]
 DEMO_WORKFLOWS = ("flash_demo_distill", "flash_demo_compare")
 PROGRESS_LINE = re.compile(rf"^ +step (\d+)/{STUDENT_STEPS}\b")
 
@@ -53,7 +50,6 @@ PROGRESS_LINE = re.compile(rf"^ +step (\d+)/{STUDENT_STEPS}\b")
 class DemoRun:
     cache: Path
     results: Path
-    teacher_cached: bool
     lines: list[tuple[float, str]]  # (seconds since start, line) in the order the demo printed them
 
     def index(self, prefix: str) -> int:
@@ -63,22 +59,16 @@ class DemoRun:
         return "\n".join(line for _, line in self.lines)
 
 
-def shared_teacher() -> Path | None:
-    """The environment's cached default digits teacher (FLASH_CACHE_DIR or the repo's .cache), if complete."""
-    from training.digits.teacher import TeacherConfig, default_teacher_dir, is_complete
-
-    folder = default_teacher_dir()
-    return folder if is_complete(folder, TeacherConfig()) else None
-
-
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> DemoRun:
+def demo_run(tmp_path_factory, digits_teacher) -> DemoRun:
+    """The demo as a newcomer runs it, on the session's digits teacher (its training is the teacher fixture's)."""
     cache, results = tmp_path_factory.mktemp("demo_cache"), tmp_path_factory.mktemp("demo_results")
-    teacher = shared_teacher()
-    if teacher is not None:
-        (cache / "digits").mkdir()
-        (cache / "digits" / "teacher").symlink_to(teacher.resolve(), target_is_directory=True)
-    args = DEMO_ARGS + ([] if teacher is not None else REDUCED_TEACHER_ARGS) + ["--results-dir", str(results)]
+    teacher, config = digits_teacher
+    (cache / "digits").mkdir()
+    (cache / "digits" / "teacher").symlink_to(teacher.resolve(), target_is_directory=True)
+    teacher_args = ["--teacher-steps", str(config.steps), "--teacher-vae-steps", str(config.vae_steps),
+                    "--teacher-batch-size", str(config.batch_size)]
+    args = DEMO_ARGS + teacher_args + ["--results-dir", str(results)]
     env = dict(os.environ, FLASH_CACHE_DIR=str(cache))
     env.pop("PYTHONUNBUFFERED", None)  # the demo must flush its own lines
     # stdin is not a terminal and stdout a pipe: the demo prints plain progress lines, as into a log or CI
@@ -93,7 +83,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
         process.wait()
     finally:
         killer.cancel()
-    run = DemoRun(cache, results, teacher is not None, lines)
+    run = DemoRun(cache, results, lines)
     (cache / "demo_output.txt").write_text(run.text())
     assert process.returncode == 0, f"the demo failed:\n{run.text()[-6000:]}"
     return run
@@ -118,7 +108,7 @@ def test_demo_writes_grid_table_and_student(demo_run: DemoRun):
 def test_timing_file_has_every_step(demo_run: DemoRun):
     """timing.json, the source of the README's run times: every step, the machine, what came from the cache."""
     runs = json.loads((demo_run.results / "timing.json").read_text())["runs"]
-    kind = "teacher_cached_student_distilled" if demo_run.teacher_cached else "first_run"
+    kind = "teacher_cached_student_distilled"
     assert list(runs) == [kind]
     record = runs[kind]
     assert list(record["steps_s"]) == list(STEPS)
@@ -126,7 +116,7 @@ def test_timing_file_has_every_step(demo_run: DemoRun):
     assert record["steps_s"]["distillation"] > 1.0 and record["steps_s"]["comparison"] > 1.0
     assert record["total_s"] >= sum(record["steps_s"].values())
     assert record["machine"]["cpu_cores"] == os.cpu_count()
-    assert record["teacher"] == ("cached" if demo_run.teacher_cached else "trained")
+    assert record["teacher"] == "cached"
     assert record["student"] == "distilled"
     assert record["settings"]["student_steps"] == STUDENT_STEPS
     assert re.match(r"\d{4}-\d\d-\d\dT", record["date"])

@@ -504,6 +504,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retrain", action="store_true", help="distil the student again (the teacher stays cached)")
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps, help="teacher UNet steps (first run)")
     parser.add_argument("--teacher-vae-steps", type=int, default=TeacherConfig.vae_steps)
+    parser.add_argument("--teacher-batch-size", type=int, default=TeacherConfig.batch_size)
     parser.add_argument("--student-steps", type=int, default=1000,
                         help="FlashDistillTrain steps (iterations: half student, half discriminator updates)")
     parser.add_argument("--per-digit", type=int, default=10, help="images per digit and path")
@@ -567,8 +568,9 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
     base, models_root = demo / "comfyui", demo / "models"
     steps = StepLog(console)
 
-    teacher_dir, config = default_teacher_dir(), TeacherConfig(steps=args.teacher_steps, vae_steps=args.teacher_vae_steps,
-                                                               seed=args.seed)
+    config = TeacherConfig(steps=args.teacher_steps, vae_steps=args.teacher_vae_steps,
+                           batch_size=args.teacher_batch_size, seed=args.seed)
+    teacher_dir = default_teacher_dir()
     teacher_cached = is_complete(teacher_dir, config)
     if teacher_cached:
         steps.start("teacher", "teacher: the digits pipeline is cached")
