@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from flash_core import lora_formats
+from flash_core.backbones import get_backbone
 from flash_core.denoiser import Conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
 from flash_core.files import TEMP_PREFIX, replace_folder_atomic, torch_save_atomic, write_text_atomic
@@ -79,7 +80,6 @@ EXPORT_DTYPE = torch.float32  # every LoRA file the pack writes (see the module 
 PREVIEW_STEPS = (1, 2, 4)
 TIMING_KEYS = ("teacher_s", "student_s", "discriminator_s", "dmd_s", "step_s")
 RANK_KEYS = ("torch_rng", "python_random", "cuda_rng")
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "pixart": "pixart", "sd3": "sd3"}
 # Run settings that may change on resume: how the run is computed, not what it trains.
 FREE_SETTINGS = ("mixed_precision", "grad_checkpointing")
 
@@ -676,7 +676,6 @@ def _unwrap_optimizer(optimizer):
 # --------------------------------------------------------------------------------------------------
 
 EXPORT_KINDS = ("comfyui", "diffusers", "peft")
-DIT_BACKBONES = ("pixart", "sd3")
 
 
 def lora_modules(distiller: FlashDistiller, path_map: Mapping[str, str] | None = None) -> list[lora_formats.LoraModule]:
@@ -714,7 +713,7 @@ def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], histor
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(recipe.lora_rank),
         "ss_network_alpha": str(recipe.lora_alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION.get(backbone, backbone),
+        "ss_base_model_version": get_backbone(backbone).base_model_version,
         "ss_steps": str(distiller.step),
         "ss_learning_rate": str(recipe.lr),
         "ss_seed": str(settings.get("seed", "")),

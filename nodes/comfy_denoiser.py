@@ -40,14 +40,15 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (
 from torch import Tensor, nn
 
 from flash_core import parameterization
+from flash_core.backbones import BACKBONES
 from flash_core.denoiser import Conditioning, Denoiser
 
 LOG = logging.getLogger(__name__)
 
-# ComfyUI model_config classes -> flash_core recipe backbone. Subclasses (SSD-1B, Vega, KOALA) are SDXL-shaped.
-SUPPORTED_CONFIGS: tuple[tuple[type, str], ...] = (
-    (comfy.supported_models.SDXL, "sdxl"),
-    (comfy.supported_models.SD15, "sd15"),
+# ComfyUI model_config classes -> flash_core recipe backbone, from the backbone registry (subclasses count too)
+SUPPORTED_CONFIGS: tuple[tuple[type, str], ...] = tuple(
+    (getattr(comfy.supported_models, config), backbone.name)
+    for backbone in BACKBONES.values() for config in backbone.comfy_configs
 )
 PREDICTION_TYPES = {
     comfy.model_base.ModelType.EPS: "epsilon",

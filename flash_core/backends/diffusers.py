@@ -159,12 +159,13 @@ class SD3Denoiser(Denoiser):
         return self.predict(x_t, t, cond)
 
 
+# flash_core/backbones.py's registry name -> the Denoiser over its diffusers network
+DENOISERS: dict[str, type[Denoiser]] = {"sd15": UNetDenoiser, "sdxl": UNetDenoiser, "pixart": PixArtDenoiser,
+                                        "sd3": SD3Denoiser}
+
+
 def make_diffusers_denoiser(backbone: str, model: nn.Module, **kwargs) -> Denoiser:
-    """The Denoiser for a recipe backbone ("sd15", "sdxl", "pixart", "sd3") over a diffusers model."""
-    if backbone in ("sd15", "sdxl"):
-        return UNetDenoiser(model, **kwargs)
-    if backbone == "pixart":
-        return PixArtDenoiser(model, **kwargs)
-    if backbone == "sd3":
-        return SD3Denoiser(model, **kwargs)
-    raise KeyError(f"no diffusers backend for backbone {backbone!r}; known: sd15, sdxl, pixart, sd3")
+    """The Denoiser for a registered backbone ("sd15", "sdxl", "pixart", "sd3") over its diffusers network."""
+    if backbone not in DENOISERS:
+        raise KeyError(f"no diffusers backend for backbone {backbone!r}; known: {', '.join(DENOISERS)}")
+    return DENOISERS[backbone](model, **kwargs)

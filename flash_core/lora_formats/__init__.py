@@ -48,7 +48,6 @@ from flash_core.lora_formats.alpha import (
     validate_lora_config,
 )
 from flash_core.lora_formats.export import (
-    DENOISER_NAMES,
     EXPORT_FORMATS,
     UNAVAILABLE_EXPORTS,
     LoraExport,
@@ -91,7 +90,7 @@ from flash_core.lora_formats.read import find_adapter_config, load_safetensors, 
 from flash_core.lora_formats.recognise import detect_format, flatten
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME", "BARE", "COMFYUI", "COMPONENTS", "DENOISER_NAMES", "DIFFUSERS", "DIFFUSERS_METADATA_KEY",
+    "ADAPTER_CONFIG_NAME", "BARE", "COMFYUI", "COMPONENTS", "DIFFUSERS", "DIFFUSERS_METADATA_KEY",
     "EXPORT_FORMATS", "KOHYA", "PEFT", "PICKLE_SUFFIXES", "TEXT_ENCODER", "TEXT_ENCODER_2", "UNAVAILABLE_EXPORTS",
     "UNET", "LoraExport", "LoraFile", "LoraFormatError", "LoraMappingError", "LoraModule", "LoraPlan",
     "MappedModule", "alpha_configs_from_metadata", "build_lora_export", "candidate_lora_keys",

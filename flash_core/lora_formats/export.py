@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from flash_core.backbones import BACKBONES
 from flash_core.files import write_atomic, write_text_atomic
 from flash_core.lora_formats.alpha import ADAPTER_CONFIG_NAME, DIFFUSERS_METADATA_KEY
 from flash_core.lora_formats.modules import (
@@ -187,8 +188,6 @@ def save_peft_adapter(directory: str | os.PathLike, modules: Sequence[LoraModule
 # ----------------------------------------------------------------------------------------------------------
 
 EXPORT_FORMATS = (COMFYUI, DIFFUSERS, PEFT)
-# diffusers' name of the denoiser in each backbone's pipeline (and the key prefix its LoRA loaders read)
-DENOISER_NAMES = {"sd15": "unet", "sdxl": "unet", "pixart": "transformer", "sd3": "transformer"}
 # Top-level module names that exist only in ComfyUI's (LDM / original-repo) models, never in diffusers ones
 _COMFY_ONLY_ROOTS = ("input_blocks", "middle_block", "output_blocks", "joint_blocks", "x_embedder", "t_embedder",
                      "y_embedder", "t_block", "final_layer", "blocks")
@@ -232,8 +231,8 @@ UNAVAILABLE_EXPORTS = {
 def export_formats(backbone: str) -> tuple[str, ...]:
     """The LoRA export formats a backbone's student can be written in (ComfyUI and PEFT for all; diffusers for
     every backbone diffusers can load a LoRA into: not PixArt)."""
-    if backbone not in DENOISER_NAMES:
-        raise ValueError(f"unknown backbone {backbone!r}: LoRA exports know {', '.join(DENOISER_NAMES)}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}: LoRA exports know {', '.join(BACKBONES)}")
     return tuple(f for f in EXPORT_FORMATS if (backbone, f) not in UNAVAILABLE_EXPORTS)
 
 
@@ -283,7 +282,7 @@ def build_lora_export(
     check_export_format(backbone, export_format)
     refuse_non_finite({f"{m.path}.{part}": t for m in modules for part, t in (("lora_A", m.down), ("lora_B", m.up))},
                       f"the {backbone} student's LoRA")
-    denoiser = DENOISER_NAMES[backbone]
+    denoiser = BACKBONES[backbone].subfolder  # diffusers' name of the denoiser: the key prefix its loaders read
     comfy_named = sorted({m.path for m in modules if not m.flat and m.path.split(".")[0] in _COMFY_ONLY_ROOTS})
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     if export_format == COMFYUI:

@@ -258,3 +258,26 @@ def test_output_conversions_recover_x0_and_eps(prediction_type):
     else:
         abar = scaled_linear_alphas_cumprod()[249]
         assert torch.allclose(x_t[0], abar.sqrt().float() * x0[0] + (1 - abar).sqrt().float() * eps[0], atol=1e-6)
+
+
+# ---- the backbone registry -------------------------------------------------------------------------
+TINY_NETWORKS = {"sd15": lambda: tiny_sd15_unet(), "sdxl": lambda: tiny_sdxl()[0], "pixart": lambda: tiny_pixart()[0],
+                 "sd3": lambda: tiny_sd3()[0]}
+
+
+@pytest.mark.parametrize("name", list(TINY_NETWORKS))
+def test_registry_facts_match_the_networks_and_recipes_they_describe(name):
+    """Each registered backbone has a recipe and a Denoiser; its network class is the one the tiny model is, and
+    the Denoiser over it predicts what the registry says (what the files' flash.prediction_type records)."""
+    from flash_core.backbones import BACKBONES, get_backbone
+    from flash_core.backends.diffusers import DENOISERS
+    from flash_core.recipes import RECIPES
+
+    assert list(BACKBONES) == list(RECIPES) == list(DENOISERS) == list(TINY_NETWORKS)
+    backbone = get_backbone(name)
+    network = TINY_NETWORKS[name]()
+    assert type(network) is backbone.network()
+    assert make_diffusers_denoiser(name, network).prediction_type == backbone.prediction_type
+    assert backbone.is_dit == (name in ("pixart", "sd3"))
+    with pytest.raises(KeyError, match="flash_core/backbones.py"):
+        get_backbone("flux")

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flash_core.backbones import BACKBONES
 from training.cli.errors import ConfigError
-
-BACKBONES = ("sd15", "sdxl", "pixart", "sd3")
 
 
 # --------------------------------------------------------------------------------------------------

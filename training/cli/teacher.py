@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flash_core.backbones import get_backbone
 from training.cli.config import TrainConfig
 from training.cli.errors import ConfigError
 
@@ -118,7 +119,6 @@ def model_identity(folder: Path) -> str:
 # The teacher model: network (as a flash_core Denoiser), VAE and text encoders of a diffusers folder
 # --------------------------------------------------------------------------------------------------
 
-NETWORK_SUBFOLDER = {"sd15": "unet", "sdxl": "unet", "pixart": "transformer", "sd3": "transformer"}
 COND_FIELDS = ("encoder_hidden_states", "pooled", "time_ids", "attention_mask")
 EXTRA_PREFIX = "extra."
 T5_OFFSET_SD3 = 77  # SD3 prompt embeddings: 77 CLIP tokens, then the T5 tokens
@@ -154,8 +154,8 @@ class TeacherModel:
 
         self.folder, self.backbone, self.resolution = folder, backbone, resolution
         self.device, self.weight_dtype = device, weight_dtype
-        subfolder = NETWORK_SUBFOLDER[backbone]
-        network_class = self._network_class()
+        subfolder = get_backbone(backbone).subfolder
+        network_class = get_backbone(backbone).network()
         try:
             self.network = network_class.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=weight_dtype)
             self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
@@ -164,20 +164,11 @@ class TeacherModel:
         self.network.to(device)
         self.vae.to(device).requires_grad_(False).eval()
         kwargs = {}
-        if backbone in ("sd15", "sdxl"):
+        if not get_backbone(backbone).is_dit:  # a UNet folder's scheduler may declare v_prediction
             kwargs["prediction_type"] = self._scheduler_prediction_type()
         self.denoiser = make_diffusers_denoiser(backbone, self.network, **kwargs)
         self._pipeline = None
         self.sample_latent_shape: tuple[int, ...] | None = None  # [C, h, w] of the dataset latents
-
-    def _network_class(self):
-        if self.backbone in ("sd15", "sdxl"):
-            from diffusers import UNet2DConditionModel as network_class
-        elif self.backbone == "pixart":
-            from diffusers import PixArtTransformer2DModel as network_class
-        else:
-            from diffusers import SD3Transformer2DModel as network_class
-        return network_class
 
     def _scheduler_prediction_type(self) -> str:
         config_file = self.folder / "scheduler" / "scheduler_config.json"
@@ -209,7 +200,7 @@ class TeacherModel:
         if self._pipeline is None:
             from diffusers import DiffusionPipeline
 
-            components = {NETWORK_SUBFOLDER[self.backbone]: self.network, "vae": self.vae}
+            components = {get_backbone(self.backbone).subfolder: self.network, "vae": self.vae}
             if self.backbone == "sd15":
                 components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             self._pipeline = DiffusionPipeline.from_pretrained(str(self.folder), torch_dtype=self.weight_dtype, **components)
