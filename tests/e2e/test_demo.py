@@ -3,7 +3,7 @@
 One run of `make demo`'s entry point (`python -P -m training.digits.demo`, what the Makefile target runs after
 `make setup`) with fewer distillation steps and images, in a private FLASH_CACHE_DIR and a private results
 folder (the committed bench/results/demo stays untouched). The digits teacher is the session's (the cached
-default one, else one the `digits_teacher` fixture trains on a reduced VAE budget), so the demo finds it cached. The run
+default one, else one the `digits_teacher` fixture trains at half the batch and a cut VAE budget), so the demo finds it cached. The run
 distils with FlashDistillTrain (followed over ComfyUI's websocket), generates with the teacher and the student
 through comfy-cli, scores, and writes the grid, the tables and the run times. Its output is read line by line
 as it arrives: live distillation progress, short lines, no JSON. Then the real frontend opens the demo
