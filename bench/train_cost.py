@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = load_teacher_pipeline(train_teacher(default_teacher_dir(), TeacherConfig()))
     train, _ = load_splits()
-    settings = StudentSettings(steps=4 * args.steps_per_phase)
+    settings = StudentSettings(total_steps=4 * args.steps_per_phase)
     dataset = DigitsDataset(pipe, train, settings.seed)
 
     rounds: list[dict] = []

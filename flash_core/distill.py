@@ -70,7 +70,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -632,10 +632,10 @@ class FlashDistiller:
 
     def state_dict(self) -> dict:
         """Everything for an exact resume (weights_only-loadable; the training draws are counter-based, so the
-        step is all a resume needs of them)."""
+        step is all a resume needs of them). The settings are not here: flash_core.run stores them beside this
+        state and compares them on resume (Run.differences), their one home."""
         state = {
             "step": self.step,
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
             "lora": {n: p.detach().cpu().clone() for n, p in self.denoiser.named_lora_parameters()},
             "discriminator": {k: v.detach().cpu().clone() for k, v in _unwrap(self.discriminator).state_dict().items()},
             "student_optimizer": self.student_optimizer.state_dict(),

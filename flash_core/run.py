@@ -30,7 +30,7 @@ API:
     init_lora(distiller, seed, canonical=None)           # backend-independent LoRA init (per-module seeds)
     teacher_fingerprint(denoiser) / tensor_fingerprint(tensors)
     run_settings(config, **extra) -> dict                # the settings a checkpoint stores and resume compares
-    Preview(distiller, cond, uncond, latent_shape, seed, guidance, teacher_steps, decode, student_steps=(1, 2, 4))
+    Preview(distiller, cond, uncond, latent_shape, seed, guidance, teacher_sample_steps, decode, sample_steps=(1, 2, 4))
         .rows() -> [(label, images [n, H, W, 3] in 0..1)]   .image() -> uint8 [H, W, 3]
     RunHooks: on_step(report: StepReport), should_stop() -> bool
     CheckpointStore(root, keep=2, process_index=0, num_processes=1, barrier=None)
@@ -298,18 +298,19 @@ def preview_due(step: int, total: int, every: int) -> bool:
 
 
 class Preview:
-    """Teacher (K-step DPM-Solver++ with CFG from the same noise) | student at 1 / 2 / 4 steps, one column
-    per prompt. decode(latents [n, C, h, w], model space) -> images [n, H, W, 3] in 0..1 (CPU)."""
+    """Teacher (DPM-Solver++ with CFG from the same noise, `teacher_sample_steps` steps: K in the node) | student
+    at each of `sample_steps` (1 / 2 / 4) sampling steps, one column per prompt. decode(latents [n, C, h, w],
+    model space) -> images [n, H, W, 3] in 0..1 (CPU)."""
 
     def __init__(self, distiller: FlashDistiller, cond: Conditioning, uncond: Conditioning, latent_shape: Sequence[int],
-                 seed: int, guidance: float, teacher_steps: int, decode: Callable[[Tensor], Tensor],
-                 student_steps: Sequence[int] = PREVIEW_STEPS):
+                 seed: int, guidance: float, teacher_sample_steps: int, decode: Callable[[Tensor], Tensor],
+                 sample_steps: Sequence[int] = PREVIEW_STEPS):
         self.distiller, self.decode = distiller, decode
         self.cond, self.uncond = cond, uncond.expand_to(cond.batch_size) if uncond.batch_size == 1 else uncond
         generator = torch.Generator().manual_seed(seed)
         self.noise = torch.randn((cond.batch_size, *latent_shape), generator=generator)  # the same noise for every row
-        self.seed, self.guidance, self.teacher_steps = seed, guidance, teacher_steps
-        self.student_steps = tuple(student_steps)
+        self.seed, self.guidance, self.teacher_sample_steps = seed, guidance, teacher_sample_steps
+        self.sample_steps = tuple(sample_steps)
         self._teacher: Tensor | None = None
 
     def teacher_images(self) -> Tensor:
@@ -318,7 +319,7 @@ class Preview:
             den, device = distiller.denoiser, distiller.device
             with torch.no_grad(), den.teacher():
                 x0 = teacher_target(den, self.noise.to(device), 0, self.cond.to(device), self.uncond.to(device),
-                                    self.guidance, self.teacher_steps)
+                                    self.guidance, self.teacher_sample_steps)
             self._teacher = self.decode(x0)
         return self._teacher
 
@@ -328,8 +329,8 @@ class Preview:
 
     def rows(self) -> list[tuple[str, Tensor]]:
         with torch.random.fork_rng(devices=[]):  # previews never change the training's random stream
-            rows = [(f"teacher\nK={self.teacher_steps}\ncfg {self.guidance:g}", self.teacher_images())]
-            for steps in self.student_steps:
+            rows = [(f"teacher\nK={self.teacher_sample_steps}\ncfg {self.guidance:g}", self.teacher_images())]
+            for steps in self.sample_steps:
                 rows.append((f"student\n{steps} step{'s' if steps > 1 else ''}", self.decode(self.student_latents(steps))))
         return rows
 
@@ -686,25 +687,26 @@ def lora_modules(distiller: FlashDistiller, path_map: Mapping[str, str] | None =
     return lora_formats.rename_modules(modules, path_map) if path_map else modules
 
 
-def sampling_timesteps(distiller: FlashDistiller, nfe: int) -> list[int]:
-    """The student's nfe-step sampling grid in model timesteps (trailing DDPM, or flow sigmas * 1000)."""
+def sampling_timesteps(distiller: FlashDistiller, steps: int) -> list[int]:
+    """The student's `steps`-step sampling grid in model timesteps (trailing DDPM, or flow sigmas * 1000)."""
     if distiller.denoiser.is_flow:
-        return [round(1000 * s) for s in flow_sigmas(nfe)]
-    return trailing_timesteps(nfe)
+        return [round(1000 * s) for s in flow_sigmas(steps)]
+    return trailing_timesteps(steps)
 
 
 RECOMMENDED_CFG = 1.0  # Flash students are distilled with the teacher's guidance: one model call per step
 
 
 def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], history: Sequence[Mapping[str, float]], *,
-                  base_model: str, teacher: str | None = None, nfe: int | None = None,
+                  base_model: str, teacher: str | None = None, recommended_steps: int | None = None,
                   trained_for: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The one metadata schema: kohya's ss_* (LoRA managers show rank / alpha / base) and Flash's flash.* keys.
 
     `trained_for` is the stack the teacher was (base checkpoint name + sha256, LoRAs with strengths: what
-    nodes/stack.describe_stack returns); `sampling_settings` reads the sampling keys back."""
+    nodes/stack.describe_stack returns); `sampling_settings` reads the sampling keys back. `recommended_steps`:
+    the sampling steps FlashSampler defaults to (default: the student grid the recipe trains, 4)."""
     recipe = distiller.recipe
-    nfe = nfe or recipe.student_steps
+    steps = recommended_steps or recipe.student_steps
     losses = [{k: v for k, v in h.items() if k.startswith("loss")} for h in history]
     last = losses[-1] if losses else {}
     window = {k: float(np.mean([h[k] for h in losses[-50:] if k in h])) for k in last}
@@ -723,13 +725,13 @@ def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], histor
         "flash.base_fingerprint": teacher or "",
         "flash.rank": str(recipe.lora_rank),
         "flash.alpha": str(recipe.lora_alpha),
-        "flash.steps": str(distiller.step),
+        "flash.trained_steps": str(distiller.step),  # training iterations done (= ss_steps)
         "flash.total_steps": str(settings.get("total_steps", distiller.config.total_steps)),
-        "flash.nfe": str(nfe),
-        "flash.timesteps": json.dumps(sampling_timesteps(distiller, nfe)),
-        "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {nfe} steps, cfg 1",
+        "flash.student_steps": str(recipe.student_steps),  # the student grid the timestep mixture sits on
+        "flash.timesteps": json.dumps(sampling_timesteps(distiller, steps)),
+        "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {steps} steps, cfg 1",
         "flash.prediction_type": distiller.denoiser.prediction_type,
-        "flash.recommended_steps": str(nfe),
+        "flash.recommended_steps": str(steps),
         "flash.recommended_cfg": f"{RECOMMENDED_CFG:g}",
         "flash.trained_for": json.dumps(dict(trained_for)) if trained_for else "",
         "flash.teacher_grid_steps": str(recipe.teacher_grid_steps),
@@ -748,7 +750,7 @@ def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], histor
 class SamplingSettings:
     """What a Flash LoRA file says about sampling it (read from lora_metadata's flash.* keys)."""
 
-    steps: int  # recommended sampler steps (the student's nfe)
+    steps: int  # recommended sampling steps (flash.recommended_steps)
     cfg: float
     timesteps: tuple[int, ...]  # the grid of `steps` steps in model timesteps (trailing DDPM, or flow sigma * 1000)
     prediction_type: str | None
@@ -762,7 +764,8 @@ class SamplingSettings:
 def sampling_settings(metadata: Mapping[str, str], source: str = "the LoRA") -> SamplingSettings | None:
     """The sampling settings recorded in a Flash LoRA's metadata, or None for files without flash.* keys
     (official flash-sd / flash-sdxl / PixArt / SD3 releases: the sampler keeps its own defaults). Files written
-    before recommended_steps existed use flash.nfe. A malformed value raises ValueError naming the key."""
+    before recommended_steps existed use flash.nfe (read as an alias). A malformed value raises ValueError naming
+    the key."""
     if "flash.format_version" not in metadata:
         return None
 

@@ -60,7 +60,7 @@ CHECKPOINT_SUBFOLDER = ".checkpoints"
 TARGET_CACHE_SUBFOLDER = "flash_target_cache"  # under ComfyUI's output folder
 CHECKPOINT_EVERY = 250  # optimiser steps between periodic checkpoints
 PREVIEW_COLUMNS = 4  # prompts / seeds shown side by side
-MAX_NFE = 4
+MAX_RECOMMENDED_STEPS = 4  # the recipe's student grid: a LoRA recommends at most the steps it was trained on
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.+=-]{0,119}$")
 
 
@@ -381,16 +381,22 @@ class FlashDistillTrain(io.ComfyNode):
                                       "prompt; SDXL: ConditioningZeroOut of it)."),
                 io.String.Input("lora_name", default="flash_student",
                                 tooltip=f"File name under models/loras/{OUTPUT_SUBFOLDER}/ (no folders)."),
-                io.Int.Input("steps", default=2000, min=1, max=1_000_000, tooltip="Optimiser steps (4 phases of equal length)."),
-                io.Int.Input("nfe", default=4, min=1, max=MAX_NFE,
-                             tooltip="Target sampling steps of the student (preview, metadata, recommended FlashSampler steps)."),
+                # Input ids are frozen (saved workflows and API prompts name them); the display names are the
+                # pack's words (docs/architecture.md "Words"): steps -> total_steps, nfe -> recommended_steps,
+                # teacher_steps -> teacher_grid_steps.
+                io.Int.Input("steps", display_name="total_steps", default=2000, min=1, max=1_000_000,
+                             tooltip="Training iterations in all (4 phases of equal length; student and "
+                             "discriminator alternate)."),
+                io.Int.Input("nfe", display_name="recommended_steps", default=4, min=1, max=MAX_RECOMMENDED_STEPS,
+                             tooltip="Sampling steps recorded in the LoRA: Flash Sampler at steps 0 uses them. The "
+                             "student is trained on the recipe's 4-step grid."),
                 io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank; 0 = recipe (SD1.5 128, SDXL 64)."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-7,
                                tooltip="AdamW learning rate; 0 = recipe (1e-5)."),
                 io.Float.Input("guidance_min", default=0.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Teacher CFG w ~ U[min, max]; 0 and 0 = recipe (3-13)."),
                 io.Float.Input("guidance_max", default=0.0, min=0.0, max=30.0, step=0.1),
-                io.Int.Input("teacher_steps", default=0, min=0, max=128,
+                io.Int.Input("teacher_steps", display_name="teacher_grid_steps", default=0, min=0, max=128,
                              tooltip="K, the teacher's DPM-Solver++ grid (a multiple of 4); 0 = recipe (32)."),
                 io.String.Input("distill_weights", default="", tooltip="Per-phase weights 'w1, w2, w3, w4' or one value; empty = recipe."),
                 io.String.Input("adversarial_weights", default="", tooltip="Per-phase adversarial weights; empty = recipe (0, .1, .2, .3)."),
@@ -435,9 +441,9 @@ class FlashDistillTrain(io.ComfyNode):
         # the stack the teacher MODEL is made of (base checkpoint, LoRAs with strengths), read from the workflow
         trained_for = describe_stack(getattr(getattr(cls, "hidden", None), "prompt", None), node_id)
         options = dict(
-            lora_name=one(lora_name), steps=int(one(steps)), nfe=int(one(nfe)), rank=int(one(rank)),
+            lora_name=one(lora_name), total_steps=int(one(steps)), recommended_steps=int(one(nfe)), rank=int(one(rank)),
             learning_rate=float(one(learning_rate)), guidance_min=float(one(guidance_min)),
-            guidance_max=float(one(guidance_max)), teacher_steps=int(one(teacher_steps)),
+            guidance_max=float(one(guidance_max)), teacher_grid_steps=int(one(teacher_steps)),
             distill_weights=one(distill_weights), adversarial_weights=one(adversarial_weights),
             dmd_weights=one(dmd_weights), seed=int(one(seed)), batch_size=int(one(batch_size)),
             resume=bool(one(resume)), overwrite=bool(one(overwrite)), preview_every=int(one(preview_every)),
@@ -450,8 +456,8 @@ class FlashDistillTrain(io.ComfyNode):
         return io.NodeOutput(student, lora, loss_map, grid, ui=ui.PreviewImage(grid, cls=cls))
 
 
-def distill_config(backbone: str, steps: int, rank: int, learning_rate: float, guidance_min: float,
-                   guidance_max: float, teacher_steps: int, distill_weights: str, adversarial_weights: str,
+def distill_config(backbone: str, total_steps: int, rank: int, learning_rate: float, guidance_min: float,
+                   guidance_max: float, teacher_grid_steps: int, distill_weights: str, adversarial_weights: str,
                    dmd_weights: str, seed: int, batch_size: int, gradient_checkpointing: bool,
                    mixed_precision: str, device: torch.device) -> DistillConfig:
     """The node's inputs as a flash_core DistillConfig (0 / '' = the backbone's published recipe)."""
@@ -461,22 +467,22 @@ def distill_config(backbone: str, steps: int, rank: int, learning_rate: float, g
     guidance = None if guidance_min == 0 and guidance_max == 0 else (guidance_min, guidance_max)
     overrides = dict(
         batch_size=batch_size or None, lora_rank=rank or None, lora_alpha=rank or None,  # alpha = rank (recipe rule)
-        lr=learning_rate or None, guidance_range=guidance, teacher_grid_steps=teacher_steps or None,
+        lr=learning_rate or None, guidance_range=guidance, teacher_grid_steps=teacher_grid_steps or None,
         distill_weights=parse_phase_weights(distill_weights, "distill_weights", recipe.num_phases),
         adversarial_weights=parse_phase_weights(adversarial_weights, "adversarial_weights", recipe.num_phases),
         dmd_weights=parse_phase_weights(dmd_weights, "dmd_weights", recipe.num_phases),
     )
     try:  # flash_core checks the settings (K a multiple of the student grid, ...), as for flash-distill's config
         return DistillConfig(
-            backbone=backbone, total_steps=steps, seed=seed, grad_checkpointing=gradient_checkpointing,
+            backbone=backbone, total_steps=total_steps, seed=seed, grad_checkpointing=gradient_checkpointing,
             mixed_precision="bf16" if mixed_precision == "bf16" and device.type == "cuda" else "no", **overrides,
         )
     except ValueError as err:
         raise TrainingInputError(f"{NODE}: {err}") from None
 
 
-def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe: int, rank: int,
-          learning_rate: float, guidance_min: float, guidance_max: float, teacher_steps: int, distill_weights: str,
+def train(model, latents, positive, negative, *, lora_name: str, total_steps: int, recommended_steps: int, rank: int,
+          learning_rate: float, guidance_min: float, guidance_max: float, teacher_grid_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
           preview_every: int, gradient_checkpointing: bool, mixed_precision: str, vae=None, node_id=None,
           target_cache: str = "", trained_for: dict | None = None):
@@ -485,10 +491,10 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
     # ---- validate everything before any work -------------------------------------------------------
     name = check_lora_name(lora_name)
     backbone = backbone_of(model)
-    if not 1 <= nfe <= MAX_NFE:
-        raise TrainingInputError(f"{NODE}: nfe must be 1 to {MAX_NFE}, got {nfe}.")
+    if not 1 <= recommended_steps <= MAX_RECOMMENDED_STEPS:
+        raise TrainingInputError(f"{NODE}: recommended_steps must be 1 to {MAX_RECOMMENDED_STEPS}, got {recommended_steps}.")
     device = comfy.model_management.get_torch_device()
-    config = distill_config(backbone, steps, rank, learning_rate, guidance_min, guidance_max, teacher_steps,
+    config = distill_config(backbone, total_steps, rank, learning_rate, guidance_min, guidance_max, teacher_grid_steps,
                             distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
                             gradient_checkpointing, mixed_precision, device)
     data = gather_latents(latents)
@@ -546,7 +552,7 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
         trainer = run.Run(
             distiller, dataset, run.run_settings(config, base_model=type(model.model.model_config).__name__),
             teacher_fingerprint=teacher, target_cache=cache,
-            store=store, hooks=NodeHooks(Progress(steps, node_id), recipe.num_phases), preview=preview,
+            store=store, hooks=NodeHooks(Progress(total_steps, node_id), recipe.num_phases), preview=preview,
             preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
             fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
             rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
@@ -556,7 +562,7 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
                 trainer.resume(resume_from)
             except (run.ResumeMismatchError, run.CheckpointError) as err:
                 raise TrainingInputError(f"{NODE}: {err}") from None
-            LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, distiller.step, steps)
+            LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, distiller.step, total_steps)
 
         start_step, started = distiller.step, time.perf_counter()
         try:
@@ -573,14 +579,15 @@ def train(model, latents, positive, negative, *, lora_name: str, steps: int, nfe
 
         # ---- outputs -----------------------------------------------------------------------------------
         metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
-                                     teacher=trainer.fingerprints["teacher"], nfe=nfe, trained_for=trained_for)
+                                     teacher=trainer.fingerprints["teacher"], recommended_steps=recommended_steps,
+                                     trained_for=trained_for)
         export = export_lora(distiller, path_map, backbone, metadata)
         lora = export.tensors
         if os.path.exists(lora_path) and not overwrite:
             if not same_tensors(lora_path, lora):  # another file of that name, not this finished run's
                 raise already_exists
             LOG.info("%s: '%s' is already this run's LoRA (step %d of %d); not written again.", NODE, lora_path,
-                     distiller.step, steps)
+                     distiller.step, total_steps)
         else:
             try:
                 lora_formats.save_lora(lora_path, lora, export.metadata)

@@ -46,3 +46,22 @@ def test_import_pack_outside_comfyui_is_harmless():
     code = "import runpy; g = runpy.run_path('__init__.py'); assert g['comfy_entrypoint'] is None"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_suite_runs_in_a_clone_whose_folder_name_has_a_dot(tmp_path):
+    """A clone in `mktemp -d` (tmp.XXXX) or `ComfyUI-Flash.v2`: pytest must not import the root __init__.py (a
+    custom-node package with a relative import) as a test package. Our pyproject.toml's plugin sees to it."""
+    clone = tmp_path / "ComfyUI-Flash.v2"
+    (clone / "sub").mkdir(parents=True)
+    (clone / "tests").mkdir()
+    (clone / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
+    (clone / "__init__.py").write_text("from .sub import VALUE  # like our `from .nodes import comfy_entrypoint`\n")
+    (clone / "sub" / "__init__.py").write_text("VALUE = 1\n")
+    (clone / "tests" / "__init__.py").write_text("")
+    (clone / "tests" / "test_one.py").write_text("def test_one():\n    assert True\n")
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_one.py"]
+    result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
+    without_plugin = subprocess.run([*command, "-o", "addopts=--import-mode=importlib"], cwd=clone,
+                                    capture_output=True, text=True, timeout=300)
+    assert without_plugin.returncode != 0, "the check no longer reproduces the failure it guards against"

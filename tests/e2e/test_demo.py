@@ -40,10 +40,10 @@ from .conftest import REPO_ROOT, WORKFLOWS
 
 pytestmark = pytest.mark.timeout(3000)  # the shared fixture runs the whole demo (minutes on a busy 2-core machine)
 
-STUDENT_STEPS = 400  # iterations: 200 student updates (the recipe alternates student and discriminator)
-DEMO_ARGS = ["--student-steps", str(STUDENT_STEPS), "--per-digit", "6", "--no-serve"]
+TOTAL_STEPS = 400  # iterations: 200 student updates (the recipe alternates student and discriminator)
+DEMO_ARGS = ["--total-steps", str(TOTAL_STEPS), "--per-digit", "6", "--no-serve"]
 DEMO_WORKFLOWS = ("flash_demo_distill", "flash_demo_compare")
-PROGRESS_LINE = re.compile(rf"^ +step (\d+)/{STUDENT_STEPS}\b")
+PROGRESS_LINE = re.compile(rf"^ +step (\d+)/{TOTAL_STEPS}\b")
 
 
 @dataclass
@@ -95,7 +95,7 @@ def test_demo_writes_grid_table_and_student(demo_run: DemoRun):
     assert grid.width > 10 * 16 and grid.height >= len(PATHS) * 16
     data = json.loads((results_dir / "results.json").read_text())
     assert [r["key"] for r in data["results"]] == [p.key for p in PATHS]
-    assert data["settings"]["student_steps"] == STUDENT_STEPS
+    assert data["settings"]["total_steps"] == TOTAL_STEPS
     for row in data["results"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["frechet_distance"] >= 0.0
         assert row["seconds_per_image"] > 0.0
@@ -118,7 +118,7 @@ def test_timing_file_has_every_step(demo_run: DemoRun):
     assert record["machine"]["cpu_cores"] == os.cpu_count()
     assert record["teacher"] == "cached"
     assert record["student"] == "distilled"
-    assert record["settings"]["student_steps"] == STUDENT_STEPS
+    assert record["settings"]["total_steps"] == TOTAL_STEPS
     assert re.match(r"\d{4}-\d\d-\d\dT", record["date"])
 
 
@@ -126,13 +126,13 @@ def test_distillation_progress_is_live(demo_run: DemoRun):
     """While FlashDistillTrain runs inside ComfyUI the terminal shows its step, loss and ETA as they come (not
     only at the end), and the path of every preview grid the node sends, saved as an image."""
     begin = demo_run.index("[3/5] distillation:")
-    end = demo_run.index(f"[3/5] distillation: {STUDENT_STEPS} steps in")
+    end = demo_run.index(f"[3/5] distillation: {TOTAL_STEPS} steps in")
     finished_at = demo_run.lines[end][0]
     progress = [(at, line) for at, line in demo_run.lines[begin:end] if PROGRESS_LINE.match(line)]
     assert len(progress) >= 3, demo_run.text()
     steps = [int(PROGRESS_LINE.match(line).group(1)) for _, line in progress]
-    assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] == STUDENT_STEPS, steps
-    early = [(at, line) for (at, line), step in zip(progress, steps) if step < STUDENT_STEPS]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] == TOTAL_STEPS, steps
+    early = [(at, line) for (at, line), step in zip(progress, steps) if step < TOTAL_STEPS]
     assert len(early) >= 2 and finished_at - early[0][0] > 5.0, progress  # printed while it ran
     assert all(re.search(r"loss -?[0-9.]+", line) for _, line in progress), progress
     assert any("ETA" in line for _, line in early), progress
@@ -140,7 +140,7 @@ def test_distillation_progress_is_live(demo_run: DemoRun):
     previews = [(line, window[i + 1].strip() if line.endswith(":") else line.split(": ", 1)[1])  # (line, its path)
                 for i, line in enumerate(window) if "preview grid, step" in line]
     every = json.loads((WORKFLOWS / "api" / "flash_demo_distill.json").read_text())[DISTILL_NODE]["inputs"]["preview_every"]
-    expected = sorted(set(range(every, STUDENT_STEPS + 1, every)) | {STUDENT_STEPS})  # the node's preview rule
+    expected = sorted(set(range(every, TOTAL_STEPS + 1, every)) | {TOTAL_STEPS})  # the node's preview rule
     assert [int(re.search(r"step (\d+)", line).group(1)) for line, _ in previews] == expected, previews
     for _, path in previews:
         image = Image.open(path)

@@ -68,7 +68,7 @@ def test_shipped_workflow_trains_saves_and_samples(server, models_root):
     path = lora_file(models_root, "e2e_student")
     with safe_open(str(path), "pt") as handle:
         metadata, keys = handle.metadata(), list(handle.keys())
-    assert metadata["flash.steps"] == "3" and metadata["flash.rank"] == "4" and metadata["flash.base_model"] == "SD15"
+    assert metadata["flash.trained_steps"] == "3" and metadata["flash.rank"] == "4" and metadata["flash.base_model"] == "SD15"
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     images = {p.parent.name + "/" + p.name.split("_")[0]: p for p in server.output_images(entry)}
     grid = np.asarray(Image.open(images["e2e_student/7"]))
@@ -157,7 +157,7 @@ def test_interrupt_leaves_checkpoint_and_the_resumed_run_finishes(server, models
         assert entry["status"]["status_str"] == "success", error_text(entry) or entry
         assert watcher.values and watcher.values[0] == stopped_at + 1  # continued, not restarted
         with safe_open(str(lora_file(models_root, name)), "pt") as handle:
-            assert handle.metadata()["flash.steps"] == str(steps)
+            assert handle.metadata()["flash.trained_steps"] == str(steps)
     finally:
         watcher.close()
 

@@ -111,6 +111,16 @@ def _sidecar_models() -> dict[str, list[dict]]:
                    for f in files] for name, files in sidecar["workflows"].items()}
 
 
+def test_distill_train_shows_the_step_words_on_its_frozen_input_ids(frontend: Frontend):
+    """Flash Distill Train's step inputs keep their ids (saved workflows) and show docs/architecture.md's words."""
+    workflow = json.loads((WORKFLOWS / "flash_distill_train.json").read_text())
+    frontend.load_graph(workflow)
+    node = next(n["id"] for n in workflow["nodes"] if n["type"] == "FlashDistillTrain")
+    labels = frontend.widget_labels(node)
+    assert {k: labels.get(k) for k in ("steps", "nfe", "teacher_steps")} == {
+        "steps": "total_steps", "nfe": "recommended_steps", "teacher_steps": "teacher_grid_steps"}, labels
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
 def test_ui_workflow_lists_its_model_downloads(path: Path):
     """The top-level `models` list is the sidecar's entry for the workflow (none if it has none); each node

@@ -258,9 +258,10 @@ def test_every_export_has_one_schema_and_float32(tmp_path):
     trainer.train()
     modules = run.lora_modules(trainer.distiller)
     metadata = run.lora_metadata(trainer.distiller, trainer.settings, trainer.history, base_model="tiny",
-                                 teacher=trainer.fingerprints["teacher"], nfe=2)
-    assert metadata["flash.steps"] == "4" and metadata["flash.rank"] == "4" and metadata["ss_network_dim"] == "4"
+                                 teacher=trainer.fingerprints["teacher"], recommended_steps=2)
+    assert metadata["flash.trained_steps"] == "4" and metadata["flash.rank"] == "4" and metadata["ss_network_dim"] == "4"
     assert json.loads(metadata["flash.timesteps"]) == [999, 499] and metadata["flash.dtype"] == "float32"
+    assert (metadata["flash.recommended_steps"], metadata["flash.student_steps"]) == ("2", "4") and "flash.nfe" not in metadata
     assert set(json.loads(metadata["flash.losses_last"])) >= {"loss", "loss_distill"}
     for kind in ("comfyui", "diffusers", "peft"):
         export = lora_formats.build_lora_export(modules, "sd15", kind, name="c", metadata=metadata, base_model="tiny",

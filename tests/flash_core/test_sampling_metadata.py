@@ -8,7 +8,7 @@ import pytest
 
 from flash_core.run import sampling_settings
 
-OURS = {"flash.format_version": "1", "flash.nfe": "2", "flash.timesteps": "[999, 499]", "flash.recommended_steps": "2",
+OURS = {"flash.format_version": "1", "flash.student_steps": "4", "flash.timesteps": "[999, 499]", "flash.recommended_steps": "2",
         "flash.recommended_cfg": "1", "flash.prediction_type": "epsilon",
         "flash.trained_for": json.dumps({"base": {"name": "base.safetensors"}, "loras": []})}
 
@@ -27,6 +27,7 @@ def test_official_files_without_flash_keys_give_none():
 def test_files_from_before_the_recommendation_keys_use_the_trained_nfe():
     legacy = {k: v for k, v in OURS.items() if k not in ("flash.recommended_steps", "flash.recommended_cfg",
                                                           "flash.trained_for", "flash.prediction_type")}
+    legacy["flash.nfe"] = "2"  # the old name of flash.recommended_steps, read as an alias
     settings = sampling_settings(legacy)
     assert (settings.steps, settings.cfg, settings.trained_for) == (2, 1.0, None)
 

@@ -26,7 +26,7 @@ from training.fixtures.comfy_env import REPO_ROOT, import_comfy, load_pack
 import_comfy()
 
 STEPS = 8  # two per phase: every loss (distillation, adversarial, DMD) takes part
-SETTINGS = {"rank": 4, "lr": 1e-3, "batch_size": 2, "seed": 0, "guidance": 3.0, "teacher_steps": 4}
+SETTINGS = {"rank": 4, "lr": 1e-3, "batch_size": 2, "seed": 0, "guidance": 3.0, "teacher_grid_steps": 4}
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 240)]
 IMAGE = 16  # pixels: the digits VAE's 2 levels give 8x8 latents
 
@@ -69,10 +69,10 @@ def cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     config = yaml.safe_load((REPO_ROOT / "training" / "configs" / "tiny_sd15.yaml").read_text(encoding="utf-8"))
     config.update(
-        model={"path": str(build_teacher(root / "teacher"))}, sample_prompts=None, output_dir=str(root / "out"), steps=STEPS, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"],
+        model={"path": str(build_teacher(root / "teacher"))}, sample_prompts=None, output_dir=str(root / "out"), total_steps=STEPS, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"],
         rank=SETTINGS["rank"], alpha=SETTINGS["rank"], seed=SETTINGS["seed"], checkpoint_every=0, sample_every=0,
         log_every=1, export=["comfyui"], export_name="cli",
-        distill={"teacher_grid_steps": SETTINGS["teacher_steps"], "guidance_range": [SETTINGS["guidance"]] * 2},
+        distill={"teacher_grid_steps": SETTINGS["teacher_grid_steps"], "guidance_range": [SETTINGS["guidance"]] * 2},
     )
     config["data"].update(path=str(make_dataset(root / "data")), cache_dir=str(root / "cache"), resolution=IMAGE)
     (root / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -109,9 +109,9 @@ def node_run(cli_run, tmp_path, monkeypatch, request):
     cached = request.param == "target_cache"
     with torch.inference_mode(False), torch.enable_grad():
         _, _, loss_map, _ = training.train(
-            model, latents, positive, negative, lora_name="node", steps=STEPS, nfe=4, rank=SETTINGS["rank"],
+            model, latents, positive, negative, lora_name="node", total_steps=STEPS, recommended_steps=4, rank=SETTINGS["rank"],
             learning_rate=SETTINGS["lr"], guidance_min=SETTINGS["guidance"], guidance_max=SETTINGS["guidance"],
-            teacher_steps=SETTINGS["teacher_steps"], distill_weights="", adversarial_weights="", dmd_weights="",
+            teacher_grid_steps=SETTINGS["teacher_grid_steps"], distill_weights="", adversarial_weights="", dmd_weights="",
             seed=SETTINGS["seed"], batch_size=SETTINGS["batch_size"], resume=False, overwrite=True, preview_every=0,
             gradient_checkpointing=False, mixed_precision="fp32", target_cache="students" if cached else "",
         )
@@ -150,5 +150,5 @@ def test_node_and_cli_give_the_same_loss_log_and_lora(cli_run, node_run):
         node_meta, cli_meta = node_handle.metadata(), cli_handle.metadata()
     schema = {k for k in cli_meta if k.startswith(("ss_", "flash."))}
     assert schema == {k for k in node_meta if k.startswith(("ss_", "flash."))}  # one metadata schema
-    for key in ("flash.rank", "flash.alpha", "flash.steps", "flash.nfe", "flash.timesteps", "flash.dtype", "ss_network_dim"):
+    for key in ("flash.rank", "flash.alpha", "flash.trained_steps", "flash.recommended_steps", "flash.student_steps", "flash.timesteps", "flash.dtype", "ss_network_dim"):
         assert node_meta[key] == cli_meta[key], key

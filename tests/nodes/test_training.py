@@ -285,7 +285,7 @@ def test_saved_file_gives_identical_samples_through_flash_and_stock_loaders(dist
         name = "flash/distilled.safetensors"
         with safe_open(str(distilled["folder"] / name), "pt") as handle:
             metadata = handle.metadata()
-        assert metadata["flash.steps"] == "120" and metadata["flash.rank"] == "8" and metadata["flash.nfe"] == "2"
+        assert metadata["flash.trained_steps"] == "120" and metadata["flash.rank"] == "8" and metadata["flash.recommended_steps"] == "2"
         assert metadata["flash.base_model"] == "SD15" and json.loads(metadata["flash.timesteps"]) == [999, 499]
         assert metadata["ss_network_dim"] == "8" and metadata["flash.dtype"] == "float32"
         loaders = importlib.import_module(f"{pack.__name__}.nodes.loaders")
@@ -601,6 +601,9 @@ def test_node_schema(training):
     assert schema.is_output_node and schema.is_input_list
     assert [o.io_type for o in schema.outputs] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "IMAGE"]
     assert training.NODES == [training.FlashDistillTrain]
+    # the step counts: frozen input ids (saved workflows, API prompts), the pack's words as labels
+    labels = {i.id: i.display_name for i in schema.inputs if i.id in ("steps", "nfe", "teacher_steps")}
+    assert labels == {"steps": "total_steps", "nfe": "recommended_steps", "teacher_steps": "teacher_grid_steps"}
 
 
 def test_latent_preview_without_rgb_factors_shows_the_latent_channels(training):

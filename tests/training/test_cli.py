@@ -94,7 +94,7 @@ def assert_one_line(code: int, stderr: str, *fragments: str) -> None:
         ({"data": {"resolutoin": 32}}, ["unknown key 'data.resolutoin'"]),
         ({"distill": {"teacher_grid_stpes": 4}}, ["unknown key 'distill.teacher_grid_stpes'"]),
         ({"distill": {"distill_loss": "l7"}}, ["distill_loss must be one of"]),
-        ({"steps": -5}, ["steps must be an integer >= 1", "-5"]),
+        ({"total_steps": -5}, ["total_steps must be an integer >= 1", "-5"]),
         ({"model": {"path": "/nonexistent/sd15"}}, ["model folder /nonexistent/sd15 does not exist"]),
         ({"backbone": "flux"}, ["backbone must be one of", "'flux'"]),
         ({"mixed_precision": "fp8"}, ["mixed_precision must be one of"]),
@@ -115,11 +115,29 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, overrides, fragme
     assert not (tmp_path / "out").exists()
 
 
+def test_the_old_steps_key_is_read_as_total_steps_with_a_deprecation_warning(tmp_path):
+    from training.cli.config import load_config
+    from training.cli.errors import ConfigError
+
+    data = {"path": str(make_dataset(tmp_path / "data", 1))}
+    config = yaml.safe_load(write_config(tmp_path / "new.yaml", output_dir=str(tmp_path / "out"), data=data).read_text())
+    config["steps"] = config.pop("total_steps") + 4
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    loaded = load_config(tmp_path / "old.yaml")
+    assert loaded.total_steps == config["steps"] and loaded.raw["total_steps"] == config["steps"] and "steps" not in loaded.raw
+    assert len(loaded.deprecations) == 1 and "'steps' is deprecated, call it 'total_steps'" in loaded.deprecations[0]
+    assert load_config(tmp_path / "new.yaml").deprecations == []
+    config["total_steps"] = 8  # both names: which one was meant is unclear
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match="'steps' is the old name of 'total_steps'; give only 'total_steps'"):
+        load_config(tmp_path / "both.yaml")
+
+
 def test_bad_config_exit_code_and_stderr_of_the_real_command(tmp_path):
-    config = write_config(tmp_path / "bad.yaml", output_dir=str(tmp_path / "out"), steps=-1,
+    config = write_config(tmp_path / "bad.yaml", output_dir=str(tmp_path / "out"), total_steps=-1,
                           data={"path": str(make_dataset(tmp_path / "data", 1))})
     result = run_cli(["--config", str(config)], timeout=120)
-    assert_one_line(result.returncode, result.stderr, "steps must be an integer >= 1")
+    assert_one_line(result.returncode, result.stderr, "total_steps must be an integer >= 1")
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -170,7 +188,7 @@ def test_empty_and_corrupt_datasets_fail_fast(tmp_path, capsys, shared_cache):
 # --------------------------------------------------------------------------------------------------
 
 RUN_OVERRIDES = {
-    "steps": 12, "checkpoint_every": 2, "sample_every": 6, "distill": {"teacher_grid_steps": 4},
+    "total_steps": 12, "checkpoint_every": 2, "sample_every": 6, "distill": {"teacher_grid_steps": 4},
 }
 TIMING_KEYS = ("teacher_s", "student_s", "discriminator_s", "dmd_s")
 
@@ -225,7 +243,7 @@ def test_run_writes_checkpoints_losses_samples_and_exports(reference_run):
     with safe_open(str(comfy_file), "pt") as handle:
         metadata = handle.metadata()
         keys = list(handle.keys())
-    assert metadata["flash.rank"] == "4" and metadata["flash.alpha"] == "2" and metadata["flash.steps"] == "12"
+    assert metadata["flash.rank"] == "4" and metadata["flash.alpha"] == "2" and metadata["flash.trained_steps"] == "12"
     assert metadata["flash.base_model"] == "random_tiny" and json.loads(metadata["flash.timesteps"]) == [999, 749, 499, 249]
     assert len(keys) == 3 * len(trained) // 2 and all(k.startswith("lora_unet_") for k in keys)
 
@@ -330,7 +348,7 @@ def test_two_ddp_processes_end_with_identical_lora_and_resume_exactly(tmp_path, 
     import torch
 
     config = write_config(tmp_path / "config.yaml", output_dir=str(tmp_path / "out"), data={"path": str(run_data), "cache_dir": str(shared_cache)},
-                          steps=8, checkpoint_every=4, sample_every=0, distill={"teacher_grid_steps": 4})
+                          total_steps=8, checkpoint_every=4, sample_every=0, distill={"teacher_grid_steps": 4})
     launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     result = run_cli(["--config", str(config), "--dump-rank-lora"], launcher=launcher, timeout=400)
@@ -448,7 +466,7 @@ def test_sdxl_backbone_from_a_diffusers_folder(tmp_path, capsys, run_data):
     model = build_tiny_sdxl(tmp_path / "sdxl")
     config = write_config(
         tmp_path / "sdxl.yaml", backbone="sdxl", model={"path": str(model)}, output_dir=str(tmp_path / "out"),
-        data={"path": str(run_data), "cache_dir": str(tmp_path / "cache")}, steps=4, checkpoint_every=4, sample_every=4,
+        data={"path": str(run_data), "cache_dir": str(tmp_path / "cache")}, total_steps=4, checkpoint_every=4, sample_every=4,
         export_name="flash-tiny-sdxl",
     )
     code, stderr = main_in_process(["--config", str(config)], capsys)
@@ -476,7 +494,7 @@ def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_good_checkpoi
 
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", output_dir=str(out), data={"path": str(run_data), "cache_dir": str(shared_cache)},
-                          steps=8, checkpoint_every=1, keep_checkpoints=2, sample_every=0, lr=1e30, distill={"teacher_grid_steps": 4})
+                          total_steps=8, checkpoint_every=1, keep_checkpoints=2, sample_every=0, lr=1e30, distill={"teacher_grid_steps": 4})
     code, stderr = main_in_process(["--config", str(config)], capsys)
     assert code == EXIT_NON_FINITE == 3, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -496,11 +514,11 @@ def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_good_checkpoi
 
 def test_resume_with_changed_settings_is_refused_then_allowed_explicitly(tmp_path, capsys, run_data, shared_cache):
     data = {"path": str(run_data), "cache_dir": str(shared_cache)}
-    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data=data, steps=2, checkpoint_every=2,
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data=data, total_steps=2, checkpoint_every=2,
                           sample_every=0, export=["comfyui"], distill={"teacher_grid_steps": 4})
     code, stderr = main_in_process(["--config", str(config)], capsys)
     assert code == 0, stderr[-3000:]
-    changed = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data=data, steps=2, checkpoint_every=2,
+    changed = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), data=data, total_steps=2, checkpoint_every=2,
                            sample_every=0, export=["comfyui"], lr=0.002, distill={"teacher_grid_steps": 4, "guidance_range": [2.0, 4.0]})
     assert_one_line(*main_in_process(["--config", str(changed), "--resume"], capsys),
                     "other settings", "lr: checkpoint 0.001, now 0.002", "guidance_range: checkpoint", "--allow-changes")

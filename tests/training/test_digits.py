@@ -202,7 +202,7 @@ def test_students_train_through_the_one_run(tiny_teacher, splits):
     from training.digits.teacher import load_teacher_pipeline
 
     pipe = load_teacher_pipeline(tiny_teacher[0])
-    settings = StudentSettings(steps=4, batch_size=2, lora_rank=2, teacher_grid_steps=4)
+    settings = StudentSettings(total_steps=4, batch_size=2, lora_rank=2, teacher_grid_steps=4)
     distiller, seconds, losses = train_student(pipe, splits[0], settings, {}, desc="test")
     assert distiller.step == 4 and seconds > 0
     assert {"loss", "loss_distill", "loss_dmd"} <= set(losses) and losses["teacher_s_per_step"] > 0

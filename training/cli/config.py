@@ -23,7 +23,7 @@ TOP_LEVEL_KEYS = {
     "model": "a local diffusers pipeline folder, or a mapping {path: ...} / {random_tiny: true}",
     "data": "mapping: path, kind, captions, image_column, text_column, split, resolution, max_items, cache_dir",
     "output_dir": "where checkpoints, samples, losses.jsonl and the exported LoRA go",
-    "steps": "optimiser steps of the student in all (the four phases split them equally)",
+    "total_steps": "training iterations in all (the four phases split them equally; student and discriminator alternate)",
     "batch_size": "images per process per step (default: the recipe's)",
     "lr": "AdamW learning rate of student and discriminator (default: the recipe's)",
     "rank": "LoRA rank (default: the recipe's)",
@@ -34,8 +34,8 @@ TOP_LEVEL_KEYS = {
     "keep_checkpoints": "how many recent checkpoints to keep",
     "sample_every": "write a sample grid every N steps (0: never)",
     "sample_prompts": "prompts of the sample grid (default: the first dataset captions)",
-    "sample_steps": "student step counts in the grid (default [1, 2, 4])",
-    "teacher_sample_steps": "solver steps of the teacher column of the grid",
+    "sample_steps": "sampling steps of the grid's student rows (default [1, 2, 4])",
+    "teacher_sample_steps": "sampling steps (DPM-Solver++) of the grid's teacher row",
     "teacher_guidance": "CFG scale of the teacher column of the grid",
     "log_every": "append losses to losses.jsonl every N steps",
     "export": "list of LoRA formats written at the end: comfyui, diffusers, peft",
@@ -43,6 +43,8 @@ TOP_LEVEL_KEYS = {
     "distill": "mapping of flash_core DistillConfig overrides (e.g. teacher_grid_steps, loss weights)",
     "target_cache": "folder of precomputed teacher targets (flash-distill cache-targets); training reads them",
 }
+# Old key -> its name now: still read, with a deprecation warning (TrainConfig.deprecations; the CLI prints it).
+DEPRECATED_KEYS = {"steps": "total_steps"}
 MODEL_KEYS = {"path", "random_tiny", "tiny_seed"}
 DATA_KEYS = {"path", "kind", "captions", "image_column", "text_column", "split", "resolution", "max_items", "cache_dir", "encode_batch_size"}
 
@@ -67,7 +69,7 @@ class TrainConfig:
     cache_dir: Path
     encode_batch_size: int
     output_dir: Path
-    steps: int
+    total_steps: int
     batch_size: int | None
     lr: float | None
     rank: int | None
@@ -87,6 +89,7 @@ class TrainConfig:
     distill: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     target_cache: Path | None = None
+    deprecations: list[str] = field(default_factory=list)  # one warning per deprecated key the file used
 
 
 def _where(source: Path, key: str) -> str:
@@ -118,6 +121,19 @@ def _unknown_keys(source: Path, section: str, mapping: dict, known) -> None:
         raise ConfigError(f"{source}: unknown key '{name}' (known keys{' of ' + section if section else ''}: {', '.join(sorted(known))})")
 
 
+def _renamed_keys(source: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The config with deprecated keys under their names now, and one warning per key renamed."""
+    raw, warnings = dict(raw), []
+    for old, new in DEPRECATED_KEYS.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise ConfigError(f"{source}: '{old}' is the old name of '{new}'; give only '{new}'")
+        raw[new] = raw.pop(old)
+        warnings.append(f"{source}: '{old}' is deprecated, call it '{new}' (same meaning: {TOP_LEVEL_KEYS[new]})")
+    return raw, warnings
+
+
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read and validate a flash-distill YAML config; raises ConfigError with a one-line message."""
     import yaml
@@ -138,8 +154,9 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
 
 def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
     """Check every key of a parsed config; unknown keys, missing paths and bad values raise ConfigError."""
+    raw, deprecations = _renamed_keys(source, raw)
     _unknown_keys(source, "", raw, TOP_LEVEL_KEYS)
-    for required in ("backbone", "model", "data", "output_dir", "steps"):
+    for required in ("backbone", "model", "data", "output_dir", "total_steps"):
         if required not in raw:
             raise ConfigError(f"{source}: missing required key '{required}' ({TOP_LEVEL_KEYS[required]})")
 
@@ -237,7 +254,7 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
 
     from flash_core.distill import DistillConfig
 
-    top_level = {"backbone": "backbone", "total_steps": "steps", "seed": "seed", "batch_size": "batch_size",
+    top_level = {"backbone": "backbone", "total_steps": "total_steps", "seed": "seed", "batch_size": "batch_size",
                  "lora_rank": "rank", "lora_alpha": "alpha", "lr": "lr", "mixed_precision": "mixed_precision"}
     for key in distill:
         if key in top_level:
@@ -261,7 +278,7 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         cache_dir=cache_dir,
         encode_batch_size=_int(source, "data.encode_batch_size", data.get("encode_batch_size", 8), 1),
         output_dir=output_dir,
-        steps=_int(source, "steps", raw["steps"], 1),
+        total_steps=_int(source, "total_steps", raw["total_steps"], 1),
         batch_size=optional("batch_size", lambda s, k, v: _int(s, k, v, 1)),
         lr=optional("lr", _float),
         rank=optional("rank", lambda s, k, v: _int(s, k, v, 1)),
@@ -281,6 +298,7 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         distill=dict(distill),
         raw=raw,
         target_cache=None if raw.get("target_cache") is None else Path(_str(source, "target_cache", raw["target_cache"])).expanduser(),
+        deprecations=deprecations,
     )
     distill_config_for(config).recipe()  # bad DistillConfig values fail here, before any model loads
     return config
@@ -292,7 +310,7 @@ def distill_config_for(config: TrainConfig):
     overrides = dict(config.distill)
     try:
         return DistillConfig(
-            backbone=config.backbone, total_steps=config.steps, seed=config.seed, batch_size=config.batch_size,
+            backbone=config.backbone, total_steps=config.total_steps, seed=config.seed, batch_size=config.batch_size,
             lora_rank=config.rank, lora_alpha=config.alpha, lr=config.lr, mixed_precision=config.mixed_precision,
             **overrides,
         )

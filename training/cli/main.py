@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
+        for warning in config.deprecations:
+            print(f"flash-distill: warning: {warning}", file=sys.stderr)
         if args.target_cache is not None:
             config.target_cache = Path(args.target_cache).expanduser()
         if building:

@@ -185,7 +185,7 @@ def sample_preview(config: TrainConfig, distiller, teacher: TeacherModel, prompt
         return ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # -> [n, H, W, 3] in [0, 1]
 
     return Preview(distiller, cond, uncond, teacher.sample_latent_shape, config.seed, guidance,
-                   config.teacher_sample_steps, decode, student_steps=config.sample_steps)
+                   config.teacher_sample_steps, decode, sample_steps=config.sample_steps)
 
 
 def export_lora(config: TrainConfig, trainer, base_model: str) -> dict[str, Path]:
@@ -389,7 +389,7 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
 
         write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
 
-    progress = hooks.progress = tqdm(total=config.steps, initial=distiller.step, desc="flash-distill",
+    progress = hooks.progress = tqdm(total=config.total_steps, initial=distiller.step, desc="flash-distill",
                                      disable=not main_process, dynamic_ncols=True)
     stop.install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
     try:

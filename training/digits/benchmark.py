@@ -12,7 +12,7 @@ analogue) and the Fréchet distance of its features to the held-out real digits 
 Writes bench/results/quality/: images/<method>_nfe<k>/*.png, manifest.json, results.json, grid.png,
 results.md; prints the markdown table.
 
-python -m training.digits.benchmark [--student-steps N] [--per-digit N] [--no-ablations] [--teacher DIR]
+python -m training.digits.benchmark [--total-steps N] [--per-digit N] [--no-ablations] [--teacher DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,6 @@ from training.digits.data import (
 from training.digits.evaluator import load_evaluator
 from training.digits.teacher import (
     TeacherConfig,
-    cache_dir,
     default_teacher_dir,
     load_teacher_pipeline,
     tokenize,
@@ -55,7 +55,7 @@ STUDENT_NFES = (1, 2, 4)
 class StudentSettings:
     """Distillation settings of the digits students (overrides of the sd15 recipe, see DistillConfig)."""
 
-    steps: int = 1000  # iterations: 500 student + 500 discriminator updates (the recipe alternates them)
+    total_steps: int = 1000  # iterations: 500 student + 500 discriminator updates (the recipe alternates them)
     batch_size: int = 16
     lr: float = 1e-3  # a tiny model and 500 student updates: far above SD1.5's 1e-5
     lora_rank: int = 16
@@ -174,7 +174,7 @@ def make_distiller(pipe, settings: StudentSettings, weights: dict):
         alphas_cumprod=pipe.scheduler.alphas_cumprod.double(),
     )
     config = DistillConfig(
-        backbone="sd15", total_steps=settings.steps, seed=settings.seed, batch_size=settings.batch_size,
+        backbone="sd15", total_steps=settings.total_steps, seed=settings.seed, batch_size=settings.batch_size,
         lora_rank=settings.lora_rank, lora_alpha=settings.lora_rank, lr=settings.lr,
         guidance_range=settings.guidance_range, teacher_grid_steps=settings.teacher_grid_steps,
         distill_loss="l2", **{k: v for k, v in weights.items() if v is not None},
@@ -211,7 +211,7 @@ def student_run(pipe, train, settings: StudentSettings, weights: dict, hooks=Non
 
 def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: str):
     """Distil one student through flash_core.run; returns (distiller, seconds, last losses)."""
-    hooks = BarHooks(settings.steps, desc)
+    hooks = BarHooks(settings.total_steps, desc)
     trainer = student_run(pipe, train, settings, weights, hooks)
     start = time.perf_counter()
     try:
@@ -220,7 +220,7 @@ def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: s
         hooks.bar.close()
     seconds = time.perf_counter() - start
     history = trainer.history
-    tail = history[-max(1, settings.steps // 10):]
+    tail = history[-max(1, settings.total_steps // 10):]
     summary = {k: float(np.mean([h[k] for h in tail if k in h])) for k in tail[-1] if k.startswith("loss")}
     summary["teacher_s_per_step"] = float(np.mean([h["teacher_s"] for h in history]))
     return trainer.distiller, seconds, summary
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
         images = teacher_generate(pipe, prompts, noise, steps, w)
         record(method, label, steps, 2 * steps, w, images, time.perf_counter() - start)
 
-    settings = StudentSettings(steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
+    settings = StudentSettings(total_steps=args.total_steps, batch_size=args.student_batch, lr=args.student_lr,
                                lora_rank=args.lora_rank, guidance_range=tuple(args.student_guidance),
                                teacher_grid_steps=args.teacher_grid, seed=args.seed)
     student_error = None
@@ -378,8 +378,6 @@ def run(args: argparse.Namespace) -> dict:
             print(f"FAILED: student rows not computed: {exc}", flush=True)
             break
         print(f"  distilled {method} in {train_s:.0f} s: {losses}", flush=True)
-        if method == "flash":
-            save_student_lora(distiller)
         for nfe in STUDENT_NFES:
             start = time.perf_counter()
             images = student_generate(distiller, pipe, cond_embeds, noise, nfe, args.seed + 1)
@@ -413,14 +411,19 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def save_student_lora(distiller) -> Path:
-    """The full Flash student's LoRA (peft names, float32) in the cache, for the ComfyUI demo."""
-    from flash_core import lora_formats
-    from flash_core.run import EXPORT_DTYPE
+class _DeprecatedFlag(argparse.Action):
+    """Stores the value; when given under its old name, says the new one (one warning on stderr)."""
 
-    path = cache_dir() / "digits" / "flash_student_lora.safetensors"
-    lora_formats.save_lora(path, {k: v.to(EXPORT_DTYPE) for k, v in distiller.lora_state_dict().items()})
-    return path
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_total_steps_flag(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """--total-steps N (training iterations, DistillConfig.total_steps); --student-steps is its old name."""
+    parser.add_argument("--total-steps", "--student-steps", dest="total_steps", type=int, default=default,
+                        action=_DeprecatedFlag, help=f"{what} (--student-steps: deprecated name)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -433,7 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-digit", type=int, default=20, help="images per digit and method")
     p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale of the teacher rows")
     p.add_argument("--reference-steps", type=int, default=50)
-    p.add_argument("--student-steps", type=int, default=s.steps)
+    add_total_steps_flag(p, s.total_steps, "distillation iterations of each student")
     p.add_argument("--student-batch", type=int, default=s.batch_size)
     p.add_argument("--student-lr", type=float, default=s.lr)
     p.add_argument("--lora-rank", type=int, default=s.lora_rank)

@@ -23,7 +23,7 @@ The terminal gets short lines: one per started and finished step, live progress 
 terminal, a plain line every few seconds otherwise). comfy-cli's output and every ComfyUI answer go to
 <cache>/demo/demo.log, the server's own output to <cache>/demo/comfyui.log; a failure names both.
 
-    python -m training.digits.demo [--retrain] [--teacher-steps N] [--student-steps N] [--per-digit N] [--serve]
+    python -m training.digits.demo [--retrain] [--teacher-steps N] [--total-steps N] [--per-digit N] [--serve]
                                    [--results-dir DIR]
 """
 
@@ -140,9 +140,9 @@ def compare_workflow(digit: int, per_digit: int, seed: int) -> dict:
     return workflow
 
 
-def distill_workflow(student_steps: int) -> dict:
+def distill_workflow(total_steps: int) -> dict:
     workflow = load_workflow(DISTILL_WORKFLOW)
-    workflow["5"]["inputs"]["steps"] = student_steps
+    workflow["5"]["inputs"]["steps"] = total_steps  # FlashDistillTrain's input id "steps" (shown as total_steps)
     return workflow
 
 
@@ -482,7 +482,7 @@ def write_outputs(folder: Path, results: list[PathResult], images: dict, setting
         "command": "make demo", "date": timing["date"], "settings": settings,
         "results": [asdict(r) for r in results]}, indent=2) + "\n")
     write_text_atomic(folder / "results.md", markdown_table(results) + "\n\n" + (
-        f"`make demo` on {timing['date'][:10]}: FlashDistillTrain {settings['student_steps']} steps, "
+        f"`make demo` on {timing['date'][:10]}: FlashDistillTrain {settings['total_steps']} steps, "
         f"{settings['per_digit']} images per digit and path, seed {settings['seed']}; "
         f"{timing['machine']['cpu_cores']} CPU cores.\n"))
     timing_file = folder / "timing.json"
@@ -498,6 +498,7 @@ def write_outputs(folder: Path, results: list[PathResult], images: dict, setting
 
 # ---- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from training.digits.benchmark import add_total_steps_flag
     from training.digits.teacher import TeacherConfig
 
     parser = argparse.ArgumentParser(description="Distil the digits teacher with FlashDistillTrain in ComfyUI and compare.")
@@ -505,8 +506,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps, help="teacher UNet steps (first run)")
     parser.add_argument("--teacher-vae-steps", type=int, default=TeacherConfig.vae_steps)
     parser.add_argument("--teacher-batch-size", type=int, default=TeacherConfig.batch_size)
-    parser.add_argument("--student-steps", type=int, default=1000,
-                        help="FlashDistillTrain steps (iterations: half student, half discriminator updates)")
+    add_total_steps_flag(parser, 1000, "FlashDistillTrain total_steps (iterations: half student, half discriminator updates)")
     parser.add_argument("--per-digit", type=int, default=10, help="images per digit and path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=None)
@@ -592,7 +592,7 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
     try:
         lora = models_root / "loras" / "flash" / f"{LORA_NAME}.safetensors"
         settings_file = lora.with_suffix(".demo.json")
-        workflow = distill_workflow(args.student_steps)
+        workflow = distill_workflow(args.total_steps)
         wanted = {**teacher_identity(teacher_dir),
                   "workflow_sha256": hashlib.sha256(json.dumps(workflow, sort_keys=True).encode()).hexdigest()}
         student_cached = (not args.retrain and lora.is_file() and settings_file.is_file()
@@ -601,11 +601,11 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
             steps.start("distillation", "distillation: the Flash student is cached (--retrain to distil again)")
             steps.finish("distillation", "distillation: cached", lora)
         else:
-            steps.start("distillation", f"distillation: flash_demo_distill.json, FlashDistillTrain {args.student_steps} steps")
+            steps.start("distillation", f"distillation: flash_demo_distill.json, FlashDistillTrain {args.total_steps} steps")
             settings_file.unlink(missing_ok=True)
             run_distillation(server, workflow, console, log, timeout=4 * 3600)
             write_text_atomic(settings_file, json.dumps(wanted))
-            steps.finish("distillation", f"distillation: {args.student_steps} steps", lora)
+            steps.finish("distillation", f"distillation: {args.total_steps} steps", lora)
 
         steps.start("comparison", "comparison: comfy run flash_demo_compare.json per digit (teacher 25 / 2 steps, "
                                   "student 1 / 2 / 4)")

@@ -14,7 +14,7 @@ the style fully kept; slant is measured without any network, training/digits/sty
 Writes bench/results/stack/results.json (a list of rows: method, nfe, accuracy, frechet_distance,
 style_ratio, slant, ms_per_image, train_s), results.md and grid.png.
 
-    python -m training.digits.stack [--per-digit N] [--student-steps N] [--out DIR]
+    python -m training.digits.stack [--per-digit N] [--total-steps N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from training.digits.benchmark import (
     STUDENT_NFES,
     StudentSettings,
+    add_total_steps_flag,
     encode_prompts,
     student_generate,
     teacher_generate,
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     record("reference", f"teacher + style, CFG {GUIDANCE:g}", REFERENCE_STEPS, reference, reference_ms, None)
     base_slant = mean_slant(teacher_generate(pipe, prompts, noise, REFERENCE_STEPS, GUIDANCE))
 
-    settings = StudentSettings(steps=args.student_steps, seed=args.seed)
+    settings = StudentSettings(total_steps=args.total_steps, seed=args.seed)
     students = {
         "generic": ("generic Flash LoRA + style LoRA", pipe),
         "stack": ("stack-distilled Flash LoRA", styled),
@@ -132,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--per-digit", type=int, default=20, help="images per digit and row")
-    parser.add_argument("--student-steps", type=int, default=StudentSettings.steps)
+    add_total_steps_flag(parser, StudentSettings.total_steps, "distillation iterations of the student")
     parser.add_argument("--style-strength", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
