@@ -27,7 +27,6 @@ bench/results/dynamic_vram_teacher.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_check:
         check = teacher_check(cache_dir() / "models")
         print(f"teacher check: {check}", flush=True)
-        TEACHER_RESULTS.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), **check}, indent=2) + "\n")
+        write_json_atomic(TEACHER_RESULTS, {"gpu": torch.cuda.get_device_name(0), **check})
         return 0
     if args.smoke:
         args.size, args.batches, args.repeats = 64, [1], 1

@@ -6,6 +6,9 @@
   ".tmp-" (hidden, and never a model extension, so ComfyUI's lists do not show them). The result gets the
   mode a plain `open(path, "w")` would give (0666 minus the umask), not mkstemp's private 0600.
 * A full disk (or any OS error) raises `FileWriteError`, which names the file and what to do.
+* Folders (a checkpoint, a diffusers pipeline) are written under a ".tmp-" name next to their target, then
+  moved in whole: `replace_folder_atomic` (replaces an older one) or `move_folder_into_place` (the first
+  writer wins).
 * `remove_orphaned_temporaries`: a process killed during a write (SIGKILL, power loss) leaves its ".tmp-"
   file behind; the next run of the same output removes them when it starts (it holds the output's lock,
   so no live writer can own them).
@@ -118,6 +121,20 @@ def replace_folder_atomic(staging: str | os.PathLike, final: str | os.PathLike) 
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def move_folder_into_place(staging: str | os.PathLike, final: str | os.PathLike) -> bool:
+    """Move a fully written `staging` folder to `final` unless a folder is already there (a cache that two
+    processes may build at once with the same content: the first one wins). Returns False, and leaves
+    `staging` for the caller to remove, when `final` already exists; raises FileWriteError otherwise."""
+    staging, final = os.fspath(staging), os.fspath(final)
+    try:
+        os.rename(staging, final)  # onto an empty folder it succeeds; onto a non-empty one it refuses
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(final):
+            return False
+        raise write_error(final, err) from err
+    return True
 
 
 def remove_orphaned_temporaries(folder: str | os.PathLike, recursive: bool = True, stem: str = "") -> list[str]:

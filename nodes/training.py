@@ -6,7 +6,7 @@ export, non-finite guard, resume contract) around `flash_core.distill.FlashDisti
 ComfyUI has: its data types (LATENT / CONDITIONING lists from VAEEncode, MakeTrainingDataset,
 LoadTrainingDataset), its progress bar with previews and Cancel, its model folders.
 
-Files (all written atomically: temporary file in the same folder, then os.replace):
+Files (all written atomically, through flash_core.files):
   * the LoRA:        <first loras folder>/flash/<lora_name>.safetensors, kohya keys (``lora_unet_<diffusers
                      path>``) with alpha tensors, float32, loaded as is by FlashLoRALoader and by the stock
                      LoraLoader; metadata in flash_core.run's one schema (ss_* + flash.*).

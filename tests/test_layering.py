@@ -108,19 +108,52 @@ def test_the_files_checked_include_every_layer():
     assert {"flash_core", "nodes", "training", "tests", "bench", "workflows"} <= layers, layers
 
 
+# Ways to move a file onto another name: os.replace / os.rename / os.renames / shutil.move, `from os import replace`,
+# and pathlib's p.replace(target) / p.rename(target) (one argument: str.replace always takes two).
+MOVE_FUNCTIONS = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
+
+
+def file_moves(path: Path, root: Path = REPO_ROOT) -> list[str]:
+    """'file:line does what' for every call in `path` that moves a file onto another name."""
+    found = []
+    where = path.relative_to(root)
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module in ("os", "shutil"):
+            found += [f"{where}:{node.lineno} imports {node.module}.{alias.name}" for alias in node.names
+                      if (node.module, alias.name) in MOVE_FUNCTIONS]
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        func = node.func
+        if isinstance(func.value, ast.Name) and (func.value.id, func.attr) in MOVE_FUNCTIONS:
+            found.append(f"{where}:{node.lineno} calls {func.value.id}.{func.attr}")
+        elif func.attr in ("replace", "rename") and len(node.args) == 1 and not node.keywords \
+                and not (isinstance(func.value, ast.Name) and func.value.id == "dataclasses"):
+            found.append(f"{where}:{node.lineno} calls .{func.attr}(target) (a pathlib move)")
+    return found
+
+
+def test_the_move_reader_sees_every_kind_of_move(tmp_path):
+    source = ("import os, shutil\nfrom os import rename\nfrom pathlib import Path\nos.replace('a', 'b')\n"
+              "os.rename('a', 'b')\nshutil.move('a', 'b')\nPath('a').replace('b')\ntmp = Path('a')\n"
+              "tmp.rename(Path('b'))\n"
+              # not moves: string and datetime replace
+              "'ab'.replace('a', 'b')\nimport datetime\ndatetime.datetime.now().replace(year=2000)\n")
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "x.py").write_text(source)
+    lines = [int(found.split(":")[1].split()[0]) for found in file_moves(tmp_path / "training" / "x.py", tmp_path)]
+    assert sorted(lines) == [2, 4, 5, 6, 7, 9]
+
+
 def test_files_are_moved_into_place_only_by_flash_core_files():
-    # every write is atomic through flash_core/files.py (write_atomic & co.); a hand-rolled temporary file +
-    # os.replace elsewhere is a second home for it. training/ and workflows/ follow in the training/ re-layout.
-    moves = {("os", "replace"), ("os", "rename"), ("shutil", "move")}
+    # every write is atomic through flash_core/files.py (write_atomic, write_json_atomic, replace_folder_atomic,
+    # move_folder_into_place ...); a hand-rolled temporary file + os.replace elsewhere is a second home for it.
+    # tests/ may write files any way they like (e.g. deliberately broken ones).
     offenders = []
     home = REPO_ROOT / "flash_core" / "files.py"
     for path in _python_files():
-        if _package_of(path)[:1] not in (["flash_core"], ["nodes"], ["bench"]) or path == home:
+        if _package_of(path)[:1] not in (["flash_core"], ["nodes"], ["training"], ["workflows"], ["bench"]) \
+                or path == home:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            func = node.func if isinstance(node, ast.Call) else None
-            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
-                    and (func.value.id, func.attr) in moves:
-                offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} calls {func.value.id}.{func.attr}")
+        offenders += file_moves(path)
     assert not offenders, "write files with flash_core.files (write_atomic, write_json_atomic, ...):\n" + \
         "\n".join(offenders)

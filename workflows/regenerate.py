@@ -33,11 +33,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
+from flash_core.files import write_text_atomic
 from training.fixtures import tiny_checkpoint
 from training.fixtures.browser import Frontend, open_frontend
 from training.fixtures.comfy_server import ComfyServer
@@ -222,9 +222,7 @@ def with_models(workflow: dict, models: list[dict]) -> dict:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def regenerate(names: list[str] | None = None, check: bool = False) -> list[str]:

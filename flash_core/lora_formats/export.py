@@ -159,7 +159,7 @@ def to_peft_state_dict(
 
 def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str] | None = None) -> None:
-    """Write a .safetensors file atomically (temporary file in the same folder, then os.replace)."""
+    """Write a .safetensors file atomically (flash_core.files.write_atomic)."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)

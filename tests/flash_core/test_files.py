@@ -123,3 +123,20 @@ def test_replace_folder_atomic_swaps_a_whole_checkpoint_folder(tmp_path):
     files.replace_folder_atomic(staging, final)
     assert (final / "trainer.pt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+
+
+def test_move_folder_into_place_keeps_the_first_complete_folder(tmp_path):
+    # two processes building the same cached model: the first one's folder stays, the second is told so
+    final = tmp_path / "tiny-sd15"
+    for name, content in (("first", "1"), ("second", "2")):
+        staging = tmp_path / f".tmp-tiny-sd15.{name}"
+        staging.mkdir()
+        (staging / "model_index.json").write_text(content)
+        assert files.move_folder_into_place(staging, final) is (name == "first")
+    assert (final / "model_index.json").read_text() == "1"
+    assert (tmp_path / ".tmp-tiny-sd15.second" / "model_index.json").is_file()  # the caller removes it
+
+
+def test_move_folder_into_place_names_the_target_when_it_cannot_move(tmp_path):
+    with pytest.raises(files.FileWriteError, match="tiny-sd15"):
+        files.move_folder_into_place(tmp_path / ".tmp-missing", tmp_path / "tiny-sd15")

@@ -14,6 +14,7 @@ from training.digits.teacher import (
     TeacherConfig,
     is_complete,
     load_tokenizer,
+    staging_folder,
     train_teacher,
 )
 
@@ -129,7 +130,7 @@ def test_teacher_folder_is_a_loadable_sd_pipeline(tiny_teacher, monkeypatch):
     out, _ = tiny_teacher
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / sub).is_dir(), sub
-    assert not out.with_name(out.name + ".tmp").exists()
+    assert not staging_folder(out).exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
     pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     assert isinstance(pipe.unet, UNet2DConditionModel)
     assert isinstance(pipe.scheduler, DDPMScheduler)
@@ -172,6 +173,18 @@ def test_teacher_cache_is_reused_and_keyed_on_config(tiny_teacher):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
     info = json.loads((out / "flash_digits_teacher.json").read_text())
     assert info["config"]["steps"] == 3
+
+
+def test_retraining_replaces_the_teacher_folder_whole(tiny_teacher, tmp_path):
+    import shutil
+
+    out = tmp_path / "pipe"
+    shutil.copytree(tiny_teacher[0], out)
+    (out / "stale.txt").write_text("from the previous teacher")
+    other = TeacherConfig(steps=4, vae_steps=2, text_steps=3, batch_size=8, seed=0)
+    train_teacher(out, other)
+    assert is_complete(out, other) and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no staging or old folder left
 
 
 # ---- benchmark plumbing -------------------------------------------------------------------------

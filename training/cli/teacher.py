@@ -3,6 +3,7 @@ loaded as a flash_core Denoiser, its VAE and its prompt encoding."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flash_core.backbones import get_backbone
+from flash_core.files import TEMP_PREFIX, FileWriteError, move_folder_into_place
 from training.cli.config import TrainConfig
 from training.cli.errors import ConfigError
 
@@ -58,8 +60,9 @@ def tiny_tokenizer_folder() -> Path:
 def build_tiny_pipeline(folder: Path, seed: int) -> Path:
     """Write a tiny random SD1.5-family diffusers pipeline (UNet, VAE, CLIP text encoder, tokenizer) to `folder`.
 
-    Deterministic for a seed; built once (an existing complete folder is reused). Written to a temporary
-    folder next to it and renamed, so a crash never leaves a half-written model.
+    Deterministic for a seed; built once (an existing complete folder is reused). Written to a ".tmp-" folder
+    next to it and moved in whole (flash_core.files.move_folder_into_place), so a crash never leaves a
+    half-written model; when two processes build it at once, the first one's folder is kept.
     """
     if (folder / "model_index.json").is_file():
         return folder
@@ -86,14 +89,14 @@ def build_tiny_pipeline(folder: Path, seed: int) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{TEMP_PREFIX}{folder.name}."))
     try:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first
-            if not (folder / "model_index.json").is_file():
-                raise
+        if not move_folder_into_place(tmp, folder) and not (folder / "model_index.json").is_file():
+            raise FileWriteError(
+                errno.EEXIST, f"could not write the tiny model to '{folder}': a folder without model_index.json "
+                "is in the way; remove it, then run again"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -4,7 +4,6 @@ checkpoints, losses log, sample grids, Ctrl-C, export."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from training.cli.teacher import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Small file helpers (every write is atomic: a temporary file in the same folder, then os.replace)
+# Small file helpers (every write is atomic, through flash_core.files)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -406,9 +405,8 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
         from safetensors.torch import save_file
 
         dump = config.output_dir / "debug" / f"lora-rank{accelerator.process_index}.safetensors"
-        dump.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in distiller.lora_state_dict().items()}, str(dump) + ".tmp")
-        os.replace(str(dump) + ".tmp", dump)
+        lora = {k: v.contiguous() for k, v in distiller.lora_state_dict().items()}
+        write_atomic(dump, lambda tmp: save_file(lora, tmp))
     if main_process:
         for kind, path in export_lora(config, trainer, base_model).items():
             print(f"flash-distill: exported {kind} LoRA to {path}", file=sys.stderr)

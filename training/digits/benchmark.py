@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flash_core.files import save_image_atomic, write_text_atomic
 from training.digits.data import (
     canonical_prompt,
     load_splits,
@@ -267,15 +267,11 @@ def write_grid(path: Path, rows: list[tuple[str, torch.Tensor]], digits: torch.T
         for c, tile in enumerate(pixels):
             img = Image.fromarray(tile).resize((cell, cell), Image.NEAREST)
             grid.paste(img, (label_w + c * (cell + pad), y))
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    save_image_atomic(grid, path)
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))  # no trailing newline: the committed results as they are
 
 
 def markdown_table(results: list[MethodResult]) -> str:
@@ -400,7 +396,7 @@ def run(args: argparse.Namespace) -> dict:
         "total_s": time.perf_counter() - started,
     }
     write_json(out / "results.json", summary)
-    (out / "results.md").write_text(table + "\n")
+    write_text_atomic(out / "results.md", table + "\n")
     print()
     print(table)
     print()

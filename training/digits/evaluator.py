@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flash_core.files import write_atomic, write_text_atomic
 from training.fixtures.comfy_env import cache_dir
 from training.digits.data import IMAGE_SIZE, load_splits, to_grey
 
@@ -170,13 +170,10 @@ def load_evaluator(cache_dir: Path | None = None, retrain: bool = False) -> Digi
         model.load_state_dict(load_file(str(weights)))
         return DigitEvaluator(model, json.loads(info.read_text())["held_out_accuracy"])
     model, held_acc = train_classifier()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
-    tmp_info = info.with_suffix(".tmp")
-    tmp_info.write_text(json.dumps({"held_out_accuracy": held_acc, "version": CLASSIFIER_VERSION}))
-    os.replace(tmp_info, info)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_atomic(weights, lambda tmp: save_file(state, tmp))
+    # the info file last: it marks the pair complete (a crash in between leaves weights without info: retrained)
+    write_text_atomic(info, json.dumps({"held_out_accuracy": held_acc, "version": CLASSIFIER_VERSION}))
     return DigitEvaluator(model, held_acc)
 
 

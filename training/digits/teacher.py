@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flash_core.files import TEMP_PREFIX, replace_folder_atomic
 from training.fixtures.comfy_env import cache_dir, comfyui_path
 from training.digits.data import (
     DIGIT_WORDS,
@@ -269,8 +269,13 @@ def is_complete(out: Path, config: TeacherConfig | None = None) -> bool:
     return info.get("config") == asdict(config)
 
 
+def staging_folder(out: Path) -> Path:
+    """Where train_teacher writes the pipeline before moving it onto `out` (hidden, flash_core.files' prefix)."""
+    return out.with_name(TEMP_PREFIX + out.name)
+
+
 def train_teacher(out: Path | str, config: TeacherConfig = TeacherConfig(), force: bool = False) -> Path:
-    """Train (or reuse) the teacher in `out`; writes to out.tmp and renames when complete."""
+    """Train (or reuse) the teacher in `out`; written to a ".tmp-" folder next to it, moved in when complete."""
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
@@ -306,8 +311,8 @@ def train_teacher(out: Path | str, config: TeacherConfig = TeacherConfig(), forc
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     pipe.save_pretrained(tmp, safe_serialization=True)
     info = {
         "config": asdict(config),
@@ -320,10 +325,7 @@ def train_teacher(out: Path | str, config: TeacherConfig = TeacherConfig(), forc
         "timings_s": timings,
     }
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    replace_folder_atomic(tmp, out)  # a previous teacher in `out` stays until the new one is complete
     print(f"teacher: saved to {out} (VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s, "
           f"final loss {info['final_unet_loss']:.4f})")
     return out
