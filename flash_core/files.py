@@ -28,6 +28,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 TEMP_PREFIX = ".tmp-"
@@ -107,6 +108,13 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
 def save_image_atomic(image, path: str | os.PathLike, format: str = "PNG") -> None:
     """A PIL image, written atomically."""
     write_atomic(path, lambda tmp: image.save(tmp, format=format))
+
+
+def staging_folder(final: str | os.PathLike) -> Path:
+    """Where a folder is written before replace_folder_atomic moves it onto `final`: hidden, next to it, with the
+    temporary prefix (so remove_orphaned_temporaries clears what a killed run left)."""
+    final = Path(final)
+    return final.with_name(TEMP_PREFIX + final.name)
 
 
 def replace_folder_atomic(staging: str | os.PathLike, final: str | os.PathLike) -> None:

@@ -157,3 +157,69 @@ def test_files_are_moved_into_place_only_by_flash_core_files():
         offenders += file_moves(path)
     assert not offenders, "write files with flash_core.files (write_atomic, write_json_atomic, ...):\n" + \
         "\n".join(offenders)
+
+
+# Calls that write a file in place: p.write_text / p.write_bytes, safetensors' save_file, torch.save, json.dump,
+# open(..., "w" / "x"), and PIL's Image.fromarray(...).save(path). They are fine as the `write` callback of
+# flash_core.files.write_atomic (a function or lambda with a `tmp` parameter) or into a staging folder that
+# replace_folder_atomic moves in whole (a target named `tmp` or `staging`). Appending ("a") is a log, not a file
+# write. Receivers of .save() other than a call (a store, an export) are the pack's own savers, not PIL's.
+WRITING_FUNCTIONS = {("torch", "save"), ("json", "dump")}
+
+
+def in_place_writes(path: Path, root: Path = REPO_ROOT) -> list[str]:
+    """'file:line what' for every call in `path` that writes a file without flash_core.files."""
+    found, where = [], path.relative_to(root)
+
+    def target_of(node: ast.Call) -> ast.AST | None:
+        func, args = node.func, node.args
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if isinstance(func, ast.Attribute) and name in ("write_text", "write_bytes"):
+            return func.value
+        if name == "save_file" or (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                                   and (func.value.id, name) in WRITING_FUNCTIONS):
+            return args[1] if len(args) > 1 else ast.Constant("?")
+        if name == "open":
+            mode = next((k.value for k in node.keywords if k.arg == "mode"),
+                        args[1] if isinstance(func, ast.Name) and len(args) > 1 else
+                        args[0] if isinstance(func, ast.Attribute) and args else None)
+            if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wx"):
+                return args[0] if isinstance(func, ast.Name) else func.value
+        if name == "save" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) and args:
+            return args[0]
+        return None
+
+    def visit(node: ast.AST, callback: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            callback = callback or any(a.arg == "tmp" for a in node.args.args + node.args.kwonlyargs)
+        if isinstance(node, ast.Call) and (target := target_of(node)) is not None:
+            names = {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+            if not (callback and "tmp" in names) and not names & {"tmp", "staging"}:
+                found.append(f"{where}:{node.lineno} writes in place ({ast.unparse(node.func)})")
+        for child in ast.iter_child_nodes(node):
+            visit(child, callback)
+
+    visit(ast.parse(path.read_text(), filename=str(path)), False)
+    return found
+
+
+def test_the_write_reader_sees_every_kind_of_in_place_write(tmp_path):
+    source = ("import json, torch\nfrom pathlib import Path\nfrom PIL import Image\np = Path('a')\n"
+              "p.write_text('x')\np.write_bytes(b'x')\nsave_file({}, 'a')\ntorch.save({}, p)\n"
+              "json.dump({}, open('a', 'w'))\nImage.fromarray(x).save(p)\nopen(p, mode='x')\n"
+              # fine: write_atomic callbacks, staging folders, appending logs, reading, the pack's savers
+              "write_atomic(p, lambda tmp: save_file({}, tmp))\ndef write(tmp):\n    Path(tmp).write_text('x')\n"
+              "staging = Path('s')\n(staging / 'a.txt').write_text('x')\nopen(p, 'a')\nopen(p)\nstore.save(run)\n")
+    (tmp_path / "x.py").write_text(source)
+    lines = [int(found.split(":")[1].split()[0]) for found in in_place_writes(tmp_path / "x.py", tmp_path)]
+    assert sorted(lines) == [5, 6, 7, 8, 9, 9, 10, 11]
+
+
+def test_files_are_written_only_through_flash_core_files():
+    offenders = []
+    home = REPO_ROOT / "flash_core" / "files.py"
+    for path in _python_files():
+        if _package_of(path)[:1] in (["flash_core"], ["nodes"], ["training"], ["workflows"], ["bench"]) and path != home:
+            offenders += in_place_writes(path)
+    assert not offenders, "write files with flash_core.files (write_atomic, write_text_atomic, save_image_atomic, " \
+        "replace_folder_atomic for folders):\n" + "\n".join(offenders)

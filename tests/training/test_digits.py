@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from flash_core.files import staging_folder
 from training.digits import data
 from training.digits.evaluator import frechet_distance_from_features, load_evaluator
 from training.digits.teacher import (
     TeacherConfig,
     is_complete,
     load_tokenizer,
-    staging_folder,
     train_teacher,
 )
 

@@ -243,7 +243,7 @@ def write_pngs(out: Path, method: str, nfe: int, images: torch.Tensor, prompts, 
     folder.mkdir(parents=True, exist_ok=True)
     for i, (pixels, prompt, digit) in enumerate(zip(to_uint8(images), prompts, digits.tolist())):
         name = folder / f"{i:04d}_d{digit}.png"
-        Image.fromarray(pixels).save(name)
+        save_image_atomic(Image.fromarray(pixels), name)
         manifest.append({"file": str(name.relative_to(out)), "prompt": prompt, "digit": int(digit),
                          "method": method, "nfe": int(nfe)})
 

@@ -54,7 +54,12 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from flash_core.files import write_atomic, write_text_atomic
+from flash_core.files import (
+    replace_folder_atomic,
+    staging_folder,
+    write_atomic,
+    write_text_atomic,
+)
 from training.fixtures.comfy_env import REPO_ROOT, cache_dir
 from training.fixtures.comfy_progress import PromptEvent, PromptFailed, PromptFollower
 from training.fixtures.comfy_server import ComfyServer
@@ -168,13 +173,15 @@ def write_dataset(folder: Path, seed: int) -> int:
     marker = folder / ".complete"
     if marker.is_file() and marker.read_text() == f"{len(train.digits)} {seed}":
         return len(train.digits)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    staging = staging_folder(folder)  # written whole, then moved onto `folder`: never half a dataset there
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for index, (pixels, digit) in enumerate(zip(to_uint8(train.images), train.digits.tolist())):
-        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
-        (folder / f"{index:04d}.txt").write_text(training_prompt(int(digit), rng))
-    marker.write_text(f"{len(train.digits)} {seed}")
+        Image.fromarray(pixels).save(staging / f"{index:04d}.png")
+        (staging / f"{index:04d}.txt").write_text(training_prompt(int(digit), rng))
+    (staging / marker.name).write_text(f"{len(train.digits)} {seed}")
+    replace_folder_atomic(staging, folder)
     return len(train.digits)
 
 
@@ -268,7 +275,7 @@ class DemoLog:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"make demo, {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        write_text_atomic(path, f"make demo, {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
 
     def write(self, title: str, text: str = "") -> None:
         with self.path.open("a") as log:

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flash_core.files import save_image_atomic, write_atomic, write_text_atomic
 from training.fixtures.comfy_env import REPO_ROOT, cache_dir
 from training.fixtures.comfy_server import ComfyServer
 
@@ -167,13 +168,13 @@ def write_inputs(input_dir: Path) -> None:
 
     input_dir.mkdir(parents=True, exist_ok=True)
     digit = held_out_digit(INPUT_DIGIT)
-    Image.fromarray(digit).save(input_dir / INPUT_IMAGE)
+    save_image_atomic(Image.fromarray(digit), input_dir / INPUT_IMAGE)
     ink = np.where(digit >= 128, 255, 0).astype(np.uint8)  # crisp strokes: edges for Canny at 0.4 / 0.8
-    Image.fromarray(ink).resize((64, 64), Image.NEAREST).save(input_dir / CONTROL_IMAGE)
+    save_image_atomic(Image.fromarray(ink).resize((64, 64), Image.NEAREST), input_dir / CONTROL_IMAGE)
     rgb = held_out_digit(INPAINT_DIGIT)
     alpha = np.full(rgb.shape[:2], 255, np.uint8)
     alpha[rgb.shape[0] // 2:, :] = 0  # LoadImage: MASK = 1 - alpha, the area to repaint
-    Image.fromarray(np.dstack([rgb, alpha])).save(input_dir / INPAINT_IMAGE)
+    save_image_atomic(Image.fromarray(np.dstack([rgb, alpha])), input_dir / INPAINT_IMAGE)
 
 
 def build_style_lora(path: Path, flash_lora: Path, rank: int = STYLE_RANK, relative: float = STYLE_RELATIVE,
@@ -201,8 +202,8 @@ def build_style_lora(path: Path, flash_lora: Path, rank: int = STYLE_RANK, relat
         style[key] = down.half().contiguous()
         style[f"{module}.lora_up.weight"] = up.half().contiguous()
         style[f"{module}.alpha"] = torch.tensor(float(rank))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(style, str(path), metadata={"flash_gallery": "stand-in style LoRA, random directions", "seed": str(seed)})
+    metadata = {"flash_gallery": "stand-in style LoRA, random directions", "seed": str(seed)}
+    write_atomic(path, lambda tmp: save_file(style, tmp, metadata=metadata))
     return path
 
 
@@ -557,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             t0, runs = time.monotonic(), runner.runs
             result = RENDERERS[name](runner, name, inputs)
             result.seconds, result.runs = time.monotonic() - t0, runner.runs - runs
-            compose(result.rows).save(args.out / f"{name}.png", optimize=True)
+            image = compose(result.rows)
+            write_atomic(args.out / f"{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG", optimize=True))
             done[name] = result
             print(f"{name}: {result.runs} runs, {result.seconds:.1f} s -> {args.out / f'{name}.png'}", flush=True)
     finally:
@@ -568,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         order = [n for n in order if n in todo]
     text = "\n".join(snippet_lines(done, order)).rstrip() + "\n"
     if args.snippet:
-        args.snippet.write_text(text)
+        write_text_atomic(args.snippet, text)
         print(f"snippet: {args.snippet}")
     else:
         print(text)

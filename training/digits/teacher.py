@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flash_core.files import TEMP_PREFIX, replace_folder_atomic
+from flash_core.files import replace_folder_atomic, staging_folder
 from training.fixtures.comfy_env import cache_dir, comfyui_path
 from training.digits.data import (
     DIGIT_WORDS,
@@ -267,11 +267,6 @@ def is_complete(out: Path, config: TeacherConfig | None = None) -> bool:
         return True
     info = json.loads(info_path.read_text())
     return info.get("config") == asdict(config)
-
-
-def staging_folder(out: Path) -> Path:
-    """Where train_teacher writes the pipeline before moving it onto `out` (hidden, flash_core.files' prefix)."""
-    return out.with_name(TEMP_PREFIX + out.name)
 
 
 def train_teacher(out: Path | str, config: TeacherConfig = TeacherConfig(), force: bool = False) -> Path:
