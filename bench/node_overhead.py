@@ -80,9 +80,9 @@ def run_node(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as loras:
         folder_paths.folder_names_and_paths["loras"] = ([loras], folder_paths.supported_pt_extensions)
         with torch.inference_mode(False), torch.enable_grad():
-            training.train(model, latents, positive, negative, lora_name="bench", total_steps=steps, recommended_steps=2,
-                           rank=16,
-                           learning_rate=1e-3, guidance_min=2.0, guidance_max=4.0, teacher_grid_steps=8,
+            training.train(model, latents, positive, negative, lora_name="bench", total_steps=steps,
+                           recommended_steps=2, rank=16, learning_rate=1e-3, guidance_min=2.0, guidance_max=4.0,
+                           teacher_grid_steps=8,
                            distill_weights="", adversarial_weights="", dmd_weights="", seed=0, batch_size=16,
                            resume=False, overwrite=True, preview_every=0, gradient_checkpointing=False,
                            mixed_precision="fp32")
