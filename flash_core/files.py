@@ -173,19 +173,23 @@ def remove_orphaned_temporaries(folder: str | os.PathLike, recursive: bool = Tru
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on an output folder for the lifetime of one run.
+    """An exclusive lock on an output folder for the lifetime of one run.
 
         with OutputLock(folder, what="flash-distill --config x.yaml"):
             ...  # a second run on the same folder raises OutputLockedError naming this one
+
+    With wait=True a second holder waits instead (a cache that one process builds and another needs: the
+    waiter then finds it built); on_wait(holder) is called once before waiting.
 
     The lock file records pid, host, start time and `what`; the flock itself is released by the kernel
     when the process exits or is killed, so the file may stay without locking anything.
     """
 
-    def __init__(self, folder: str | os.PathLike, what: str = ""):
+    def __init__(self, folder: str | os.PathLike, what: str = "", wait: bool = False,
+                 on_wait: Callable[[str], None] | None = None):
         self.folder = os.fspath(folder)
         self.path = os.path.join(self.folder, LOCK_NAME)
-        self.what = what
+        self.what, self.wait, self.on_wait = what, wait, on_wait
         self._handle = None
 
     def holder(self) -> str:
@@ -207,11 +211,16 @@ class OutputLock:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.close()
-            raise OutputLockedError(
-                f"'{self.folder}' is in use by another training run ({self.holder()}); wait for it to finish, "
-                "stop it, or choose another output"
-            ) from None
+            if self.wait:
+                if self.on_wait is not None:
+                    self.on_wait(self.holder())
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # until the holder releases it (or dies)
+            else:
+                handle.close()
+                raise OutputLockedError(
+                    f"'{self.folder}' is in use by another training run ({self.holder()}); wait for it to finish, "
+                    "stop it, or choose another output"
+                ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),

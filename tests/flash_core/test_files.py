@@ -114,6 +114,31 @@ def test_a_second_run_on_the_same_output_is_refused_and_told_who_holds_it(tmp_pa
         holder.kill()
 
 
+def test_a_waiting_lock_says_who_it_waits_for_then_gets_the_folder_when_the_holder_ends(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        from flash_core import files
+        with files.OutputLock({str(tmp_path)!r}, what="training the digits teacher"):
+            print("locked", flush=True)
+            sys.stdin.readline()  # holds the lock until told
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        waited: list[str] = []
+
+        def release_when_waited(holder_description: str) -> None:
+            waited.append(holder_description)
+            holder.stdin.write("done\n")
+            holder.stdin.flush()
+
+        with files.OutputLock(tmp_path, wait=True, on_wait=release_when_waited):
+            assert len(waited) == 1 and f"pid {holder.pid}" in waited[0] and "digits teacher" in waited[0]
+            assert holder.wait(timeout=30) == 0  # it got the lock only after the holder let go
+    finally:
+        holder.kill()
+
+
 def test_replace_folder_atomic_swaps_a_whole_checkpoint_folder(tmp_path):
     final, staging = tmp_path / "step-000002", tmp_path / ".tmp-step-000002"
     final.mkdir()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flash_core.files import replace_folder_atomic, staging_folder
+from flash_core.files import OutputLock, replace_folder_atomic, staging_folder
 from training.fixtures.comfy_env import cache_dir, comfyui_path
 from training.digits.data import (
     DIGIT_WORDS,
@@ -270,13 +270,24 @@ def is_complete(out: Path, config: TeacherConfig | None = None) -> bool:
 
 
 def train_teacher(out: Path | str, config: TeacherConfig = TeacherConfig(), force: bool = False) -> Path:
-    """Train (or reuse) the teacher in `out`; written to a ".tmp-" folder next to it, moved in when complete."""
-    from diffusers import StableDiffusionPipeline
-
+    """Train (or reuse) the teacher in `out`; written to a ".tmp-" folder next to it, moved in when complete.
+    One build at a time per folder of teachers: a second caller (the e2e tests' fixture while `make test` trains
+    the teacher in the background) waits for the first, then reuses what it built."""
     out = Path(out)
-    if not force and is_complete(out, config):
-        print(f"teacher: {out} is complete, reusing it (pass --force to retrain)")
-        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def waiting(holder: str) -> None:
+        print(f"teacher: waiting for {holder} to finish {out}", flush=True)
+
+    with OutputLock(out.parent, what=f"training the digits teacher {out.name}", wait=True, on_wait=waiting):
+        if not force and is_complete(out, config):
+            print(f"teacher: {out} is complete, reusing it (pass --force to retrain)")
+            return out
+        return _train_teacher(out, config)
+
+
+def _train_teacher(out: Path, config: TeacherConfig) -> Path:
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(config.seed)
     train, _ = load_splits()
