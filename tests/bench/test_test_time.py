@@ -1,0 +1,37 @@
+"""bench/test_time.py: the fresh-clone test-time record is read from `make test`'s own output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+LOG = """\
+/tmp/x/.venv/bin/python -P -m pytest tests -q -p no:cacheprovider --durations=15
+........................................................................ [ 12%]
+============================= slowest 15 durations =============================
+130.63s setup    tests/nodes/test_training.py::test_distillation_brings_2_step_student_closer
+557 passed, 237 warnings in 1276.80s (0:21:16)
+== node and end-to-end suites on ComfyUI 0.3.75 (/tmp/x/.comfyui-0.3.75)
+1 failed, 216 passed, 4 skipped, 6 deselected, 121 warnings in 394.94s (0:06:34)
+"""
+
+
+def test_the_record_splits_setup_and_the_two_suites_and_says_whether_they_passed(tmp_path):
+    (tmp_path / "make_test.log").write_text(LOG)
+    out = tmp_path / "test_time.json"
+    out.write_text(json.dumps({"cached_models": {"total_wall_s": 1}}))
+    command = [sys.executable, "-P", str(REPO_ROOT / "bench" / "test_time.py"), "--log", str(tmp_path / "make_test.log"),
+               "--wall-s", "1900", "--commit", "abc", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr  # the floor run had a failure
+    written = json.loads(out.read_text())
+    fresh = written["fresh_clone"]
+    assert written["cached_models"] == {"total_wall_s": 1}  # the other records stay
+    assert fresh["comfyui_0.30.0_whole_suite"] == {"pytest_s": 1276.8, "passed": 557, "warnings": 237}
+    assert fresh["comfyui_0.3.75_nodes_and_e2e"]["failed"] == 1 and fresh["comfyui_0.3.75_nodes_and_e2e"]["skipped"] == 4
+    assert fresh["pytest_total_s"] == 1671.7 and fresh["setup_and_startup_s"] == 228.3 and fresh["commit"] == "abc"
+    assert fresh["passed"] is False and "previous" not in fresh  # nothing to compare with
