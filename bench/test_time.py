@@ -1,18 +1,21 @@
-"""How long `make test` takes on a fresh clone, as CI runs it; writes the `fresh_clone` record of
-bench/results/test_time.json.
+"""How long the test lanes and the demo take on this machine, as a newcomer and CI run them; writes
+bench/results/test_time.json (the README's numbers).
 
-    python -P bench/test_time.py                 # clone HEAD into a new folder, run `make test` there, record it
-    python -P bench/test_time.py --log LOG --wall-s S --commit C   # record a run already made (its output in LOG)
+    python -P bench/test_time.py fresh            # clone HEAD into a new folder, `make test` there: record `fresh_clone`
+    python -P bench/test_time.py demo             # clone HEAD, `make demo` twice there (first, later): record `demo`
+    python -P bench/test_time.py fast [--repeats 3]   # `make test-fast` here, after setup, N times: record `test_fast`
+    python -P bench/test_time.py fresh --log LOG --wall-s S --commit C   # record a `make test` already run
 
-The clone gets its own venv, both ComfyUI versions and an empty .cache, so the run pays for everything a fresh
-machine pays for: setup, and the end-to-end digits teacher. The record splits the wall time into setup (everything
-before the first pytest line) and the two pytest runs, whose own summary lines give their seconds and counts.
+A clone gets its own venv, both ComfyUI versions and an empty .cache, so it pays for everything a fresh machine
+pays for. The `fresh_clone` record splits the wall time into setup (everything before the first pytest line) and
+the two pytest runs (ComfyUI 0.30.0, then the floor 0.3.75), whose own summary lines give their seconds and counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,8 +48,8 @@ def record(log: str, wall_s: float, commit: str, how: str) -> dict:
         raise SystemExit(f"expected two pytest summaries (ComfyUI 0.30.0, then 0.3.75), found {len(runs)}")
     pytest_s = sum(run["pytest_s"] for run in runs)
     return {
-        "note": "a fresh clone as CI runs it: make setup installs both ComfyUI versions; the digits teacher of the "
-                "end-to-end tests is trained by a background process while the other tests run (they run first)",
+        "note": "a fresh clone as CI runs it: make setup installs both ComfyUI versions (setup_and_startup_s); no test "
+                "trains the digits teacher (the pack ships it)",
         "command": how,
         "commit": commit,
         "date": date.today().isoformat(),
@@ -59,38 +62,86 @@ def record(log: str, wall_s: float, commit: str, how: str) -> dict:
     }
 
 
+def clone_head() -> tuple[str, Path]:
+    """(commit, path) of a new clone of HEAD in a temporary folder (no dot in the clone's own name)."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    clone = Path(tempfile.mkdtemp(prefix="flash-test-time-")) / "main"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    return commit, clone
+
+
+def timed(command: list[str], cwd: Path, log_name: str) -> tuple[int, float, str]:
+    """(exit code, wall seconds, output) of `command`; the output is also kept beside the folder it ran in."""
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    wall_s, log = time.monotonic() - started, done.stdout + done.stderr
+    write_text_atomic(cwd.parent / log_name, log)
+    print(f"{' '.join(command)}: exit {done.returncode}, {wall_s:.0f} s; its output: {cwd.parent / log_name}")
+    return done.returncode, wall_s, log
+
+
+def record_fast(repeats: int) -> dict:
+    """`make test-fast` in this checkout (setup done first, not timed), `repeats` times: each wall time, the median."""
+    subprocess.run(["make", "setup"], cwd=REPO_ROOT, check=True, capture_output=True)
+    runs = []
+    for _ in range(repeats):
+        code, wall_s, log = timed(["make", "test-fast"], REPO_ROOT, ".test-fast.log")
+        summary = pytest_runs(log)
+        runs.append({"wall_s": round(wall_s, 1), "exit": code, **(summary[-1] if summary else {})})
+    walls = sorted(run["wall_s"] for run in runs)
+    return {"command": "make test-fast (after make setup)", "date": date.today().isoformat(),
+            "cpu_cores": os.cpu_count(), "runs": runs, "median_wall_s": walls[len(walls) // 2],
+            "passed": all(run["exit"] == 0 for run in runs)}
+
+
+def record_demo() -> dict:
+    """`make demo` twice in a fresh clone: the first run pays for setup (venv, ComfyUI, Chromium), installing the
+    shipped teacher and the distillation; the later one finds all of it in place."""
+    commit, clone = clone_head()
+    first_code, first_s, _ = timed(["make", "demo"], clone, "make_demo_first.log")
+    later_code, later_s, _ = timed(["make", "demo"], clone, "make_demo_later.log")
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    return {"command": "git clone, then make demo twice in the clone", "commit": commit,
+            "date": date.today().isoformat(), "cpu_cores": os.cpu_count(),
+            "first_run_with_setup_s": round(first_s, 1), "later_run_s": round(later_s, 1),
+            "git_status_after": dirty.splitlines(), "passed": first_code == 0 and later_code == 0 and not dirty}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--log", type=Path, help="the output of a `make test` already run on a fresh clone")
+    parser.add_argument("what", nargs="?", choices=("fresh", "demo", "fast"), default="fresh",
+                        help="fresh: make test on a fresh clone; demo: make demo twice on a fresh clone; "
+                             "fast: make test-fast here")
+    parser.add_argument("--repeats", type=int, default=3, help="with fast: how many runs (the median is recorded)")
+    parser.add_argument("--log", type=Path, help="fresh: the output of a `make test` already run on a fresh clone")
     parser.add_argument("--wall-s", type=float, help="with --log: that run's wall time in seconds")
     parser.add_argument("--commit", help="with --log: the commit it ran")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file (its fresh_clone record is replaced)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file (the record made is replaced)")
     args = parser.parse_args(argv)
-    if args.log is not None:
-        if args.wall_s is None or args.commit is None:
-            parser.error("--log needs --wall-s and --commit")
-        log, wall_s, commit = args.log.read_text(errors="replace"), args.wall_s, args.commit
-        how = "git clone, then make test in the clone (its output recorded with bench/test_time.py --log)"
-    else:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        clone = Path(tempfile.mkdtemp(prefix="flash-test-time-")) / "main"  # no dot in the clone's own name
-        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
-        started = time.monotonic()
-        done = subprocess.run(["make", "test"], cwd=clone, capture_output=True, text=True, check=False)
-        wall_s, log = time.monotonic() - started, done.stdout + done.stderr
-        how = "python -P bench/test_time.py (git clone of HEAD, then make test in the clone)"
-        write_text_atomic(clone.parent / "make_test.log", log)
-        print(f"make test: exit {done.returncode}, {wall_s:.0f} s; its output: {clone.parent / 'make_test.log'}")
-    fresh = record(log, wall_s, commit, how)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    before = results.get("fresh_clone")
-    if before and before.get("commit") != commit:  # the record it replaces, for the side-by-side
-        fresh["previous"] = {k: before.get(k) for k in ("commit", "date", "total_wall_s", "note")}
-    results["fresh_clone"] = fresh
+    if args.what == "fast":
+        results["test_fast"] = made = record_fast(args.repeats)
+    elif args.what == "demo":
+        results["demo"] = made = record_demo()
+    else:
+        if args.log is not None:
+            if args.wall_s is None or args.commit is None:
+                parser.error("--log needs --wall-s and --commit")
+            log, wall_s, commit = args.log.read_text(errors="replace"), args.wall_s, args.commit
+            how = "git clone, then make test in the clone (its output recorded with bench/test_time.py --log)"
+        else:
+            commit, clone = clone_head()
+            _, wall_s, log = timed(["make", "test"], clone, "make_test.log")
+            how = "python -P bench/test_time.py fresh (git clone of HEAD, then make test in the clone)"
+        made = record(log, wall_s, commit, how)
+        before = results.get("fresh_clone")
+        if before and before.get("commit") != commit:  # the record it replaces, for the side-by-side
+            made["previous"] = {k: before.get(k) for k in ("commit", "date", "total_wall_s", "note")}
+        results["fresh_clone"] = made
     write_json_atomic(args.out, results)
-    print(json.dumps(fresh, indent=2))
-    return 0 if fresh["passed"] else 1
+    print(json.dumps(made, indent=2))
+    return 0 if made["passed"] else 1
 
 
 if __name__ == "__main__":

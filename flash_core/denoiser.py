@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flash_core import parameterization
+from flash_core.dependencies import require
 
 PREDICTION_TYPES = parameterization.DENOISER_PREDICTION_TYPES
 
@@ -136,6 +137,7 @@ class Denoiser(ABC):
         peft casts each adapter's input to the adapter's dtype and its output back, so float32 adapters on
         bf16 layers run with or without autocast.
         """
+        require("peft", "Training a Flash LoRA student (Denoiser.add_lora)")
         from peft import LoraConfig, inject_adapter_in_model
 
         if self.has_lora:

@@ -76,6 +76,7 @@ import torch
 from torch import Tensor, nn
 
 from flash_core import sampling
+from flash_core.dependencies import require
 from flash_core.denoiser import (
     Conditioning,
     Denoiser,
@@ -206,6 +207,7 @@ def guided_output(
 
 def _teacher_scheduler(denoiser: Denoiser, grid_steps: int, student_steps: int | None = None):
     """diffusers solver of the teacher on the K grid: DPM-Solver++(2M) trailing, or flow Euler (SD3)."""
+    require("diffusers", "The teacher's solver of Flash distillation")
     if denoiser.is_flow:
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -31,7 +31,7 @@ API:
     teacher_fingerprint(denoiser) / tensor_fingerprint(tensors)
     run_settings(config, **extra) -> dict                # the settings a checkpoint stores and resume compares
     Preview(distiller, cond, uncond, latent_shape, seed, guidance, teacher_sample_steps, decode, sample_steps=(1, 2, 4))
-        .rows() -> [(label, images [n, H, W, 3] in 0..1)]   .image() -> uint8 [H, W, 3]
+        .rows() -> [(label, images [n, H, W, 3] in 0..1)]   .image() -> uint8 [H, W, 3] (flash_core.grid)
     RunHooks: on_step(report: StepReport), should_stop() -> bool
     CheckpointStore(root, keep=2, process_index=0, num_processes=1, barrier=None)
         .latest() / .list() / .save(run) / .load(folder)
@@ -68,6 +68,7 @@ from flash_core.backbones import get_backbone
 from flash_core.denoiser import Conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
 from flash_core.files import TEMP_PREFIX, replace_folder_atomic, torch_save_atomic, write_text_atomic
+from flash_core.grid import grid_image
 from flash_core.schedules import flow_sigmas, trailing_timesteps
 
 CHECKPOINT_FORMAT = "flash-run-checkpoint"
@@ -336,26 +337,6 @@ class Preview:
 
     def image(self) -> np.ndarray:
         return grid_image(self.rows())
-
-
-GRID_LABEL_WIDTH = 72
-
-
-def grid_image(rows: Sequence[tuple[str, Tensor]]) -> np.ndarray:
-    """Rows of images [n, H, W, 3] in 0..1 with a label strip on the left -> uint8 [H_total, W_total, 3]."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    height, width = rows[0][1].shape[1:3]
-    cols = max(r[1].shape[0] for r in rows)
-    canvas = Image.new("RGB", (GRID_LABEL_WIDTH + cols * width, len(rows) * height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for r, (label, images) in enumerate(rows):
-        draw.text((4, r * height + max(0, height // 2 - 6)), label, fill="black", font=font)
-        for c in range(images.shape[0]):
-            tile = (images[c].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-            canvas.paste(Image.fromarray(tile), (GRID_LABEL_WIDTH + c * width, r * height))
-    return np.asarray(canvas)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -806,7 +787,6 @@ __all__ = [
     "StepReport",
     "TensorDataset",
     "batch_indices",
-    "grid_image",
     "init_lora",
     "lora_metadata",
     "lora_modules",

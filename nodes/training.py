@@ -38,7 +38,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from flash_core import files, lora_formats, run, target_cache
+from flash_core import dependencies, files, lora_formats, run, target_cache
 from flash_core.distill import DistillConfig, FlashDistiller
 from flash_core.recipes import get_recipe
 
@@ -489,6 +489,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
     """The whole node run (in ComfyUI's grad mode). Returns (student MODEL, LORA_MODEL, LOSS_MAP, IMAGE).
     `trained_for` (nodes.stack.describe_stack of the MODEL input) goes into the LoRA's metadata."""
     # ---- validate everything before any work -------------------------------------------------------
+    dependencies.require_all(("peft", "diffusers"), NODE)  # requirements.txt; the pack loads without them
     name = check_lora_name(lora_name)
     backbone = backbone_of(model)
     if not 1 <= recommended_steps <= MAX_RECOMMENDED_STEPS:

@@ -8,6 +8,7 @@ because our `nodes/` package would shadow ComfyUI's top-level `nodes` module.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,25 @@ from training.fixtures.comfy_env import import_comfy, load_pack  # noqa: F401  (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui_flash"
+E2E_DIR = REPO_ROOT / "tests" / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every end-to-end test (a real server, the browser, the demo) is `slow`: `make test-fast` leaves them to
+    `make test`. Other heavy tests (full-size bf16 steps, several processes, long trainings) carry the mark
+    themselves."""
+    for item in items:
+        if E2E_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` / `make test-fast` run two workers on two cores) each worker gets one torch
+    thread: two workers with a thread per core each would oversubscribe the machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flash_core.dependencies import require
 from flash_core.lora_formats.modules import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -131,6 +132,7 @@ def peft_alpha(config: Mapping[str, Any], module_path: str, rank: int) -> float:
     alpha_pattern = config.get("alpha_pattern") or {}
     if alpha_pattern:
         # PEFT's own pattern matching, not a re-implementation
+        require("peft", "Reading a PEFT LoRA whose adapter_config.json has an alpha_pattern")
         from peft.utils.other import get_pattern_key
 
         pattern = get_pattern_key(list(alpha_pattern), module_path)

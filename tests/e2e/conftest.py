@@ -7,9 +7,6 @@ through --extra-model-paths-config: the cached tiny SD1.5 checkpoint plus files 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,81 +33,30 @@ def models_root(tmp_path_factory) -> Path:
     return root
 
 
-# The digits teacher of the tests that run the embedded default (test_demo, test_distill_my_stack) when the default
-# one is not cached: the default recipe at half the batch and a cut VAE budget, 7.5 min on the idle 2-core machine
-# against 12 (its ~1000 UNet steps are what make prompts steer it: at 400 it is still unconditional, 13 %
-# accuracy; this one scores 82 % at 25 steps, the default 88 %). Trained once into the cache, then reused.
-E2E_TEACHER = TeacherConfig(vae_steps=120, batch_size=32)
-
-
 E2E_DIR = Path(__file__).resolve().parent
-_background_teacher: dict = {}  # "process": the Popen training the e2e teacher, "threads": pytest's torch threads
 
 
-def e2e_teacher_folder() -> Path:
-    from training.fixtures.comfy_env import cache_dir
-
-    return cache_dir() / "digits" / "teacher-e2e"
+LONGEST_FIRST = ("test_demo.py", "test_distill_train.py")  # the longest modules: started first
 
 
-def cached_teacher() -> tuple[Path, TeacherConfig] | None:
-    from training.digits.teacher import default_teacher_dir, is_complete
-
-    for folder, config in ((default_teacher_dir(), TeacherConfig()), (e2e_teacher_folder(), E2E_TEACHER)):
-        if is_complete(folder, config):
-            return folder, config
-    return None
-
-
-@pytest.hookimpl(trylast=True)  # after -k / -m have deselected: only a run that will use the teacher trains it
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end tests run last. When some of them need the digits teacher and none is cached (a fresh
-    machine), it is trained meanwhile by a background process on the other core (one torch thread each for it
-    and for the tests before); the `digits_teacher` fixture then waits for it through train_teacher's lock."""
-    items.sort(key=lambda item: E2E_DIR in Path(item.path).parents)  # stable: the order within each part stays
-    if _background_teacher or not any("digits_teacher" in getattr(item, "fixturenames", ()) for item in items):
-        return
-    if config.option.collectonly or cached_teacher() is not None:
-        return
-    import torch
-
-    folder = e2e_teacher_folder()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-P", "-m", "training.digits.teacher", "--out", str(folder),
-               "--steps", str(E2E_TEACHER.steps), "--vae-steps", str(E2E_TEACHER.vae_steps),
-               "--batch-size", str(E2E_TEACHER.batch_size), "--seed", str(E2E_TEACHER.seed)]
-    with open(folder.parent / "teacher-e2e.log", "w") as log:  # the child keeps its own handle
-        _background_teacher["process"] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _background_teacher["threads"] = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    process = _background_teacher.get("process")
-    if process is not None and process.poll() is None:  # the run ended before any test needed the teacher
-        process.terminate()
-        process.wait(timeout=60)
+    """The longest end-to-end modules run first (stable: the order within each module stays): under pytest-xdist
+    (`make test`, one module per worker at a time) one worker starts on them while the other takes the rest, so
+    they do not become the tail of the run."""
+    items.sort(key=lambda item: (LONGEST_FIRST.index(Path(item.path).name) if Path(item.path).name in LONGEST_FIRST
+                                 and E2E_DIR in Path(item.path).parents else len(LONGEST_FIRST)))
 
 
 @pytest.fixture(scope="session")
 def digits_teacher() -> tuple[Path, TeacherConfig]:
-    """(folder, config) of a finished digits teacher: the cached default (`make demo`), else the e2e one, trained
-    on a fresh machine (minutes; in the background while the other tests run) into FLASH_CACHE_DIR / .cache,
-    where the floor-version run finds it."""
-    from training.digits.teacher import train_teacher
+    """(folder, config) of the digits teacher the pack ships (training/digits/shipped_teacher), installed into
+    FLASH_CACHE_DIR / .cache in seconds (float32 copies of its fp16 weights, ComfyUI's tokenizer): no test trains it."""
+    from training.digits.teacher import default_teacher_dir, shipped_config, train_teacher
 
-    cached = cached_teacher()
-    if cached is None:
-        cached = train_teacher(e2e_teacher_folder(), E2E_TEACHER), E2E_TEACHER  # waits for the background build
-    process = _background_teacher.get("process")
-    if process is not None:
-        process.wait()
-        assert process.returncode == 0, f"the background teacher build failed: see {e2e_teacher_folder().parent}/teacher-e2e.log"
-        import torch
-
-        torch.set_num_threads(_background_teacher["threads"])
-    return cached
+    config = shipped_config()
+    assert config is not None, "the pack ships no digits teacher (training/digits/shipped_teacher): run `make teacher`"
+    return train_teacher(default_teacher_dir(), config), config
 
 
 @pytest.fixture(scope="session")

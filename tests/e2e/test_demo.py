@@ -40,8 +40,10 @@ from .conftest import REPO_ROOT, WORKFLOWS
 
 pytestmark = pytest.mark.timeout(3000)  # the shared fixture runs the whole demo (minutes on a busy 2-core machine)
 
-TOTAL_STEPS = 400  # iterations: 200 student updates (the recipe alternates student and discriminator)
-DEMO_ARGS = ["--total-steps", str(TOTAL_STEPS), "--per-digit", "6", "--no-serve"]
+TOTAL_STEPS = 200  # iterations: 100 student updates (the recipe alternates student and discriminator)
+# --progress-every 0: a line for every progress update the demo gets (it prints at most one per 15 s by default, and
+# how many 15 s windows a run spans depends on the machine's speed)
+DEMO_ARGS = ["--total-steps", str(TOTAL_STEPS), "--per-digit", "4", "--no-serve", "--progress-every", "0"]
 DEMO_WORKFLOWS = ("flash_demo_distill", "flash_demo_compare")
 PROGRESS_LINE = re.compile(rf"^ +step (\d+)/{TOTAL_STEPS}\b")
 
@@ -127,13 +129,16 @@ def test_distillation_progress_is_live(demo_run: DemoRun):
     only at the end), and the path of every preview grid the node sends, saved as an image."""
     begin = demo_run.index("[3/5] distillation:")
     end = demo_run.index(f"[3/5] distillation: {TOTAL_STEPS} steps in")
-    finished_at = demo_run.lines[end][0]
+    began_at, finished_at = demo_run.lines[begin][0], demo_run.lines[end][0]
     progress = [(at, line) for at, line in demo_run.lines[begin:end] if PROGRESS_LINE.match(line)]
+    # ComfyUI always sends the first update, every update with a preview (every `preview_every` steps) and the
+    # last one; it throttles the others by time, so only these are certain at any speed
     assert len(progress) >= 3, demo_run.text()
     steps = [int(PROGRESS_LINE.match(line).group(1)) for _, line in progress]
     assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] == TOTAL_STEPS, steps
     early = [(at, line) for (at, line), step in zip(progress, steps) if step < TOTAL_STEPS]
-    assert len(early) >= 2 and finished_at - early[0][0] > 5.0, progress  # printed while it ran
+    # printed while it ran: the first line came in the first half of the distillation, whatever the machine's speed
+    assert len(early) >= 2 and early[0][0] - began_at < 0.5 * (finished_at - began_at), progress
     assert all(re.search(r"loss -?[0-9.]+", line) for _, line in progress), progress
     assert any("ETA" in line for _, line in early), progress
     window = [line for _, line in demo_run.lines[begin:end]]

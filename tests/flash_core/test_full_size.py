@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from flash_core.backends.diffusers import UNetDenoiser
@@ -23,6 +24,8 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (the non-de
 )
 SD15_LORA_PARAMETERS = 25_509_888  # rank 128 on to_q / to_k / to_v / to_out.0 of all 32 attention layers
 SD15_HEAD_PARAMETERS = 870_720  # the reference discriminator head on the 1280-channel mid block
+
+pytestmark = pytest.mark.slow  # the full-size SD1.5 UNet on the CPU: make test, not test-fast
 
 
 def sd15_unet_bf16() -> torch.nn.Module:

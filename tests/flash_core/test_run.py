@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flash_core import lora_formats, run
+from flash_core import grid, lora_formats, run
 from flash_core.backends.diffusers import UNetDenoiser
 from flash_core.denoiser import Conditioning
 from flash_core.distill import FlashDistiller
@@ -246,11 +246,83 @@ def test_preview_rows_teacher_then_students_one_column_per_prompt(tmp_path):
 
     preview = run.Preview(trainer.distiller, data.cond[torch.arange(3)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
     image = preview.image()
-    assert image.dtype.name == "uint8" and image.shape == (4 * 16, run.GRID_LABEL_WIDTH + 3 * 16, 3)
-    assert [label.split("\n")[0] for label, _ in preview.rows()] == ["teacher", "student", "student", "student"]
+    assert image.dtype.name == "uint8" and image.shape == (*grid.grid_layout(preview.rows()).size, 3)
+    assert [label for label, _ in preview.rows()] == preview_labels(4, 3.0)  # what the grid tests below draw
     assert torch.equal(preview.noise, torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)))
     assert [run.preview_due(s, 10, 4) for s in (1, 4, 8, 9, 10)] == [False, True, True, False, True]
     assert not run.preview_due(4, 10, 0)
+
+
+def preview_labels(teacher_steps: int = 32, guidance: float = 3.0) -> list[str]:
+    """The labels Preview.rows builds: teacher, then the student at 1 / 2 / 4 steps."""
+    return [f"teacher\nK={teacher_steps}\ncfg {guidance:g}", "student\n1 step", "student\n2 steps", "student\n4 steps"]
+
+
+def preview_rows(size: int, cols: int = 4) -> list[tuple[str, torch.Tensor]]:
+    """Preview.rows-shaped rows of `cols` random size x size images with exact uint8 levels."""
+    g = torch.Generator().manual_seed(0)
+    return [(label, torch.randint(0, 256, (cols, size, size, 3), generator=g).float() / 255) for label in preview_labels()]
+
+
+def boxes_intersect(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def assert_readable_layout(rows, image, layout):
+    """Cells >= GRID_MIN_CELL, labels inside their rows and the strip, no label over another, ink only in the boxes."""
+    assert image.dtype.name == "uint8" and image.shape == (*layout.size, 3)
+    assert min(layout.cell) >= grid.GRID_MIN_CELL
+    boxes, tops = layout.label_boxes, layout.row_tops
+    assert len(boxes) == len(rows) == len(layout.row_heights)
+    for r, (left, top, right, bottom) in enumerate(boxes):
+        assert 0 <= left < right <= layout.label_width  # inside the label strip
+        assert tops[r] <= top < bottom <= tops[r] + layout.row_heights[r]  # inside its own row
+        assert layout.row_heights[r] >= bottom - top
+        assert (image[top:bottom, left:right] < 128).any()  # the label is drawn in its box
+    assert not any(boxes_intersect(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    strip = image[:, :layout.label_width].copy()
+    for left, top, right, bottom in boxes:
+        strip[top:bottom, left:right] = 255
+    assert (strip == 255).all()  # no ink outside the label boxes: nothing spills into another row or the images
+
+
+def cell_pixels(image, layout, row: int, col: int):
+    left, top, right, bottom = layout.cell_box(row, col)
+    return image[top:bottom, left:right]
+
+
+def test_digits_size_preview_is_enlarged_nearest_with_labels_that_do_not_overlap():
+    rows = preview_rows(16)  # the digits demo: 16 x 16 px decodes, 4 prompts
+    layout, image = grid.grid_layout(rows), grid.grid_image(rows)
+    assert layout.scale == 6 and layout.cell == (96, 96)  # 16 px * 6: the smallest integer factor reaching 96 px
+    assert_readable_layout(rows, image, layout)
+    for r, (_, images) in enumerate(rows):
+        for c in range(images.shape[0]):
+            source = (images[c] * 255).round().to(torch.uint8).numpy()
+            expected = source.repeat(6, axis=0).repeat(6, axis=1)  # every source pixel -> a 6 x 6 block
+            assert (cell_pixels(image, layout, r, c) == expected).all()
+    block = cell_pixels(image, layout, 2, 3)[12:18, 30:36]  # source pixel (2, 5) of row 2, column 3
+    assert (block == (rows[2][1][3, 2, 5] * 255).round().to(torch.uint8).numpy()).all()
+
+
+def test_large_images_are_not_scaled():
+    rows = preview_rows(128, cols=2)
+    layout, image = grid.grid_layout(rows), grid.grid_image(rows)
+    assert layout.scale == 1 and layout.cell == (128, 128)
+    assert layout.size == (4 * 128, layout.label_width + 2 * 128)
+    assert_readable_layout(rows, image, layout)
+    for r, (_, images) in enumerate(rows):
+        for c in range(2):
+            assert (cell_pixels(image, layout, r, c) == (images[c] * 255).round().to(torch.uint8).numpy()).all()
+
+
+def test_label_strip_and_rows_grow_with_the_labels():
+    rows = preview_rows(16, cols=1)
+    long_rows = [("student with a much longer label\n1\n2\n3\n4\n5\n6\n7", rows[0][1])] + rows[1:]
+    layout, long_layout = grid.grid_layout(rows), grid.grid_layout(long_rows)
+    assert long_layout.label_width > layout.label_width  # as wide as the widest label needs
+    assert long_layout.row_heights[0] > long_layout.cell[0] and long_layout.row_heights[1:] == layout.row_heights[1:]
+    assert_readable_layout(long_rows, grid.grid_image(long_rows), long_layout)
 
 
 def test_every_export_has_one_schema_and_float32(tmp_path):

@@ -24,6 +24,8 @@ import_comfy()  # ComfyUI on sys.path, configured for the CPU, before any comfy 
 # ComfyUI's SD1.5 unet config (comfy/model_detection.py, the SD15 entry): one home, the LoRA fixtures'.
 SD15_UNET_CONFIG = F.SD15_COMFY
 
+pytestmark = pytest.mark.slow  # the full-size SD1.5 UNet on the CPU: make test, not test-fast
+
 
 @pytest.fixture(scope="module")
 def pack():

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flash_core.grid import GRID_MIN_CELL
 from training.fixtures.comfy_env import import_comfy, load_pack
 
 import_comfy()  # ComfyUI on sys.path, configured for the CPU, before any comfy import
@@ -268,7 +269,8 @@ def test_outputs_plug_into_core_training_nodes(distilled):
     assert set(distilled["loss_map"]) >= {"loss", "loss_distill"}
     grid = distilled["grid"]
     assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3  # IMAGE [1, H, W, 3]
-    assert grid.shape[1] == 4 * LATENT[1] * 8  # rows: teacher, student 1 / 2 / 4 steps (latent2rgb x8)
+    tile = LATENT[1] * 8  # latent2rgb x8, nearest-enlarged to a cell of at least GRID_MIN_CELL px
+    assert grid.shape[1] == 4 * tile * -(-GRID_MIN_CELL // tile)  # rows: teacher, student 1 / 2 / 4 steps
 
 
 def test_saved_file_gives_identical_samples_through_flash_and_stock_loaders(distilled, pack, sampling, caplog):
@@ -322,24 +324,29 @@ def small_case():
     return micro_model(MICRO_SD15, seed=1), torch.randn(4, *LATENT, generator=generator), prompts
 
 
-def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, small_case, loras_dir):
+def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, small_case, loras_dir, monkeypatch):
     import comfy.model_management
-    import comfy.utils
     from safetensors.torch import load_file
+
+    from flash_core.distill import FlashDistiller
 
     model, latents, prompts = small_case
     reference = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="reference"))[1]
 
-    def cancel_at_step_3(value, total, preview, node_id=None, prompt_id=None):
-        if value == 3:
-            comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
+    train_step = FlashDistiller.train_step
 
-    comfy.utils.set_progress_bar_global_hook(cancel_at_step_3)
+    def cancel_after_step_3(self, batch):  # Cancel pressed as step 3 ends: the node sees it at the step's report
+        logs = train_step(self, batch)
+        if self.step == 3:  # the trainer's own counter, not the (time-throttled) progress bar
+            comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
+        return logs
+
+    monkeypatch.setattr(FlashDistiller, "train_step", cancel_after_step_3)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="cancelled"))
     finally:
-        comfy.utils.set_progress_bar_global_hook(None)
+        monkeypatch.setattr(FlashDistiller, "train_step", train_step)
         comfy.model_management.interrupt_current_processing(False)
     flash = loras_dir / "flash"
     assert not (flash / "cancelled.safetensors").exists()
@@ -355,35 +362,44 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
     assert load_file(str(flash / "cancelled.safetensors")).keys() == reference.keys()
 
 
-def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(training, small_case, loras_dir):
+def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(training, small_case, loras_dir,
+                                                                              monkeypatch):
     """ComfyUI raises Cancel inside any op, here in the middle of step 3 (a student iteration, during the
     adversarial feature pass, after the step's timestep, noise and guidance were drawn): the half step is undone,
-    the checkpoint holds the state after step 2 and resuming reproduces the uninterrupted run exactly."""
+    the checkpoint holds the state after step 2 and resuming reproduces the uninterrupted run exactly.
+
+    The trigger reads the trainer's own step counter (FlashDistiller.step at the start of train_step), never the
+    progress bar: ComfyUI throttles progress updates by time, so which values a hook sees depends on speed."""
     import comfy.model_management
-    import comfy.utils
+
+    from flash_core.distill import FlashDistiller
 
     model, latents, prompts = small_case
     reference = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="reference"))[1]
-    progress = {"value": 0, "armed": False}
+    state = {"in_step": None, "armed": False}
+    train_step = FlashDistiller.train_step
 
-    def on_progress(value, total, preview, node_id=None, prompt_id=None):
-        progress["value"] = value
+    def counted_train_step(self, batch):
+        state["in_step"] = self.step + 1  # the 1-based number of the step now running
+        try:
+            return train_step(self, batch)
+        finally:
+            state["in_step"] = None
 
     def before_middle_block(module, args):
-        if progress["value"] == 2 and progress["armed"] is False:  # inside step 3: press Cancel now
-            progress["armed"] = None
+        if state["in_step"] == 3 and state["armed"] is False:  # inside step 3: press Cancel now
+            state["armed"] = None
             comfy.model_management.interrupt_current_processing(True)
 
-    comfy.utils.set_progress_bar_global_hook(on_progress)
+    monkeypatch.setattr(FlashDistiller, "train_step", counted_train_step)
     block_hook = model.model.diffusion_model.middle_block[0].register_forward_pre_hook(before_middle_block)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))
     finally:
-        comfy.utils.set_progress_bar_global_hook(None)
         block_hook.remove()
         comfy.model_management.interrupt_current_processing(False)
-    assert progress["armed"] is None  # the cancel did fire inside step 3
+    assert state["armed"] is None  # the cancel did fire inside step 3
     checkpoints = loras_dir / "flash" / ".checkpoints" / "midstep"
     assert (checkpoints / "latest").read_text().strip() == "step-000002"
     _, lora, loss_map, _ = run_node(training, **node_inputs(model, latents, prompts, steps=6, lora_name="midstep"))

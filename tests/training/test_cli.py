@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from flash_core.run import GRID_LABEL_WIDTH
+from flash_core.grid import GRID_MIN_CELL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "training" / "configs" / "tiny_sd15.yaml"
@@ -233,7 +233,8 @@ def test_run_writes_checkpoints_losses_samples_and_exports(reference_run):
     assert "loss_dmd" in records[-1] and "loss_adversarial" in records[-1] and "loss_dmd" not in records[0]
 
     grid = Image.open(out / "samples" / "step-000012.png")
-    assert grid.size == (GRID_LABEL_WIDTH + 32 * 2, 32 * 4)  # rows: teacher + student 1/2/4 steps; a column per prompt
+    cell = 32 * -(-GRID_MIN_CELL // 32)  # 32 px samples, nearest-enlarged to at least GRID_MIN_CELL
+    assert grid.height == 4 * cell and grid.width > 2 * cell  # rows: teacher + student 1/2/4 steps; a column per prompt
     assert (out / "samples" / "step-000006.png").is_file()
 
     trained = load_lora(out / "debug" / "lora-rank0.safetensors")
@@ -294,41 +295,69 @@ def test_comfyui_export_loads_in_stock_lora_loader_with_every_key(reference_run,
         assert ldm_state[target].shape[:2] == (up.shape[0], down.shape[1])  # B A has the weight's shape
 
 
+# `python -m training.cli` with a gate before one step (FLASH_TEST_PAUSE_AT_STEP): the run writes <gate>/paused and
+# waits there for <gate>/go, so a test can signal it at a known step whatever the machine's speed.
+GATED_CLI = """
+import os, sys, time
+from pathlib import Path
+from flash_core.distill import FlashDistiller
+pause_at, gate = int(os.environ.get("FLASH_TEST_PAUSE_AT_STEP", "0")), Path(os.environ.get("FLASH_TEST_GATE", "."))
+train_step = FlashDistiller.train_step
+def gated(self, batch):
+    if self.step + 1 == pause_at:
+        (gate / "paused").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.01)
+    return train_step(self, batch)
+FlashDistiller.train_step = gated
+from training.cli.main import main
+sys.exit(main())
+"""
+
+
 def test_ctrl_c_then_kill_then_resume_reaches_the_uninterrupted_lora(tmp_path, reference_run, run_data, shared_cache):
     import torch
 
     caches_before = {p.name: p.stat().st_mtime_ns for p in shared_cache.glob("*.safetensors")}
     config = write_config(tmp_path / "config.yaml", output_dir=str(tmp_path / "out"), data={"path": str(run_data), "cache_dir": str(shared_cache)}, **RUN_OVERRIDES)
     checkpoints = tmp_path / "out" / "checkpoints"
+    gate = tmp_path / "gate"
+    gate.mkdir()
 
-    def start(*extra: str) -> subprocess.Popen:
-        return subprocess.Popen([PYTHON, "-m", "training.cli", "--config", str(config), "--dump-rank-lora", *extra],
-                                cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def start(*extra: str, pause_at: int = 0) -> subprocess.Popen:
+        env = {**cli_env(), "FLASH_TEST_PAUSE_AT_STEP": str(pause_at), "FLASH_TEST_GATE": str(gate)}
+        return subprocess.Popen([PYTHON, "-c", GATED_CLI, "--config", str(config), "--dump-rank-lora", *extra],
+                                cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    def wait_for(step: int, process: subprocess.Popen) -> None:
-        deadline = time.monotonic() + 240
-        while not (checkpoints / f"step-{step:06d}" / "meta.json").is_file():
+    def wait_for(path: Path, process: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 240  # a hang guard only: the gate, not the clock, orders the events
+        while not path.is_file():
             assert process.poll() is None, process.stderr.read()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.02)
 
-    # 1) Ctrl-C after the step-2 checkpoint: the run saves where it stands and exits 130.
-    process = start()
-    wait_for(2, process)
+    # 1) Ctrl-C during step 3 (the run is held at the gate before it): the run finishes the step, saves where it
+    # stands and exits 130.
+    process = start(pause_at=3)
+    wait_for(gate / "paused", process)
     process.send_signal(signal.SIGINT)
+    (gate / "go").touch()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
     assert "Continue with --resume" in stderr and "Traceback" not in stderr
     stopped_at = int((checkpoints / "latest").read_text().strip().removeprefix("step-"))
-    assert 2 <= stopped_at < 12
+    assert stopped_at == 3
     assert not (tmp_path / "out" / "export").exists()
 
     # 2) Resume, then SIGKILL (no chance to save) after a later checkpoint: only complete checkpoints remain.
-    process = start("--resume")
-    wait_for(stopped_at + 2 - stopped_at % 2, process)
+    (gate / "paused").unlink()
+    (gate / "go").unlink()
+    process = start("--resume", pause_at=7)  # held before step 7: the step-4 and step-6 checkpoints are written
+    wait_for(gate / "paused", process)
     process.kill()
     process.communicate(timeout=60)
-    assert (checkpoints / (checkpoints / "latest").read_text().strip() / "state.pt").is_file()
+    assert (checkpoints / "latest").read_text().strip() == "step-000006"
+    assert (checkpoints / "step-000006" / "state.pt").is_file()
 
     # 3) Resume to the end: the same LoRA and the same losses as the run that was never interrupted.
     result = run_cli(["--config", str(config), "--dump-rank-lora", "--resume"])
@@ -344,6 +373,7 @@ def test_ctrl_c_then_kill_then_resume_reaches_the_uninterrupted_lora(tmp_path, r
     assert {p.name: p.stat().st_mtime_ns for p in shared_cache.glob("*.safetensors")} == caches_before
 
 
+@pytest.mark.slow  # several processes: make test, not test-fast
 def test_two_ddp_processes_end_with_identical_lora_and_resume_exactly(tmp_path, run_data, shared_cache):
     import torch
 
@@ -475,7 +505,8 @@ def test_sdxl_backbone_from_a_diffusers_folder(tmp_path, capsys, run_data):
     assert cache["cond.encoder_hidden_states"].shape == (4, 77, 64)  # CLIP-L + CLIP-G penultimate states
     assert cache["cond.pooled"].shape == (4, 32)
     assert cache["cond.time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 4  # size, crop, target
-    assert Image.open(tmp_path / "out" / "samples" / "step-000004.png").size == (GRID_LABEL_WIDTH + 32 * 2, 32 * 4)
+    grid, cell = Image.open(tmp_path / "out" / "samples" / "step-000004.png"), 32 * -(-GRID_MIN_CELL // 32)
+    assert grid.height == 4 * cell and grid.width > 2 * cell
     assert (tmp_path / "out" / "export" / "flash-tiny-sdxl_comfyui.safetensors").is_file()
     assert (tmp_path / "out" / "export" / "peft" / "adapter_config.json").is_file()
 

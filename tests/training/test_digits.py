@@ -238,3 +238,44 @@ def test_goal_checks_compare_student_and_teacher_to_the_reference():
     assert not bad["student_within_1.25x_distance"] and not bad["student_within_5_points_accuracy"]
     assert not bad["teacher_2nfe_clearly_worse"]
     assert goal_checks([row("flash", 2, 0.9, 20.0)]) == {"complete": False}
+
+
+# ---- the teacher the pack ships -----------------------------------------------------------------
+def test_shipped_teacher_is_the_default_recipe_with_its_provenance():
+    """training/digits/shipped_teacher: the default TeacherConfig, fp16 weights whose sha256 the provenance file
+    records, and the command that retrains it."""
+    import hashlib
+
+    from training.digits.teacher import PROVENANCE_FILE, SHIPPED_DIR, WEIGHT_FILES, shipped_config
+
+    assert shipped_config() == TeacherConfig()
+    provenance = json.loads((SHIPPED_DIR / PROVENANCE_FILE).read_text())
+    assert provenance["recipe"] == json.loads(json.dumps(TeacherConfig().__dict__)) and provenance["seed"] == 0
+    assert provenance["retrain"] == "make teacher"
+    for name, digest in provenance["sha256"].items():
+        assert hashlib.sha256((SHIPPED_DIR / name).read_bytes()).hexdigest() == digest, name
+    from safetensors.torch import load_file
+
+    for name in WEIGHT_FILES:
+        assert {t.dtype for t in load_file(str(SHIPPED_DIR / name)).values()} == {torch.float16}, name
+    assert sum((SHIPPED_DIR / name).stat().st_size for name in WEIGHT_FILES) < 12 * 2**20  # a few MB
+
+
+def test_shipped_teacher_installs_in_place_of_training_and_follows_prompts(tmp_path, evaluator):
+    """train_teacher on the default recipe installs the shipped teacher (float32 copies of its fp16 values, ComfyUI's
+    tokenizer) instead of training; the pipeline loads offline and draws the prompted digit (25 steps, CFG 3)."""
+    from safetensors.torch import load_file
+
+    from training.digits.benchmark import teacher_generate
+    from training.digits.teacher import SHIPPED_DIR, load_teacher_pipeline
+
+    out = train_teacher(tmp_path / "teacher", TeacherConfig())
+    assert is_complete(out, TeacherConfig())
+    shipped = load_file(str(SHIPPED_DIR / "unet" / "diffusion_pytorch_model.safetensors"))
+    installed = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(installed[k].dtype == torch.float32 and torch.equal(installed[k], shipped[k].float()) for k in shipped)
+    pipe = load_teacher_pipeline(out)
+    digits = torch.arange(10).repeat_interleave(3)
+    noise = torch.randn(len(digits), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = teacher_generate(pipe, [data.canonical_prompt(int(d)) for d in digits], noise, steps=25, guidance=3.0)
+    assert evaluator.accuracy(images, digits) >= 0.7  # the default teacher scores about 0.85 on 200 images

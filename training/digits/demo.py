@@ -4,7 +4,8 @@ The embedded default is the digits teacher of the quality benchmark (training/di
 but real latent text-to-image pipeline (CLIP text encoder, VAE, UNet, SD1.5 noise schedule) trained on
 scikit-learn's handwritten digits, so nothing is downloaded. Steps:
 
-1. teacher: train the teacher once and cache it (FLASH_CACHE_DIR, default <repo>/.cache/digits/teacher);
+1. teacher: the digits teacher the pack ships (training/digits/shipped_teacher), installed once into the cache
+   (FLASH_CACHE_DIR, default <repo>/.cache/digits/teacher) in seconds; other --teacher-* settings train one;
 2. setup: write the training digits as PNG + caption files into ComfyUI's input folder and start ComfyUI with
    the Flash nodes (its own folders under <cache>/demo/comfyui, the teacher visible as a diffusers pipeline
    to FlashDiffusersLoader);
@@ -17,14 +18,15 @@ scikit-learn's handwritten digits, so nothing is downloaded. Steps:
    the same prompt and the same noise; then each path alone, timed by ComfyUI (execution time per image);
 5. scoring: every path with the benchmark's digit classifier (accuracy, Fréchet distance to held-out real
    digits); writes grid.png, results.json, results.md and timing.json (seconds per step, core count, what
-   came from the cache) to --results-dir, by default the committed bench/results/demo/.
+   came from the cache) to --results-dir, by default <cache>/demo/results/ (a run changes no tracked file);
+   --record writes them to the committed bench/results/demo/ instead (the README's table and grid).
 
 The terminal gets short lines: one per started and finished step, live progress (rewritten in place on a
 terminal, a plain line every few seconds otherwise). comfy-cli's output and every ComfyUI answer go to
 <cache>/demo/demo.log, the server's own output to <cache>/demo/comfyui.log; a failure names both.
 
     python -m training.digits.demo [--retrain] [--teacher-steps N] [--total-steps N] [--per-digit N] [--serve]
-                                   [--results-dir DIR]
+                                   [--results-dir DIR | --record]
 """
 
 from __future__ import annotations
@@ -463,9 +465,9 @@ def markdown_table(results: list[PathResult]) -> str:
 
 # ---- results and run times -----------------------------------------------------------------------
 def run_kind(teacher_cached: bool, student_cached: bool) -> str:
-    """timing.json's key for a run: what it had to train."""
+    """timing.json's key for a run: what it had to make (a first run installs the shipped teacher)."""
     if not teacher_cached:
-        return "first_run" if not student_cached else "teacher_trained_student_cached"
+        return "first_run" if not student_cached else "teacher_installed_student_cached"
     return "later_run" if student_cached else "teacher_cached_student_distilled"
 
 
@@ -517,9 +519,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--per-digit", type=int, default=10, help="images per digit and path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help="where grid.png, results.json, results.md and timing.json go (default: the committed "
-                             "bench/results/demo)")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="where grid.png, results.json, results.md and timing.json go (default: "
+                             "<cache>/demo/results, so a run changes no tracked file)")
+    parser.add_argument("--record", action="store_true",
+                        help="write them to the committed bench/results/demo (the README's table and grid)")
+    parser.add_argument("--progress-every", type=float, default=PLAIN_EVERY_S, metavar="S",
+                        help="without a terminal: one progress line at most every S seconds (0: every update)")
     parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=sys.stdin.isatty(),
                         help="keep ComfyUI running afterwards to open the workflows (default: from a terminal)")
     return parser.parse_args(argv)
@@ -527,7 +533,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
+    if args.record and args.results_dir is not None:
+        print("make demo: give --record or --results-dir, not both", file=sys.stderr)
+        return 2
+    args.results_dir = RESULTS_DIR if args.record else args.results_dir or demo_dir() / "results"
+    console = Console(every_s=args.progress_every)
     log = DemoLog(demo_dir() / "demo.log")
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
         "warning", warnings.formatwarning(message, category, filename, lineno, line))  # libraries' notes: the log
@@ -565,6 +575,7 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
         TeacherConfig,
         default_teacher_dir,
         is_complete,
+        shipped_config,
         train_teacher,
     )
 
@@ -579,15 +590,17 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
                            batch_size=args.teacher_batch_size, seed=args.seed)
     teacher_dir = default_teacher_dir()
     teacher_cached = is_complete(teacher_dir, config)
+    shipped = not teacher_cached and shipped_config() == config
     if teacher_cached:
         steps.start("teacher", "teacher: the digits pipeline is cached")
         steps.finish("teacher", "teacher: cached", teacher_dir)
     else:
-        steps.start("teacher", f"teacher: training the digits pipeline ({config.steps} UNet steps, once; then cached)")
+        steps.start("teacher", "teacher: installing the digits pipeline the pack ships" if shipped else
+                    f"teacher: training the digits pipeline ({config.steps} UNet steps, once; then cached)")
         with contextlib.redirect_stdout(io.StringIO()) as said:  # its summary line goes to the log
             train_teacher(teacher_dir, config)
         log.write("teacher", said.getvalue())
-        steps.finish("teacher", "teacher: trained", teacher_dir)
+        steps.finish("teacher", "teacher: installed (shipped)" if shipped else "teacher: trained", teacher_dir)
 
     steps.start("setup", "setup: training digits as PNG + caption files, ComfyUI with the Flash nodes")
     prepare_models(teacher_dir, models_root)
@@ -631,10 +644,10 @@ def run_demo(args: argparse.Namespace, console: Console, log: DemoLog) -> int:
         steps.start("scoring", "scoring: digit classifier (accuracy, Fréchet distance), grid and tables")
         images = {path.key: read_images(output, path.key, args.per_digit) for path in PATHS}
         results = score(images, path_seconds)
-        settings = {k: v for k, v in vars(args).items() if k not in ("serve", "port", "results_dir")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("serve", "port", "results_dir", "record", "progress_every")}
         steps.seconds["scoring"] = steps.elapsed()  # before writing, so timing.json has it
         timing = {"date": started_at, "kind": run_kind(teacher_cached, student_cached),
-                  "teacher": "cached" if teacher_cached else "trained",
+                  "teacher": "cached" if teacher_cached else "shipped" if shipped else "trained",
                   "teacher_training_s": teacher_training_seconds(teacher_dir),
                   "student": "cached" if student_cached else "distilled", "machine": host, "settings": settings,
                   "steps_s": {name: round(steps.seconds[name], 1) for name in STEPS},
