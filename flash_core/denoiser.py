@@ -12,6 +12,7 @@ between the model outputs (eps / v / flow velocity) and x0 lives in flash_core.p
 from __future__ import annotations
 
 import contextlib
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +24,11 @@ from flash_core import parameterization
 from flash_core.dependencies import require
 
 PREDICTION_TYPES = parameterization.DENOISER_PREDICTION_TYPES
+
+
+def _module_seed(seed: int, path: str) -> int:
+    """The init seed of one LoRA module: the run's seed and the module's diffusers path."""
+    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
 
 
 @dataclass
@@ -128,8 +134,9 @@ class Denoiser(ABC):
     def is_flow(self) -> bool:
         return self.prediction_type == "flow"
 
-    def add_lora(self, rank: int, alpha: int, targets: Sequence[str], seed: int = 0) -> None:
-        """Inject a Gaussian-initialised peft LoRA (adapter "default") on the `targets` modules, in float32.
+    def add_lora(self, rank: int, alpha: int | float, targets: Sequence[str], seed: int = 0) -> None:
+        """Inject a peft LoRA (adapter "default") on the `targets` modules, in float32, initialised once by
+        init_lora_weights(seed): the same start on every backend.
 
         Mixed precision as in accelerate / Lightning "bf16-mixed": the frozen base weights may be bf16, the
         trainable adapters (and so their optimiser state) are always float32. peft would create them in the
@@ -142,14 +149,39 @@ class Denoiser(ABC):
 
         if self.has_lora:
             raise RuntimeError("this denoiser already carries a LoRA adapter")
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # reproducible Gaussian init of lora_A (lora_B = 0)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+        with torch.random.fork_rng(devices=[]):  # peft's own draws (overwritten below) leave no trace
             inject_adapter_in_model(config, self.lora_module)
         for name, param in self.lora_module.named_parameters():
             param.requires_grad_("lora_" in name)
             if "lora_" in name and param.dtype != torch.float32:
                 param.data = param.data.float()  # float32 master weights of the student
+        self.init_lora_weights(seed)
+
+    def identity(self) -> dict:
+        """What besides the network's weights makes this teacher what it is (fingerprints.teacher_fingerprint):
+        the prediction type and the noise schedule; backends add the patches and wrappers they apply."""
+        return {"prediction_type": self.prediction_type, "alphas_cumprod": self.alphas_cumprod}
+
+    def lora_path(self, module: str) -> str:
+        """A LoRA module's path in diffusers' layout: the name the LoRA file carries and the per-module init seed
+        is drawn from. The diffusers backends are that layout; ComfyDenoiser maps ComfyUI's LDM paths."""
+        return module
+
+    def init_lora_weights(self, seed: int) -> None:
+        """The student's LoRA start: lora_A ~ N(0, 1/r^2) (peft's "gaussian" init), lora_B = 0, each module from
+        its own generator seeded by (seed, lora_path(module)). peft draws in module order, which differs between
+        backends (ComfyUI's LDM UNet vs diffusers'); this start is the same on every backend."""
+        with torch.no_grad():
+            for name, param in self.named_lora_parameters():
+                module = name.split(".lora_")[0]
+                if ".lora_A." in name:
+                    rank = param.shape[0]
+                    generator = torch.Generator().manual_seed(_module_seed(seed, self.lora_path(module)))
+                    values = torch.randn(param.shape, generator=generator, dtype=torch.float32) / rank  # std 1/r
+                    param.copy_(values.to(param.device, param.dtype))
+                elif ".lora_B." in name:
+                    param.zero_()
 
     @property
     def has_lora(self) -> bool:

@@ -94,7 +94,7 @@ from flash_core.losses import (
     dmd_loss,
     generator_adversarial_loss,
 )
-from flash_core.recipes import Recipe, get_recipe
+from flash_core.recipes import Recipe, get_recipe, lora_alpha_for_rank
 from flash_core.schedules import (
     NUM_TRAIN_TIMESTEPS,
     flow_sigmas,
@@ -121,7 +121,7 @@ class DistillConfig:
     seed: int = 0
     batch_size: int | None = None
     lora_rank: int | None = None
-    lora_alpha: int | None = None
+    lora_alpha: int | float | None = None  # None: the recipe's, or lora_alpha_for_rank of lora_rank
     lora_targets: tuple[str, ...] | None = None
     lr: float | None = None
     guidance_range: tuple[float, float] | None = None
@@ -146,16 +146,21 @@ class DistillConfig:
         self.recipe()  # the overrides make a valid recipe (per-phase weights, K a multiple of the 4-step grid)
 
     def recipe(self) -> Recipe:
-        """The backbone's recipe with this config's overrides applied."""
+        """The backbone's recipe with this config's overrides applied (a rank without an alpha keeps the recipe's
+        LoRA scale: recipes.lora_alpha_for_rank)."""
+        base = get_recipe(self.backbone)
+        alpha = self.lora_alpha
+        if alpha is None and self.lora_rank is not None:
+            alpha = lora_alpha_for_rank(base, self.lora_rank)
         overrides = {
-            "batch_size": self.batch_size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+            "batch_size": self.batch_size, "lora_rank": self.lora_rank, "lora_alpha": alpha,
             "lora_targets": tuple(self.lora_targets) if self.lora_targets is not None else None,
             "lr": self.lr, "teacher_grid_steps": self.teacher_grid_steps,
             "guidance_range": tuple(self.guidance_range) if self.guidance_range is not None else None,
             "distill_weights": _tuple(self.distill_weights), "adversarial_weights": _tuple(self.adversarial_weights),
             "dmd_weights": _tuple(self.dmd_weights),
         }
-        return replace(get_recipe(self.backbone), **{k: v for k, v in overrides.items() if v is not None})
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _tuple(values):

@@ -79,12 +79,42 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(written.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # the mode open(path, "w") would give; mkstemp makes 0600
         os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself on disk
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         if isinstance(err, OSError) and not isinstance(err, FileWriteError):
             raise write_error(path, err) from err
+        disk_error = _disk_error_of(err)
+        if disk_error is not None:
+            raise write_error(path, disk_error) from err
         raise
+
+
+# How writers that are not Python file objects report a failed write: torch.save (its C++ stream writer raises
+# RuntimeError "[enforce fail at inline_container.cc...] ... unexpected pos" or "file write failed") and safetensors
+# (SafetensorError "... I/O error: No space left on device (os error 28)").
+_WRITE_FAILURES = ("inline_container.cc", "file write failed", "PytorchStreamWriter failed", "I/O error", "IoError")
+
+
+def _disk_error_of(err: BaseException) -> OSError | None:
+    """The OSError a library's write failure stands for (ENOSPC when it says so, else EIO), or None."""
+    text = str(err)
+    if isinstance(err, OSError) or not any(marker in text for marker in _WRITE_FAILURES):
+        return None
+    full = "No space left" in text or "os error 28" in text or "StorageFull" in text or "unexpected pos" in text
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
+def _fsync_folder(folder: str) -> None:
+    """fsync a folder after a rename into it (POSIX: the new entry is durable only then); best effort elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -27,7 +27,7 @@ class Recipe:
 
     backbone: str
     lora_rank: int
-    lora_alpha: int
+    lora_alpha: int | float  # the LoRA scale is lora_alpha / lora_rank
     lora_targets: tuple[str, ...]
     guidance_range: tuple[float, float]  # teacher CFG scale w ~ U[min, max], once per batch (DMD: a fresh one)
     teacher_grid_steps: int  # K: teacher DPM-Solver++ grid (32; PixArt 16)
@@ -102,6 +102,14 @@ RECIPES: dict[str, Recipe] = {
         discriminator_channels=(256, 672),
     ),
 }
+
+
+def lora_alpha_for_rank(recipe: Recipe, rank: int) -> int | float:
+    """The one rule for a LoRA rank other than the recipe's: alpha = rank * recipe alpha / recipe rank, so the LoRA
+    keeps the recipe's scale alpha / rank (SD1.5 and SDXL 1.0, PixArt and SD3 0.125) whatever its rank. The node's
+    rank input and flash-distill's `rank:` both go through it (an explicit `alpha:` in a CLI config still wins)."""
+    alpha = rank * recipe.lora_alpha / recipe.lora_rank  # scale alpha / rank kept
+    return int(alpha) if float(alpha).is_integer() else alpha
 
 
 def get_recipe(backbone: str) -> Recipe:

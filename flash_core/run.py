@@ -3,15 +3,15 @@
 The ComfyUI node (nodes/training.py), the CLI (training/cli/), the digits benchmark and bench/ all drive
 this module; none keeps a loop of its own. It owns:
 
-* the batch order: `batch_indices(seed, step, ...)`, a function of (seed, step, process) only, so a resumed
-  run draws exactly the rows the uninterrupted one would; data-parallel processes take disjoint slices of
-  one global batch (the stream of per-epoch permutations that training.data.BatchOrder always drew);
+* the loop's use of the batch order (flash_core.batches: `batch_indices(seed, step, ...)`, a function of (seed,
+  step, process) only, so a resumed run draws exactly the rows the uninterrupted one would) and of the
+  identities a resume compares (flash_core.fingerprints: teacher and data);
 * the loop (`Run.train`), with the phase schedule of FlashDistiller and the hooks `RunHooks` for progress,
   preview images, cancel (an exception raised by a hook after a finished step) and stop requests;
 * the non-finite guard: a non-finite loss, gradient or training latent stops the run with `NonFiniteError`
   (step, what, likely cause) *before* the optimiser step is applied; nothing of that step is saved;
-* ONE checkpoint format (`CheckpointStore`): a folder `step-000500/` with `state.pt` (weights_only-loadable:
-  run settings, fingerprints, trainer state, step log), `rank-<r>.pt` per process (RNG states) and
+* ONE checkpoint format (`CheckpointStore`): a folder `step-000500/` with `state.flashckpt` (weights_only-loadable:
+  run settings, fingerprints, trainer state, step log), `rank-<r>.flashckpt` per process (RNG states) and
   `meta.json` (written last: the completeness marker), a `latest` file, the last `keep` checkpoints kept;
 * the resume contract (`Run.resume`): settings, teacher fingerprint (every tensor of the network the trainer
   uses, patches applied upstream included) and dataset fingerprint must match, else `ResumeMismatchError`
@@ -27,7 +27,6 @@ this module; none keeps a loop of its own. It owns:
 API:
     batch_indices(seed, step, num_items, batch_size, rank=0, num_processes=1) -> list[int]
     TensorDataset(latents, cond, uncond)                 # .batch(indices, step) -> Batch, .fingerprint()
-    init_lora(distiller, seed, canonical=None)           # backend-independent LoRA init (per-module seeds)
     teacher_fingerprint(denoiser) / tensor_fingerprint(tensors)
     run_settings(config, **extra) -> dict                # the settings a checkpoint stores and resume compares
     Preview(distiller, cond, uncond, latent_shape, seed, guidance, teacher_sample_steps, decode, sample_steps=(1, 2, 4))
@@ -39,25 +38,22 @@ API:
         checkpoint_every=0, process_index=0, num_processes=1, teacher_fingerprint=None, dataset_fingerprint=None,
         fresh_hint=..., rollback_on=(), target_cache=None)   # target_cache: flash_core.target_cache.TargetCache
         .resume(folder, allow_changes=False)  .train() -> "done" | "stopped"   .history: list[dict]
-    lora_modules(distiller, path_map=None) / lora_metadata(...)    # then lora_formats.build_lora_export(...)
-    sampling_settings(metadata) -> SamplingSettings | None         # what FlashLoRALoader hands FlashSampler
+    lora_modules(distiller) / lora_metadata(...)    # then lora_formats.build_lora_export(...)
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
 import pickle
 import shutil
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,15 +63,22 @@ from flash_core import lora_formats
 from flash_core.backbones import get_backbone
 from flash_core.denoiser import Conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
+from flash_core.batches import Dataset, TensorDataset, batch_indices
 from flash_core.files import TEMP_PREFIX, replace_folder_atomic, torch_save_atomic, write_text_atomic
+from flash_core.fingerprints import teacher_fingerprint, tensor_fingerprint
 from flash_core.grid import grid_image
+from flash_core.lora_formats.metadata import RECOMMENDED_CFG
 from flash_core.schedules import flow_sigmas, trailing_timesteps
 
 CHECKPOINT_FORMAT = "flash-run-checkpoint"
 CHECKPOINT_VERSION = 3  # 3: counter-based training draws (no generator states)
 CHECKPOINT_PREFIX = "step-"
 LATEST_FILE = "latest"
-STATE_FILE = "state.pt"
+# Checkpoint files carry an extension no ComfyUI model folder lists (.pt / .ckpt would put a training state in every
+# LoRA dropdown); checkpoints of earlier versions (.pt) are still read.
+CHECKPOINT_SUFFIX = ".flashckpt"
+STATE_FILE = f"state{CHECKPOINT_SUFFIX}"
+LEGACY_SUFFIX = ".pt"
 META_FILE = "meta.json"
 EXPORT_DTYPE = torch.float32  # every LoRA file the pack writes (see the module docstring)
 PREVIEW_STEPS = (1, 2, 4)
@@ -114,135 +117,7 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Batch order and data
-# --------------------------------------------------------------------------------------------------
-
-
-def _epoch_permutation(seed: int, epoch: int, num_items: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator).tolist()
-
-
-def batch_indices(seed: int, step: int, num_items: int, batch_size: int, rank: int = 0, num_processes: int = 1) -> list[int]:
-    """Dataset rows of this process for optimiser step `step` (0-based), a function of its arguments only.
-
-    The global batch of step s is positions [s G, (s + 1) G) of an endless stream of per-epoch permutations
-    (epoch e seeded with seed * 1_000_003 + e), G = batch_size * num_processes; process r takes its slice
-    [r batch_size, (r + 1) batch_size). Every row is seen once per epoch; ranks never overlap within a step.
-    """
-    if num_items < 1:
-        raise ValueError("the dataset is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    global_batch = batch_size * num_processes
-    start = step * global_batch
-    rows: list[int] = []
-    epoch, position = divmod(start, num_items)
-    while len(rows) < global_batch:
-        permutation = _epoch_permutation(seed, epoch, num_items)
-        take = min(num_items - position, global_batch - len(rows))
-        rows += permutation[position : position + take]
-        epoch, position = epoch + 1, 0
-    return rows[rank * batch_size : (rank + 1) * batch_size]
-
-
-class Dataset(Protocol):
-    """What the run trains on: N items; `batch(indices, step)` builds the Batch of those rows."""
-
-    def __len__(self) -> int: ...
-
-    def batch(self, indices: Sequence[int], step: int) -> Batch: ...
-
-    def fingerprint(self) -> str: ...
-
-
-class TensorDataset:
-    """Latents [N, C, h, w] (model space) with conditioning of batch N and an unconditional of batch 1 or N."""
-
-    def __init__(self, latents: Tensor, cond: Conditioning, uncond: Conditioning):
-        if cond.batch_size != latents.shape[0]:
-            raise ValueError(f"{cond.batch_size} conditionings for {latents.shape[0]} latents")
-        self.latents, self.cond, self.uncond = latents, cond, uncond
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def batch(self, indices: Sequence[int], step: int) -> Batch:
-        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.latents.device)
-        uncond = self.uncond if self.uncond.batch_size == 1 else self.uncond[index.to(_cond_device(self.uncond))]
-        return Batch(self.latents.index_select(0, index), self.cond[index.to(_cond_device(self.cond))], uncond)
-
-    def fingerprint(self) -> str:
-        return tensor_fingerprint(
-            [("latents", self.latents)] + _conditioning_tensors("cond", self.cond) + _conditioning_tensors("uncond", self.uncond)
-        )
-
-
-def _cond_device(cond: Conditioning) -> torch.device:
-    return cond.encoder_hidden_states.device
-
-
-def _conditioning_tensors(prefix: str, cond: Conditioning) -> list[tuple[str, Tensor]]:
-    tensors = [(f"{prefix}.{name}", getattr(cond, name)) for name in ("encoder_hidden_states", "pooled", "time_ids", "attention_mask")]
-    tensors += [(f"{prefix}.extra.{k}", v) for k, v in sorted(cond.extra.items())]
-    return [(k, v) for k, v in tensors if v is not None]
-
-
-# --------------------------------------------------------------------------------------------------
-# Fingerprints
-# --------------------------------------------------------------------------------------------------
-
-
-_CHECKSUM_CHUNK = 1 << 22  # elements per int64 pass (bounded temporary memory)
-_WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-_KNUTH = 2 * 2_654_435_761  # weights 2 K i + 1: odd for every position i
-_BASE_WEIGHTS: dict[torch.device, Tensor] = {}
-
-
-def _checksums(tensor: Tensor) -> tuple[int, int]:
-    """Two exact integer checksums of a tensor's bits, computed where the tensor lives (GPU or CPU): the sum of
-    its words and their sum weighted by 2 K i + 1 at position i, both mod 2^64 (wrapping int64 arithmetic is
-    exact, so every device gives the same numbers). Any change of one element changes the weighted sum; this
-    detects changed weights, it is not a cryptographic hash."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    words = flat.view(_WORD_DTYPES[flat.element_size()])
-    base = _BASE_WEIGHTS.get(words.device)
-    if base is None:
-        base = _BASE_WEIGHTS[words.device] = torch.arange(_CHECKSUM_CHUNK, device=words.device, dtype=torch.int64) * _KNUTH + 1
-    plain = weighted = 0
-    for start in range(0, words.numel(), _CHECKSUM_CHUNK):
-        chunk = words[start : start + _CHECKSUM_CHUNK].to(torch.int64)
-        chunk_sum = int(chunk.sum())
-        # sum_j w_j (2K (start + j) + 1) = sum_j w_j (2K j + 1) + 2K start sum_j w_j
-        weighted += int((chunk * base[: chunk.numel()]).sum()) + _KNUTH * start * chunk_sum
-        plain += chunk_sum
-    return plain % 2**64, weighted % 2**64
-
-
-def tensor_fingerprint(named: Sequence[tuple[str, Tensor]]) -> str:
-    """sha256 over the names, shapes, dtypes and exact bit checksums of every tensor (see _checksums)."""
-    digest = hashlib.sha256()
-    for name, tensor in named:
-        plain, weighted = _checksums(tensor)
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{plain}|{weighted}\n".encode())
-    return digest.hexdigest()[:32]
-
-
-def teacher_fingerprint(denoiser) -> str:
-    """Every frozen tensor of the network the trainer uses (LoRA adapters excluded, peft's `.base_layer`
-    wrapper names folded back), so a teacher with other weights or other patches baked in differs."""
-    module = denoiser.lora_module
-    named = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers()) if "lora_" not in n]
-    named = sorted(((n.replace(".base_layer", ""), t) for n, t in named), key=lambda item: item[0])
-    return tensor_fingerprint(named)
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings and LoRA initialisation
+# Settings
 # --------------------------------------------------------------------------------------------------
 
 
@@ -265,27 +140,6 @@ def run_settings(config: DistillConfig, **extra) -> dict[str, Any]:
     )
     settings.update({k: _plain(v) for k, v in extra.items()})
     return settings
-
-
-def _module_seed(seed: int, path: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
-
-
-def init_lora(distiller: FlashDistiller, seed: int, canonical: Callable[[str], str] | None = None) -> None:
-    """Re-draw the student's LoRA start: lora_A ~ N(0, 1/r^2) (peft's "gaussian" init), lora_B = 0, each module
-    from its own generator seeded by (seed, its canonical path). peft draws in module order, which differs
-    between backends (ComfyUI's LDM UNet vs diffusers'); this start is the same on every backend."""
-    canonical = canonical or (lambda path: path)
-    with torch.no_grad():
-        for name, param in distiller.denoiser.named_lora_parameters():
-            module = name.split(".lora_")[0]
-            if ".lora_A." in name:
-                rank = param.shape[0]
-                generator = torch.Generator().manual_seed(_module_seed(seed, canonical(module)))
-                values = torch.randn(param.shape, generator=generator, dtype=torch.float32) / rank  # std 1/r
-                param.copy_(values.to(param.device, param.dtype))
-            elif ".lora_B." in name:
-                param.zero_()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,12 +224,17 @@ class RunHooks:
 # --------------------------------------------------------------------------------------------------
 
 
+def rank_file_name(process_index: int, suffix: str = CHECKPOINT_SUFFIX) -> str:
+    """One process's file of a checkpoint (its RNG states)."""
+    return f"rank-{process_index}{suffix}"
+
+
 def _step_of(folder: Path) -> int:
     return int(folder.name[len(CHECKPOINT_PREFIX):])
 
 
 class CheckpointStore:
-    """root/step-000500/{state.pt, rank-<r>.pt, meta.json}, root/latest. Every file is written atomically into a
+    """root/step-000500/{state.flashckpt, rank-<r>.flashckpt, meta.json}, root/latest. Every file is written atomically into a
     staging folder that is renamed when complete; meta.json marks a complete checkpoint. After a save, the
     `keep` newest checkpoints up to the saved step stay; checkpoints of later steps (an abandoned run that went
     further before a fresh start) are removed once the new run has one."""
@@ -418,7 +277,7 @@ class CheckpointStore:
         self.barrier()
         state = run.distiller.state_dict()
         rank_state = {key: state.pop(key) for key in RANK_KEYS if key in state}
-        torch_save_atomic(rank_state, staging / f"rank-{self.process_index}.pt")
+        torch_save_atomic(rank_state, staging / rank_file_name(self.process_index))
         if self.is_main:
             torch_save_atomic({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
@@ -447,15 +306,16 @@ class CheckpointStore:
     def load(self, folder: str | os.PathLike) -> dict:
         """The checkpoint's state with this process's RNG states merged in (weights_only: no arbitrary objects)."""
         folder = Path(folder)
+        suffix = CHECKPOINT_SUFFIX if (folder / STATE_FILE).is_file() or not (folder / f"state{LEGACY_SUFFIX}").is_file() else LEGACY_SUFFIX
         try:
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(folder / f"state{suffix}", map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise CheckpointError(f"{folder} is not a checkpoint of this version (no {STATE_FILE}); start fresh") from None
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
             raise CheckpointError(f"the checkpoint {folder / STATE_FILE} cannot be read ({err}); delete it or start fresh") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"{folder} is not a version-{CHECKPOINT_VERSION} Flash checkpoint; delete it or start fresh")
-        rank_file = folder / f"rank-{self.process_index}.pt"
+        rank_file = folder / rank_file_name(self.process_index, suffix)
         if state.get("num_processes", 1) != self.num_processes or not rank_file.is_file():
             raise CheckpointError(
                 f"{folder} was saved by {state.get('num_processes')} processes, this run has {self.num_processes}; "
@@ -621,10 +481,11 @@ class Run:
                 raise NonFiniteError(step + 1, f"the loss '{bad[0]}'", self._cause(), self._saved())
             done = distiller.step
             self.history.append({"step": done, **logs})
-            image = self.preview.image() if self.preview is not None and preview_due(done, total, self.preview_every) else None
             rate = (time.perf_counter() - started) / max(1, done - start_step)
-            try:  # the step's log line is written before its checkpoint, so a kill between them loses nothing
-                self.hooks.on_step(StepReport(done, total, logs, rate, image))
+            try:  # the step is finished: a Cancel (or any exception) in its preview or its report keeps it
+                due = self.preview is not None and preview_due(done, total, self.preview_every)
+                image = self.preview.image() if due else None  # teacher solve, student samples, decode: any may raise
+                self.hooks.on_step(StepReport(done, total, logs, rate, image))  # log line before the checkpoint
             except BaseException:
                 if self.num_processes == 1:  # (a collective save cannot run on one process alone)
                     self._checkpoint()  # a cancel: the state after the last finished step
@@ -660,12 +521,13 @@ def _unwrap_optimizer(optimizer):
 EXPORT_KINDS = ("comfyui", "diffusers", "peft")
 
 
-def lora_modules(distiller: FlashDistiller, path_map: Mapping[str, str] | None = None) -> list[lora_formats.LoraModule]:
-    """The student's LoRA as lora_formats modules, in EXPORT_DTYPE, with module paths renamed by path_map
-    (the node: ComfyUI LDM path -> diffusers path), so every front end writes the same names."""
+def lora_modules(distiller: FlashDistiller) -> list[lora_formats.LoraModule]:
+    """The student's LoRA as lora_formats modules, in EXPORT_DTYPE, under the denoiser's diffusers module paths
+    (Denoiser.lora_path: ComfyDenoiser maps ComfyUI's LDM paths), so every front end writes the same names."""
     tensors = {k: v.detach().to("cpu", EXPORT_DTYPE) for k, v in distiller.lora_state_dict().items()}
     modules = lora_formats.modules_from_peft_state_dict(tensors, distiller.recipe.lora_alpha)
-    return lora_formats.rename_modules(modules, path_map) if path_map else modules
+    paths = {m.path: distiller.denoiser.lora_path(m.path) for m in modules}
+    return modules if all(old == new for old, new in paths.items()) else lora_formats.rename_modules(modules, paths)
 
 
 def sampling_timesteps(distiller: FlashDistiller, steps: int) -> list[int]:
@@ -675,16 +537,13 @@ def sampling_timesteps(distiller: FlashDistiller, steps: int) -> list[int]:
     return trailing_timesteps(steps)
 
 
-RECOMMENDED_CFG = 1.0  # Flash students are distilled with the teacher's guidance: one model call per step
-
-
 def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], history: Sequence[Mapping[str, float]], *,
                   base_model: str, teacher: str | None = None, recommended_steps: int | None = None,
                   trained_for: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The one metadata schema: kohya's ss_* (LoRA managers show rank / alpha / base) and Flash's flash.* keys.
 
     `trained_for` is the stack the teacher was (base checkpoint name + sha256, LoRAs with strengths: what
-    nodes/stack.describe_stack returns); `sampling_settings` reads the sampling keys back. `recommended_steps`:
+    nodes/stack.describe_stack returns); lora_formats.sampling_settings reads the sampling keys back. `recommended_steps`:
     the sampling steps FlashSampler defaults to (default: the student grid the recipe trains, 4)."""
     recipe = distiller.recipe
     steps = recommended_steps or recipe.student_steps
@@ -727,51 +586,6 @@ def lora_metadata(distiller: FlashDistiller, settings: Mapping[str, Any], histor
     }
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What a Flash LoRA file says about sampling it (read from lora_metadata's flash.* keys)."""
-
-    steps: int  # recommended sampling steps (flash.recommended_steps)
-    cfg: float
-    timesteps: tuple[int, ...]  # the grid of `steps` steps in model timesteps (trailing DDPM, or flow sigma * 1000)
-    prediction_type: str | None
-    trained_for: dict | None  # the stack the student was distilled from, None when not recorded
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "cfg": self.cfg, "timesteps": list(self.timesteps),
-                "prediction_type": self.prediction_type, "trained_for": self.trained_for}
-
-
-def sampling_settings(metadata: Mapping[str, str], source: str = "the LoRA") -> SamplingSettings | None:
-    """The sampling settings recorded in a Flash LoRA's metadata, or None for files without flash.* keys
-    (official flash-sd / flash-sdxl / PixArt / SD3 releases: the sampler keeps its own defaults). Files written
-    before recommended_steps existed use flash.nfe (read as an alias). A malformed value raises ValueError naming
-    the key."""
-    if "flash.format_version" not in metadata:
-        return None
-
-    def parse(key: str, convert, default=None):
-        raw = metadata.get(key, "")
-        if raw == "":
-            return default
-        try:
-            return convert(raw)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: metadata key '{key}' has an unreadable value {raw!r} ({err}); re-export the "
-                             "LoRA or remove the key.") from None
-
-    steps = parse("flash.recommended_steps", int) or parse("flash.nfe", int)
-    if not steps:
-        return None
-    trained_for = parse("flash.trained_for", json.loads)
-    return SamplingSettings(
-        steps=steps, cfg=parse("flash.recommended_cfg", float, RECOMMENDED_CFG),
-        timesteps=tuple(int(t) for t in parse("flash.timesteps", json.loads, [])),
-        prediction_type=metadata.get("flash.prediction_type") or None,
-        trained_for=trained_for if isinstance(trained_for, dict) else None,
-    )
-
-
 __all__ = [
     "EXPORT_DTYPE",
     "Batch",
@@ -783,16 +597,13 @@ __all__ = [
     "ResumeMismatchError",
     "Run",
     "RunHooks",
-    "SamplingSettings",
     "StepReport",
     "TensorDataset",
     "batch_indices",
-    "init_lora",
     "lora_metadata",
     "lora_modules",
     "preview_due",
     "run_settings",
-    "sampling_settings",
     "teacher_fingerprint",
     "tensor_fingerprint",
 ]

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flash_core import batches, fingerprints
 from flash_core.denoiser import Conditioning
 from flash_core.distill import (
     DistillConfig,
@@ -242,16 +243,12 @@ def _device_of(denoiser, device) -> torch.device:
 def solve_targets(denoiser, config: DistillConfig, dataset, items: Sequence[tuple[int, int]], num_processes: int = 1,
                  device=None, teacher_batch: int | None = None) -> dict[str, Tensor]:
     """The targets of (step, process) items, solved grouped by grid index in batches of `teacher_batch` samples;
-    rows in item order. The inputs are exactly the training run's (run.batch_indices, distill.target_inputs)."""
-    from flash_core.run import (
-        batch_indices,  # run imports this module's users; import late
-    )
-
+    rows in item order. The inputs are exactly the training run's (batches.batch_indices, distill.target_inputs)."""
     recipe, device = config.recipe(), _device_of(denoiser, device)
     grid = training_grid(denoiser, recipe.teacher_grid_steps, recipe.student_steps)
     samples: list[dict[str, Any]] = []
     for step, process in items:
-        indices = batch_indices(config.seed, step, len(dataset), recipe.batch_size, process, num_processes)
+        indices = batches.batch_indices(config.seed, step, len(dataset), recipe.batch_size, process, num_processes)
         batch = dataset.batch(indices, step)
         latents = batch.latents.to(device, torch.float32)
         inputs = target_inputs(config, step, process, latents.shape)
@@ -318,11 +315,9 @@ def build_target_cache(
     refused (TargetCacheMismatchError). progress(done_shards, total_shards) after each shard."""
     from safetensors.torch import save_file
 
-    from flash_core.run import teacher_fingerprint as fingerprint_teacher
-
     folder = Path(folder)
     expected = cache_manifest(
-        config, teacher_fingerprint if teacher_fingerprint is not None else fingerprint_teacher(denoiser),
+        config, teacher_fingerprint if teacher_fingerprint is not None else fingerprints.teacher_fingerprint(denoiser),
         dataset_fingerprint if dataset_fingerprint is not None else dataset.fingerprint(), num_processes,
     )
     if (folder / MANIFEST_FILE).is_file():

@@ -30,6 +30,7 @@ from typing import Any
 import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
+import comfy.utils
 import torch
 import torch.utils.checkpoint
 from comfy.ldm.modules.diffusionmodules.openaimodel import (
@@ -39,7 +40,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (
 )
 from torch import Tensor, nn
 
-from flash_core import parameterization
+from flash_core import lora_formats, parameterization
 from flash_core.backbones import BACKBONES
 from flash_core.denoiser import Conditioning, Denoiser
 
@@ -229,6 +230,11 @@ def _unchecked(module: nn.Module) -> None:
         del module._flash_forward
 
 
+# transformer_options entries ComfyUI fills per call or per run (not the teacher's identity)
+VOLATILE_OPTIONS = ("sigmas", "sample_sigmas", "cond_or_uncond", "uuids", "transformer_index",
+                    "block_index", "block", "original_shape", "patches_replace_cache", "activations_shape")
+
+
 class ComfyDenoiser(Denoiser):
     """flash_core Denoiser over a private copy of a ComfyUI MODEL's UNet (SD1.5 / SDXL).
 
@@ -253,8 +259,28 @@ class ComfyDenoiser(Denoiser):
         self.encoder_feature_channels = int(unet_config["model_channels"] * unet_config["channel_mult"][-1])
         self.transformer_options = copy.copy(model.model_options.get("transformer_options", {}))
         self.dtype = self.base_model.manual_cast_dtype or self.base_model.get_dtype()
+        # ComfyUI (LDM) module path -> diffusers module path: the LoRA is initialised and written under diffusers'
+        # names, like flash-distill's, so both front ends start from and write the same LoRA
+        self._lora_paths = lora_formats.module_path_map(comfy.utils.unet_to_diffusers(unet_config), invert=True)
+
+    def identity(self) -> dict:
+        """Denoiser.identity plus what ComfyUI puts around the network: the model_sampling object (its class
+        says eps / v-prediction / zero-terminal-SNR; its sigmas are the schedule) and every transformer_options
+        patch the teacher runs with (FreeU's block patches, attention patches...), described by
+        flash_core.fingerprints.describe, which refuses what it cannot describe."""
+        sampling = self.model_sampling
+        return {**super().identity(), "model_sampling": [f"{c.__module__}.{c.__qualname__}" for c in type(sampling).__mro__],
+                "transformer_options": {k: v for k, v in self.transformer_options.items() if k not in VOLATILE_OPTIONS}}
 
     # ---- LoRA (flash_core's Denoiser.add_lora: float32 adapters on the copy) --------------------------
+    def lora_path(self, module: str) -> str:
+        """The diffusers path of a ComfyUI UNet module (Denoiser.lora_path)."""
+        try:
+            return self._lora_paths[module]
+        except KeyError:
+            raise ValueError(f"the ComfyUI UNet module '{module}' has no diffusers name (comfy.utils.unet_to_diffusers "
+                             "of this model's config): its LoRA could not be written in the shared layout") from None
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint every input / middle / output block of ComfyUI's UNetModel (recompute in backward)."""
         dm = self.diffusion_model

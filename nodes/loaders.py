@@ -8,13 +8,14 @@ the alpha rules and maps every key, or raises an error naming the keys that do n
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.lora
 import folder_paths
 from comfy_api.latest import io
 
 from flash_core import lora_formats
-from flash_core.run import sampling_settings
+from flash_core.lora_formats.metadata import sampling_settings
 
 LOG = logging.getLogger(__name__)
 MODEL_OPTIONS_KEY = "flash"  # model_options[MODEL_OPTIONS_KEY]: what FlashLoRALoader read from the file
@@ -92,6 +93,9 @@ class FlashLoRALoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name: str, strength_model: float = 1.0, strength_clip: float = 1.0,
                 clip=None) -> io.NodeOutput:
+        for name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+            if not math.isfinite(float(value)):  # /prompt's min/max checks let NaN through
+                raise ValueError(f"Flash LoRA Loader: {name} is {value}; give a number (1.0 = the trained scale).")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         lora = lora_formats.read_lora(path)
         for warning in lora.warnings:

@@ -10,6 +10,7 @@ flash_core.schedules; nothing here computes a timestep.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 
 import comfy.model_sampling
@@ -244,6 +245,9 @@ def sampling_defaults(model, steps: int, cfg: float, prompt=None, node_id=None) 
     MODEL carries (FlashLoRALoader / FlashDistillTrain put them in model_options), else DEFAULT_STEPS / 1.0.
     When the stack under the sampler is not the one the LoRA was distilled for, a warning (never an error)
     names both in the log and in the UI."""
+    if not math.isfinite(float(cfg)):  # /prompt's min/max checks let NaN through
+        raise ValueError(f"FlashSampler: cfg is {cfg}; give a number (0 = the Flash LoRA's, 1.0 for one model call "
+                         "per step).")
     settings = flash_sampling_of(model)
     if settings is not None:
         mismatch = stack_mismatch(settings, prompt, node_id)

@@ -272,28 +272,22 @@ def image_output(image: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def lora_path_map(model) -> dict[str, str]:
-    """ComfyUI (LDM) UNet module path -> diffusers module path: the node writes and initialises its LoRA under
-    diffusers' names, like flash-distill, so both front ends start from and write the same LoRA."""
-    diffusers_to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    return lora_formats.module_path_map(diffusers_to_ldm, invert=True)
-
-
-def export_lora(distiller: FlashDistiller, path_map: dict[str, str], backbone: str,
-                metadata: dict[str, str] | None = None) -> lora_formats.LoraExport:
+def export_lora(distiller: FlashDistiller, backbone: str, metadata: dict[str, str] | None = None) -> lora_formats.LoraExport:
     """The student LoRA as the ComfyUI-native export (kohya ``lora_unet_<diffusers path>`` keys with alphas) in
     flash_core.run's export dtype: the same file flash-distill writes."""
-    modules = run.lora_modules(distiller, path_map)
+    modules = run.lora_modules(distiller)
     return lora_formats.build_lora_export(modules, backbone, "comfyui", metadata=metadata, dtype=run.EXPORT_DTYPE)
 
 
-def same_tensors(path: str, tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether the LoRA file at `path` holds exactly `tensors` (a finished run's own output)."""
+def stored_lora(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, str] | None:
+    """The metadata of the LoRA file at `path` when it holds exactly `tensors` (a finished run's own output),
+    else None."""
     try:
-        stored, _ = lora_formats.load_safetensors(path)
+        stored, metadata = lora_formats.load_safetensors(path)
     except (OSError, ValueError):
-        return False
-    return stored.keys() == tensors.keys() and all(torch.equal(stored[k], tensors[k].cpu()) for k in tensors)
+        return None
+    same = stored.keys() == tensors.keys() and all(torch.equal(stored[k], tensors[k].cpu()) for k in tensors)
+    return dict(metadata or {}) if same else None
 
 
 def student_model(model, lora: dict[str, torch.Tensor]):
@@ -390,7 +384,9 @@ class FlashDistillTrain(io.ComfyNode):
                 io.Int.Input("nfe", display_name="recommended_steps", default=4, min=1, max=MAX_RECOMMENDED_STEPS,
                              tooltip="Sampling steps recorded in the LoRA: Flash Sampler at steps 0 uses them. The "
                              "student is trained on the recipe's 4-step grid."),
-                io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank; 0 = recipe (SD1.5 128, SDXL 64)."),
+                io.Int.Input("rank", default=0, min=0, max=256,
+                             tooltip="LoRA rank; 0 = recipe (SD1.5 128, SDXL 64). Alpha follows the rank so the LoRA "
+                                     "keeps the recipe's scale alpha/rank (SD1.5, SDXL 1.0; PixArt, SD3 0.125)."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-7,
                                tooltip="AdamW learning rate; 0 = recipe (1e-5)."),
                 io.Float.Input("guidance_min", default=0.0, min=0.0, max=30.0, step=0.1,
@@ -466,7 +462,7 @@ def distill_config(backbone: str, total_steps: int, rank: int, learning_rate: fl
         raise TrainingInputError(f"{NODE}: guidance_max ({guidance_max}) is below guidance_min ({guidance_min}).")
     guidance = None if guidance_min == 0 and guidance_max == 0 else (guidance_min, guidance_max)
     overrides = dict(
-        batch_size=batch_size or None, lora_rank=rank or None, lora_alpha=rank or None,  # alpha = rank (recipe rule)
+        batch_size=batch_size or None, lora_rank=rank or None,  # alpha: recipes.lora_alpha_for_rank (the recipe's scale)
         lr=learning_rate or None, guidance_range=guidance, teacher_grid_steps=teacher_grid_steps or None,
         distill_weights=parse_phase_weights(distill_weights, "distill_weights", recipe.num_phases),
         adversarial_weights=parse_phase_weights(adversarial_weights, "adversarial_weights", recipe.num_phases),
@@ -534,9 +530,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
         uncond_all = to_conditioning(uncond_entries, hw, backbone)
         denoiser = ComfyDenoiser(model, device=device)
         distiller = FlashDistiller(denoiser, config, device=denoiser.device)
-        path_map = lora_path_map(model)
         latent_format = denoiser.latent_format
-        run.init_lora(distiller, config.seed, lambda path: path_map.get(path, path))
         recipe = distiller.recipe
         dataset = run.TensorDataset(denoiser.process_in(data).to(denoiser.device),  # VAE latents -> model space
                                     cond_all.to(denoiser.device), uncond_all.to(denoiser.device))
@@ -582,14 +576,15 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
         metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
                                      teacher=trainer.fingerprints["teacher"], recommended_steps=recommended_steps,
                                      trained_for=trained_for)
-        export = export_lora(distiller, path_map, backbone, metadata)
+        export = export_lora(distiller, backbone, metadata)
         lora = export.tensors
-        if os.path.exists(lora_path) and not overwrite:
-            if not same_tensors(lora_path, lora):  # another file of that name, not this finished run's
-                raise already_exists
+        stored_metadata = stored_lora(lora_path, lora) if os.path.exists(lora_path) and not overwrite else None
+        if os.path.exists(lora_path) and not overwrite and stored_metadata is None:
+            raise already_exists  # another file of that name, not this finished run's
+        if stored_metadata == export.metadata:
             LOG.info("%s: '%s' is already this run's LoRA (step %d of %d); not written again.", NODE, lora_path,
                      distiller.step, total_steps)
-        else:
+        else:  # a new file, an overwrite, or this run's weights re-queued with other metadata (steps, stack)
             try:
                 lora_formats.save_lora(lora_path, lora, export.metadata)
             except OSError as err:
@@ -605,7 +600,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
         gc.collect()
         comfy.model_management.soft_empty_cache()
         student = student_model(model, lora)
-        settings = run.sampling_settings(export.metadata)
+        settings = lora_formats.sampling_settings(export.metadata)
         if settings is not None:  # Flash Sampler on the student output configures itself like after FlashLoRALoader
             with_flash_sampling(student, settings.as_dict(), f"{OUTPUT_SUBFOLDER}/{name}.safetensors")
         return student, lora, loss_map, grid

@@ -103,6 +103,35 @@ def test_nothing_outside_tests_imports_tests():
         "\n".join(offenders)
 
 
+def _imports_of(relative: str) -> list[str]:
+    return [module for _, module in imported_modules(REPO_ROOT / relative)]
+
+
+def _module_imports(prefix: str) -> dict[str, list[str]]:
+    """{file: its imported modules} for the files of a dotted package prefix ("flash_core", "training.cli")."""
+    folder = REPO_ROOT.joinpath(*prefix.split("."))
+    files = [folder.with_suffix(".py")] if folder.with_suffix(".py").is_file() else sorted(folder.rglob("*.py"))
+    return {str(f.relative_to(REPO_ROOT)): [m for _, m in imported_modules(f)] for f in files}
+
+
+def test_the_product_imports_no_test_fixtures():
+    """flash_core, nodes/ and the flash-distill CLI (training/cli, training/data.py) run where a pip install put
+    them: they import nothing from training.fixtures (developer fixtures: tiny models, servers, the browser)."""
+    offenders = [f"{f} imports {m}" for prefix in ("flash_core", "nodes", "training.cli", "training.data")
+                 for f, modules in _module_imports(prefix).items() for m in modules if m.startswith("training.fixtures")]
+    assert not offenders, offenders
+
+
+def test_the_lora_loader_imports_no_training_code_and_the_cache_does_not_import_the_loop():
+    """Reading a LoRA needs no trainer (nodes/loaders.py reads its metadata through lora_formats), and the target
+    cache sits below the loop (flash_core.run imports target_cache's users, never the reverse: no cycle)."""
+    training_modules = ("flash_core.run", "flash_core.distill", "flash_core.target_cache", "training")
+    assert not [m for m in _imports_of("nodes/loaders.py") if m.startswith(training_modules)]
+    assert not [m for m in _imports_of("flash_core/target_cache.py") if m.startswith("flash_core.run")]
+    for low in ("flash_core/batches.py", "flash_core/fingerprints.py", "flash_core/lora_formats/metadata.py"):
+        assert not [m for m in _imports_of(low) if m.startswith(("flash_core.run", "flash_core.target_cache"))], low
+
+
 def test_the_files_checked_include_every_layer():
     layers = {(_package_of(path) or ["."])[0] for path in _python_files()}
     assert {"flash_core", "nodes", "training", "tests", "bench", "workflows"} <= layers, layers

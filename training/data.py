@@ -70,6 +70,7 @@ class RawItem:
     caption: str
     load: Callable[[], PIL.Image.Image]
     check: Callable[[], None] | None = None  # a cheap integrity check without decoding (image files)
+    source: Path | None = None  # the file its pixels come from (folder datasets): what the data fingerprint hashes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,16 +161,26 @@ def list_folder_items(folder: Path, captions: Path | None = None) -> list[RawIte
             raise DataError(
                 f"caption file missing for {image}: expected {sidecar} (or give a captions .jsonl with data.captions)"
             )
-        caption = sidecar.read_text(encoding="utf-8").strip()
-        items.append(RawItem(str(image.relative_to(folder)), caption, _open_image_file(image), _check_image_file(image)))
+        caption = _read_text(sidecar).strip()
+        items.append(RawItem(str(image.relative_to(folder)), caption, _open_image_file(image), _check_image_file(image),
+                             image))
     return items
+
+
+def _read_text(path: Path) -> str:
+    """A caption file as UTF-8, or a DataError naming the file and the fix (not a UnicodeDecodeError)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"caption file {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _items_from_jsonl(folder: Path, captions: Path) -> list[RawItem]:
     if not captions.is_file():
         raise DataError(f"captions file {captions} does not exist")
     items = []
-    for number, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(captions).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -183,7 +194,7 @@ def _items_from_jsonl(folder: Path, captions: Path) -> list[RawItem]:
         image = folder / file_name
         if not image.is_file():
             raise DataError(f"{captions} line {number}: image {image} not found")
-        items.append(RawItem(file_name, text.strip(), _open_image_file(image), _check_image_file(image)))
+        items.append(RawItem(file_name, text.strip(), _open_image_file(image), _check_image_file(image), image))
     if not items:
         raise DataError(f"no images found in {folder}: captions file {captions} lists none")
     return items
@@ -292,26 +303,30 @@ def resize_and_crop(image, resolution: int) -> torch.Tensor:
 
 
 def dataset_fingerprint(spec: DataSpec) -> str:
-    """What identifies the data: file names, sizes, mtimes and captions (folder) or the datasets fingerprint."""
+    """What identifies the data. Folder datasets: the content (sha256) of every file the item list reads (each
+    image, wherever captions.jsonl points: sub-folders, `../`, absolute paths), with its name and caption, and
+    the captions file itself; so a replaced image of the same size and time, or a changed caption, is another
+    dataset. Hugging Face datasets: the datasets library's own fingerprint."""
     digest = hashlib.sha256()
     kind = resolve_kind(spec)
     path = Path(spec.path).resolve()
-    digest.update(f"{kind}|{path}|{spec.max_items}".encode())
+    digest.update(f"{kind}|{spec.max_items}".encode())
     if kind == "hf":
         dataset = _load_hf_dataset(spec)
-        digest.update(f"{getattr(dataset, '_fingerprint', '')}|{len(dataset)}|{spec.image_column}|{spec.text_column}|{spec.split}".encode())
+        digest.update(f"{path}|{getattr(dataset, '_fingerprint', '')}|{len(dataset)}|{spec.image_column}|{spec.text_column}|{spec.split}".encode())
         return digest.hexdigest()
-    captions = spec.captions
-    if captions is None and (path / CAPTIONS_JSONL).is_file():
-        captions = path / CAPTIONS_JSONL
-    files = _find_images(path) if path.is_dir() else []
-    if captions is not None and Path(captions).is_file():
-        files.append(Path(captions))
-    else:
-        files += [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]
-    for file in sorted(files):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if file.is_relative_to(path) else file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for item in list_items(spec):
+        digest.update(f"{item.name}|{item.caption}|{_file_sha256(item.source)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path | None) -> str:
+    if path is None:
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -32,6 +32,7 @@ One job per file, in the order a file travels:
   * ``normalise``: a state dict of any format -> :class:`LoraFile` of :class:`LoraModule`.
   * ``mapping``: modules -> a model's weights, with diagnostics; ComfyUI's ``load_lora`` input shape.
   * ``export``: modules -> kohya / ComfyUI, diffusers or PEFT files, written atomically.
+  * ``metadata``: what a Flash LoRA's ``flash.*`` keys say about sampling it, checked as read.
   * ``modules``: the records and errors they all share.
 
 Every name is importable from ``flash_core.lora_formats`` itself.
@@ -68,6 +69,7 @@ from flash_core.lora_formats.mapping import (
     lora_base_evidence,
     map_lora,
 )
+from flash_core.lora_formats.metadata import RECOMMENDED_CFG, SamplingSettings, sampling_settings
 from flash_core.lora_formats.modules import (
     BARE,
     COMFYUI,
@@ -90,6 +92,7 @@ from flash_core.lora_formats.read import find_adapter_config, load_safetensors, 
 from flash_core.lora_formats.recognise import detect_format, flatten
 
 __all__ = [
+    "RECOMMENDED_CFG", "SamplingSettings", "sampling_settings",
     "ADAPTER_CONFIG_NAME", "BARE", "COMFYUI", "COMPONENTS", "DIFFUSERS", "DIFFUSERS_METADATA_KEY",
     "EXPORT_FORMATS", "KOHYA", "PEFT", "PICKLE_SUFFIXES", "TEXT_ENCODER", "TEXT_ENCODER_2", "UNAVAILABLE_EXPORTS",
     "UNET", "LoraExport", "LoraFile", "LoraFormatError", "LoraMappingError", "LoraModule", "LoraPlan",

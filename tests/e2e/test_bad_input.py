@@ -92,5 +92,14 @@ def test_steps_or_denoise_out_of_range(server, field, value):
     entry = server.run(workflow)
     assert_failed_cleanly(server, entry, field)
 
+@pytest.mark.parametrize("node,field", [("6", "cfg"), ("2", "strength_model"), ("2", "strength_clip")])
+def test_nan_numbers_through_prompt_are_refused(server, node, field):
+    """/prompt's min/max checks let NaN through (JSON's NaN): the node refuses it instead of drawing a black image."""
+    workflow = small(load_api_workflow("flash_txt2img"))
+    workflow[node]["inputs"][field] = float("nan")
+    entry = server.run(workflow)
+    assert_failed_cleanly(server, entry, field, "nan")
+
+
 # A wrong-channel latent is checked in-process (tests/nodes/test_sampling.py): through the server, an
 # *empty* 16-channel latent is silently resized by ComfyUI's fix_empty_latent_channels before sampling.

@@ -153,7 +153,7 @@ def test_interrupt_leaves_checkpoint_and_the_resumed_run_finishes(server, models
         assert not lora_file(models_root, name).exists()  # no partial LoRA
         assert not [p for p in (models_root / "loras" / "flash").rglob(".tmp-*")]
         latest = checkpoints / (checkpoints / "latest").read_text().strip()
-        stopped_at = torch.load(latest / "state.pt", weights_only=True)["step"]
+        stopped_at = torch.load(latest / "state.flashckpt", weights_only=True)["step"]
         assert 2 <= stopped_at < steps  # Cancel stopped within a step of the request
 
         watcher.values.clear()

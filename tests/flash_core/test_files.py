@@ -165,3 +165,36 @@ def test_move_folder_into_place_keeps_the_first_complete_folder(tmp_path):
 def test_move_folder_into_place_names_the_target_when_it_cannot_move(tmp_path):
     with pytest.raises(files.FileWriteError, match="tiny-sd15"):
         files.move_folder_into_place(tmp_path / ".tmp-missing", tmp_path / "tiny-sd15")
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 64 KiB tmpfs (root only): writes on it fail the way a full disk fails."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_real_full_disk_names_the_file_and_keeps_the_previous_version(small_disk, writer):
+    """torch.save (RuntimeError from its C++ writer) and safetensors (SafetensorError) on a really full disk give
+    the one clear FileWriteError, not the library's message; the previous file and no temporary are left."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = small_disk / "state.flashckpt"
+    files.write_text_atomic(target, "previous")
+    big = {"x": torch.zeros(100_000)}
+    save = (lambda tmp: torch.save(big, tmp)) if writer == "torch.save" else (lambda tmp: save_file(big, tmp))
+    with pytest.raises(files.FileWriteError, match=r"state\.flashckpt.*the disk is full") as error:
+        files.write_atomic(target, save)
+    assert error.value.errno == errno.ENOSPC
+    assert target.read_text() == "previous"
+    assert [p.name for p in small_disk.iterdir()] == ["state.flashckpt"]

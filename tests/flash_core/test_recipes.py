@@ -6,7 +6,7 @@ import pytest
 
 from flash_core import schedules
 from flash_core.distill import DistillConfig
-from flash_core.recipes import RECIPES, Recipe, get_recipe
+from flash_core.recipes import RECIPES, Recipe, get_recipe, lora_alpha_for_rank
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -93,3 +93,15 @@ def test_config_rejects_bad_options():
         DistillConfig(dmd_weights=[0.1, 0.2])  # a bad override fails when the config is made
     with pytest.raises(ValueError, match="dmd_weights needs one weight per phase .4., each >= 0"):
         DistillConfig(dmd_weights=[0.1, -0.2, 0.3, 0.4])  # the CLI's config takes loss weights unparsed
+
+
+@pytest.mark.parametrize("backbone,rank,alpha", [("sd15", 32, 32), ("sdxl", 16, 16), ("pixart", 32, 4), ("sd3", 4, 0.5),
+                                                 ("sd15", 128, 128)])
+def test_a_rank_without_alpha_keeps_the_recipes_lora_scale(backbone, rank, alpha):
+    """One rule for node and CLI: alpha = rank x recipe alpha / recipe rank (a LoRA of any rank keeps the recipe's
+    scale); an explicit alpha wins."""
+    recipe = DistillConfig(backbone=backbone, lora_rank=rank).recipe()
+    assert (recipe.lora_rank, recipe.lora_alpha) == (rank, alpha)
+    base = get_recipe(backbone)
+    assert recipe.lora_alpha / recipe.lora_rank == base.lora_alpha / base.lora_rank == lora_alpha_for_rank(base, 1)
+    assert DistillConfig(backbone=backbone, lora_rank=rank, lora_alpha=7).recipe().lora_alpha == 7

@@ -29,7 +29,6 @@ def make_run(tmp_path, dataset=None, unet=None, hooks=None, **overrides) -> run.
     settings = {"total_steps": 4, "batch_size": 2, "lr": 1e-3}
     settings.update(overrides)
     distiller = FlashDistiller(UNetDenoiser(unet if unet is not None else tiny_sd15_unet()), tiny_config("sd15", **settings))
-    run.init_lora(distiller, distiller.config.seed)
     return run.Run(distiller, dataset if dataset is not None else tiny_dataset(), store=run.CheckpointStore(tmp_path / "ckpt", keep=2),
                    hooks=hooks, checkpoint_every=1)
 
@@ -109,17 +108,61 @@ def test_cancel_from_a_hook_checkpoints_the_finished_step_and_propagates(tmp_pat
     assert [p.name for p in trainer.store.list()] == ["step-000002"]
 
 
-def test_init_lora_is_per_module_and_independent_of_module_order(tmp_path):
+class CancelledInPreview(Exception):
+    """What ComfyUI's Cancel is to the run: an exception raised from inside any op."""
+
+
+@pytest.mark.parametrize("part", ["teacher solve", "student samples", "decode"])
+def test_cancel_inside_a_preview_keeps_a_checkpoint_of_the_finished_step(tmp_path, monkeypatch, part):
+    """The preview after step 2 raises in each of its parts (the teacher's solve, the student's few-step samples,
+    the VAE decode): the run stops with the exception and the checkpoint holds step 2, from which a resume
+    reproduces the uninterrupted run."""
+    reference = make_run(tmp_path / "reference")
+    reference.train()
+    trainer = make_run(tmp_path / "cancelled")
+    trainer.checkpoint_every = 0
+    data = trainer.dataset
+
+    def decode(latents):
+        if part == "decode":
+            raise CancelledInPreview(part)
+        return torch.sigmoid(latents[:, :3]).permute(0, 2, 3, 1)
+
+    trainer.preview = run.Preview(trainer.distiller, data.cond[torch.arange(2)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
+    trainer.preview_every = 2
+    if part == "teacher solve":
+        monkeypatch.setattr(run, "teacher_target", lambda *args, **kwargs: (_ for _ in ()).throw(CancelledInPreview(part)))
+    elif part == "student samples":
+        monkeypatch.setattr(trainer.distiller, "student_sample", lambda *args, **kwargs: (_ for _ in ()).throw(CancelledInPreview(part)))
+    with pytest.raises(CancelledInPreview):
+        trainer.train()
+    assert [p.name for p in trainer.store.list()] == ["step-000002"]
+    monkeypatch.undo()
+    resumed = make_run(tmp_path / "cancelled")
+    resumed.resume(resumed.store.latest())
+    resumed.train()
+    assert all(torch.equal(a, b) for a, b in zip(lora(resumed).values(), lora(reference).values()))
+
+
+def test_the_lora_start_is_drawn_once_per_module_from_its_diffusers_path(tmp_path, monkeypatch):
+    """FlashDistiller's add_lora draws the start once: lora_A ~ N(0, 1/r^2) per module from (seed, its diffusers
+    path: Denoiser.lora_path), lora_B = 0; no front end re-draws it. Other paths give another start, the same
+    paths the same one, whatever the module order."""
     trainer = make_run(tmp_path)
     names = dict(trainer.distiller.denoiser.named_lora_parameters())
     a_keys = [k for k in names if ".lora_A." in k]
     first = {k: names[k].detach().clone() for k in a_keys}
     assert all(float(names[k].abs().max()) == 0 for k in names if ".lora_B." in k)
+    denoiser = trainer.distiller.denoiser
     renamed = {k.split(".lora_")[0]: f"other.{i}" for i, k in enumerate(reversed(a_keys))}
-    run.init_lora(trainer.distiller, 0, renamed.__getitem__)  # other canonical names: another start
+    monkeypatch.setattr(denoiser, "lora_path", renamed.__getitem__)
+    denoiser.init_lora_weights(0)  # other diffusers paths: another start
     assert not torch.equal(names[a_keys[0]], first[a_keys[0]])
-    run.init_lora(trainer.distiller, 0)
+    monkeypatch.undo()
+    denoiser.init_lora_weights(0)
     assert all(torch.equal(names[k], first[k]) for k in a_keys)
+    again = make_run(tmp_path / "again")  # a new student of the same seed: the same start, nothing else to call
+    assert all(torch.equal(p, first[k]) for k, p in again.distiller.denoiser.named_lora_parameters() if k in first)
     std = torch.cat([v.flatten() for v in first.values()]).std()
     assert abs(float(std) - 1 / 4) < 0.03  # N(0, 1/r^2), r = 4
 
@@ -200,6 +243,21 @@ def test_resume_refuses_another_teacher_even_an_attention_weight(saved_run):
     assert len(caught.value.differences) == 1
 
 
+def test_the_teacher_fingerprint_covers_prediction_type_and_schedule():
+    """flash-distill's teacher folder switching its scheduler from epsilon to v_prediction (or another beta
+    schedule) is another teacher, the weights being the same."""
+    from flash_core.fingerprints import teacher_fingerprint
+    from flash_core.schedules import scaled_linear_alphas_cumprod
+
+    unet = tiny_sd15_unet()
+    eps = teacher_fingerprint(UNetDenoiser(unet))
+    assert teacher_fingerprint(UNetDenoiser(unet)) == eps
+    assert teacher_fingerprint(UNetDenoiser(unet, prediction_type="v_prediction")) != eps
+    other_schedule = scaled_linear_alphas_cumprod().clone()
+    other_schedule[-1] = 0.0  # zero terminal SNR
+    assert teacher_fingerprint(UNetDenoiser(unet, alphas_cumprod=other_schedule)) != eps
+
+
 def test_resume_refuses_other_data(saved_run):
     dataset = tiny_dataset()
     dataset.latents[3] += 0.5
@@ -218,6 +276,20 @@ def test_resume_allows_changes_when_asked_and_free_settings_always(saved_run):
     assert [d.split(":")[0] for d in differences] == ["lr"] and trainer.distiller.step == 2
     same = make_run(saved_run, mixed_precision="no", grad_checkpointing=True)  # how, not what: may change
     assert same.resume(same.store.latest()) == []
+
+
+def test_checkpoints_use_an_extension_no_model_folder_lists_and_earlier_pt_ones_still_resume(tmp_path):
+    """state / rank files end in .flashckpt (ComfyUI lists .pt / .ckpt files as models); a checkpoint written by an
+    earlier version (state.pt, rank-0.pt) still resumes."""
+    trainer = make_run(tmp_path, total_steps=2)
+    trainer.train()
+    folder = trainer.store.latest()
+    assert sorted(p.suffix for p in folder.iterdir()) == [".flashckpt", ".flashckpt", ".json"]
+    for path in folder.glob("*.flashckpt"):
+        path.rename(path.with_suffix(".pt"))
+    resumed = make_run(tmp_path, total_steps=2)
+    resumed.resume(folder)
+    assert resumed.distiller.step == 2
 
 
 def test_a_checkpoint_of_another_format_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""flash_core.run.sampling_settings: what a Flash LoRA's metadata tells the sampler (issue 12)."""
+"""flash_core.lora_formats.metadata.sampling_settings: what a Flash LoRA's metadata tells the sampler (issue 12)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flash_core.run import sampling_settings
+from flash_core.lora_formats.metadata import sampling_settings
 
 OURS = {"flash.format_version": "1", "flash.student_steps": "4", "flash.timesteps": "[999, 499]", "flash.recommended_steps": "2",
         "flash.recommended_cfg": "1", "flash.prediction_type": "epsilon",
@@ -35,3 +35,38 @@ def test_files_from_before_the_recommendation_keys_use_the_trained_nfe():
 def test_an_unreadable_value_names_the_key():
     with pytest.raises(ValueError, match="'flash.recommended_cfg'.*re-export"):
         sampling_settings({**OURS, "flash.recommended_cfg": "one"}, source="x.safetensors")
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("flash.recommended_cfg", "nan", "guidance scale"),
+    ("flash.recommended_cfg", "inf", "guidance scale"),
+    ("flash.recommended_cfg", "-2", "guidance scale"),
+    ("flash.recommended_cfg", "0", "guidance scale"),
+    ("flash.timesteps", "[499, 999]", "strictly decreasing"),
+    ("flash.timesteps", "[999, 999]", "strictly decreasing"),
+    ("flash.timesteps", "[4999, 499]", "outside 0-1000"),
+    ("flash.timesteps", "[999, -1]", "outside 0-1000"),
+    ("flash.timesteps", '{"a": 1}', "list of whole model timesteps"),
+    ("flash.timesteps", "[999.5, 499]", "list of whole model timesteps"),
+    ("flash.timesteps", '["999", 499]', "list of whole model timesteps"),
+    ("flash.timesteps", "[NaN, 499]", "list of whole model timesteps"),
+    ("flash.recommended_steps", "0", "outside 1-8"),
+    ("flash.recommended_steps", "-3", "outside 1-8"),
+    ("flash.recommended_steps", "1000", "outside 1-8"),
+])
+def test_metadata_that_would_sample_garbage_is_refused_naming_file_key_and_value(key, value, why):
+    """NaN / inf / negative cfg, reversed or out-of-range grids, impossible step counts: a clear error, never an
+    all-black image reported as success."""
+    with pytest.raises(ValueError) as error:
+        sampling_settings({**OURS, key: value}, source="Flash LoRA Loader: 'bad.safetensors'")
+    text = str(error.value)
+    assert "bad.safetensors" in text and key in text and repr(value) in text and why in text and "re-export" in text
+
+
+@pytest.mark.parametrize("raw", ["not json", "[1, 2]", '{"base": "x"}', '{"base": null, "loras": [1]}',
+                                 '{"base": null, "loras": [{"strength": "high"}]}', '{"base": null, "patches": 3}'])
+def test_a_malformed_stack_record_is_dropped_with_a_warning_and_sampling_goes_on(raw, caplog):
+    """flash.trained_for only feeds the stack-mismatch warning: a malformed one must not stop the sampler."""
+    settings = sampling_settings({**OURS, "flash.trained_for": raw}, source="x.safetensors")
+    assert settings is not None and settings.trained_for is None and settings.steps == 2
+    assert "flash.trained_for" in caplog.text and "x.safetensors" in caplog.text

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def make_run(cache=None, **overrides) -> run.Run:
     distiller = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", **{**SETTINGS, **overrides}))
-    run.init_lora(distiller, distiller.config.seed)
     return run.Run(distiller, tiny_dataset(), target_cache=cache)
 
 

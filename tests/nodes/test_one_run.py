@@ -26,7 +26,9 @@ from training.fixtures.comfy_env import REPO_ROOT, import_comfy, load_pack
 import_comfy()
 
 STEPS = 8  # two per phase: every loss (distillation, adversarial, DMD) takes part
-SETTINGS = {"rank": 4, "lr": 1e-3, "batch_size": 2, "seed": 0, "guidance": 3.0, "teacher_grid_steps": 4}
+# Every setting off the recipe (rank 128, lr 1e-5, batch 4, guidance 3-13, K 32), and no alpha given to either front
+# end: both must derive it by the one rule (recipes.lora_alpha_for_rank: SD1.5 keeps scale 1, alpha 4).
+SETTINGS = {"rank": 4, "lr": 1e-3, "batch_size": 2, "seed": 0, "guidance": (2.0, 4.0), "teacher_grid_steps": 4}
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 240)]
 IMAGE = 16  # pixels: the digits VAE's 2 levels give 8x8 latents
 
@@ -70,10 +72,11 @@ def cli_run(tmp_path_factory):
     config = yaml.safe_load((REPO_ROOT / "training" / "configs" / "tiny_sd15.yaml").read_text(encoding="utf-8"))
     config.update(
         model={"path": str(build_teacher(root / "teacher"))}, sample_prompts=None, output_dir=str(root / "out"), total_steps=STEPS, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"],
-        rank=SETTINGS["rank"], alpha=SETTINGS["rank"], seed=SETTINGS["seed"], checkpoint_every=0, sample_every=0,
+        rank=SETTINGS["rank"], seed=SETTINGS["seed"], checkpoint_every=0, sample_every=0,
         log_every=1, export=["comfyui"], export_name="cli",
-        distill={"teacher_grid_steps": SETTINGS["teacher_grid_steps"], "guidance_range": [SETTINGS["guidance"]] * 2},
+        distill={"teacher_grid_steps": SETTINGS["teacher_grid_steps"], "guidance_range": list(SETTINGS["guidance"])},
     )
+    config.pop("alpha")  # tiny_sd15.yaml's explicit alpha: here the rank -> alpha rule must make node and CLI agree
     config["data"].update(path=str(make_dataset(root / "data")), cache_dir=str(root / "cache"), resolution=IMAGE)
     (root / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["--config", str(root / "config.yaml")]) == 0
@@ -110,7 +113,7 @@ def node_run(cli_run, tmp_path, monkeypatch, request):
     with torch.inference_mode(False), torch.enable_grad():
         _, _, loss_map, _ = training.train(
             model, latents, positive, negative, lora_name="node", total_steps=STEPS, recommended_steps=4, rank=SETTINGS["rank"],
-            learning_rate=SETTINGS["lr"], guidance_min=SETTINGS["guidance"], guidance_max=SETTINGS["guidance"],
+            learning_rate=SETTINGS["lr"], guidance_min=SETTINGS["guidance"][0], guidance_max=SETTINGS["guidance"][1],
             teacher_grid_steps=SETTINGS["teacher_grid_steps"], distill_weights="", adversarial_weights="", dmd_weights="",
             seed=SETTINGS["seed"], batch_size=SETTINGS["batch_size"], resume=False, overwrite=True, preview_every=0,
             gradient_checkpointing=False, mixed_precision="fp32", target_cache="students" if cached else "",
@@ -150,5 +153,6 @@ def test_node_and_cli_give_the_same_loss_log_and_lora(cli_run, node_run):
         node_meta, cli_meta = node_handle.metadata(), cli_handle.metadata()
     schema = {k for k in cli_meta if k.startswith(("ss_", "flash."))}
     assert schema == {k for k in node_meta if k.startswith(("ss_", "flash."))}  # one metadata schema
+    assert node_meta["flash.alpha"] == "4" and node_meta["flash.rank"] == "4"  # SD1.5's scale 1.0 at rank 4
     for key in ("flash.rank", "flash.alpha", "flash.trained_steps", "flash.recommended_steps", "flash.student_steps", "flash.timesteps", "flash.dtype", "ss_network_dim"):
         assert node_meta[key] == cli_meta[key], key

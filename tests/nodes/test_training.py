@@ -351,7 +351,7 @@ def test_cancel_leaves_checkpoint_and_no_lora_then_resume_is_exact(training, sma
     flash = loras_dir / "flash"
     assert not (flash / "cancelled.safetensors").exists()
     assert not [p for p in flash.rglob("*") if p.name.startswith(".tmp-")]
-    checkpoint = flash / ".checkpoints" / "cancelled" / "step-000003" / "state.pt"
+    checkpoint = flash / ".checkpoints" / "cancelled" / "step-000003" / "state.flashckpt"
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
 
@@ -407,6 +407,20 @@ def test_cancel_inside_a_step_rolls_back_to_the_step_start_and_resume_is_exact(t
     assert all(torch.equal(lora[k], reference[k]) for k in reference)  # as if never interrupted
 
 
+def test_checkpoints_never_show_in_a_lora_dropdown(training, small_case, loras_dir):
+    """A cancelled run's checkpoint folder sits under models/loras/flash/.checkpoints: none of its files may be
+    offered by ComfyUI's LoRA lists (stock Load LoRA included), only the finished LoRA."""
+    import folder_paths
+
+    model, latents, prompts = small_case
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="listed"))
+    checkpoint_files = [p for p in (loras_dir / "flash" / ".checkpoints").rglob("*") if p.is_file()]
+    assert any(p.name.startswith("state") for p in checkpoint_files)
+    folder_paths.filename_list_cache.clear()
+    listed = folder_paths.get_filename_list("loras")
+    assert listed == ["flash/listed.safetensors"], listed
+
+
 def test_resume_with_other_settings_is_refused(training, small_case, loras_dir):
     model, latents, prompts = small_case
     run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="settings"))
@@ -434,12 +448,58 @@ def test_resume_on_a_patched_teacher_is_refused(training, small_case, loras_dir)
         run_node(training, **node_inputs(patched, latents, prompts, steps=2, lora_name="patched", overwrite=True))
 
 
+def freeu_like(model, scale: float):
+    """FreeU's shape of patch: an output-block patch whose closure holds its numbers (no weight changes)."""
+    def output_block_patch(h, hsp, transformer_options):
+        return h * scale, hsp
+
+    patched = model.clone()
+    patched.set_model_output_block_patch(output_block_patch)
+    return patched
+
+
+@pytest.mark.parametrize("change", ["output block patch", "its numbers", "v-prediction", "zero terminal SNR"])
+def test_resume_on_a_teacher_with_another_schedule_or_patch_is_refused(training, small_case, loras_dir, change):
+    """The teacher's identity is more than its weights: a FreeU-style block patch (or the same patch with other
+    numbers), ModelSamplingDiscrete's v-prediction or zero-terminal-SNR schedule make another teacher, and resuming
+    on it is refused (before: accepted, the weights being the same)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    _, latents, prompts = small_case
+    model = micro_model(MICRO_SD15, seed=2)
+    first = freeu_like(model, 1.1) if change == "its numbers" else model
+    run_node(training, **node_inputs(first, latents, prompts, steps=2, lora_name="identity"))
+    other = {"output block patch": lambda: freeu_like(model, 1.1), "its numbers": lambda: freeu_like(model, 1.2),
+             "v-prediction": lambda: ModelSamplingDiscrete().patch(model, "v_prediction", False)[0],
+             "zero terminal SNR": lambda: ModelSamplingDiscrete().patch(model, "eps", True)[0]}[change]()
+    with pytest.raises(ValueError, match=r"teacher.*resume off"):
+        run_node(training, **node_inputs(other, latents, prompts, steps=2, lora_name="identity", overwrite=True))
+
+
+def test_a_teacher_patch_that_cannot_be_described_is_refused_not_ignored(training, small_case, loras_dir):
+    import threading
+
+    from flash_core.fingerprints import TeacherIdentityError
+
+    _, latents, prompts = small_case
+    patched = micro_model(MICRO_SD15, seed=2).clone()
+    lock = threading.Lock()
+
+    def output_block_patch(h, hsp, transformer_options):
+        with lock:  # state a fingerprint cannot describe
+            return h, hsp
+
+    patched.set_model_output_block_patch(output_block_patch)
+    with pytest.raises(TeacherIdentityError, match=r"cannot be described.*without resume"):
+        run_node(training, **node_inputs(patched, latents, prompts, steps=2, lora_name="undescribable"))
+
+
 def test_nan_latents_stop_with_a_clear_error_and_keep_the_good_files(training, small_case, loras_dir):
     model, latents, prompts = small_case
     run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="nan"))
     flash = loras_dir / "flash"
     good_lora = (flash / "nan.safetensors").read_bytes()
-    good_state = (flash / ".checkpoints" / "nan" / "step-000002" / "state.pt").read_bytes()
+    good_state = (flash / ".checkpoints" / "nan" / "step-000002" / "state.flashckpt").read_bytes()
     bad = latents.clone()
     bad[1, 0, 0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"Flash Distill Train: training stopped at step [12]: the training latents "
@@ -447,7 +507,7 @@ def test_nan_latents_stop_with_a_clear_error_and_keep_the_good_files(training, s
         run_node(training, **node_inputs(model, bad, prompts, steps=2, lora_name="nan", resume=False, overwrite=True))
     assert (flash / "nan.safetensors").read_bytes() == good_lora  # the last good LoRA is untouched
     assert [p.name for p in (flash / ".checkpoints" / "nan").iterdir() if p.is_dir()] == ["step-000002"]
-    assert (flash / ".checkpoints" / "nan" / "step-000002" / "state.pt").read_bytes() == good_state
+    assert (flash / ".checkpoints" / "nan" / "step-000002" / "state.flashckpt").read_bytes() == good_state
     assert not [p for p in flash.rglob("*") if p.name.startswith(".tmp-")]
 
 
@@ -529,6 +589,13 @@ def test_deleted_output_reruns_the_node_and_a_finished_run_is_not_redone(trainin
     stamp = target.stat().st_mtime_ns
     run_node(training, **inputs)  # finished run, its own file: success, nothing rewritten
     assert target.stat().st_mtime_ns == stamp
+    # the same finished run re-queued with only recommended_steps changed: the same weights, the new metadata
+    run_node(training, **node_inputs(model, latents, prompts, steps=2, lora_name="kept", nfe=1))
+    from safetensors import safe_open
+
+    with safe_open(str(target), "pt") as handle:
+        assert handle.metadata()["flash.recommended_steps"] == "1" and handle.metadata()["flash.timesteps"] == "[999]"
+        assert all(torch.equal(handle.get_tensor(k), first[k]) for k in first)
 
 
 def test_unwritable_output_folder_is_refused_before_training(training, small_case, loras_dir):
@@ -553,7 +620,7 @@ def test_full_disk_at_save_leaves_no_partial_file(training, small_case, loras_di
     flash = loras_dir / "flash"
     assert not (flash / "full.safetensors").exists()
     assert not [p for p in flash.iterdir() if p.name.startswith(".tmp-")]
-    assert (flash / ".checkpoints" / "full" / "step-000002" / "state.pt").is_file()  # the training is not lost
+    assert (flash / ".checkpoints" / "full" / "step-000002" / "state.flashckpt").is_file()  # the training is not lost
 
 
 # --------------------------------------------------------------------------------------------------

@@ -140,8 +140,55 @@ def test_bad_config_exit_code_and_stderr_of_the_real_command(tmp_path):
     assert_one_line(result.returncode, result.stderr, "total_steps must be an integer >= 1")
 
 
+@pytest.mark.parametrize("key,value,wanted", [
+    ("alternate_updates", "false", "true or false (unquoted)"),  # quoted: text, which would switch it on
+    ("grad_checkpointing", "no", "true or false (unquoted)"),
+    ("teacher_grid_steps", 4.0, "a whole number"),
+    ("teacher_grid_steps", "4", "a whole number"),
+    ("distill_weights", [1, "x", 1, 1], "a list of finite numbers"),
+    ("guidance_range", [2.0, float("inf")], "a list of finite numbers"),
+    ("distill_loss", 2, "a string"),
+])
+def test_distill_overrides_of_the_wrong_type_stop_before_any_work(tmp_path, capsys, key, value, wanted):
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), distill={key: value},
+                          data={"path": str(make_dataset(tmp_path / "d", 1))})
+    assert_one_line(*main_in_process(["--config", str(config)], capsys), f"distill.{key}", wanted)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "c\\d"])
+def test_an_export_name_with_folders_stops_before_any_work(tmp_path, capsys, name):
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), export_name=name,
+                          data={"path": str(make_dataset(tmp_path / "d", 1))})
+    assert_one_line(*main_in_process(["--config", str(config)], capsys), "export_name", "plain file name")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+
 def test_missing_config_file(tmp_path, capsys):
     assert_one_line(*main_in_process(["--config", str(tmp_path / "nope.yaml")], capsys), "nope.yaml does not exist")
+
+
+def test_pickle_teacher_weights_are_refused_and_never_unpickled(tmp_path, capsys):
+    """A diffusers folder whose UNet weights are a .bin (pickle) file: flash-distill stops naming it, and the pickle
+    (here one that would write a marker file when loaded) is never opened."""
+    import pickle
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (model / "unet" / "config.json").write_text("{}")
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), model={"path": str(model)},
+                          data={"path": str(make_dataset(tmp_path / "d", 1))})
+    code, stderr = main_in_process(["--config", str(config)], capsys)
+    assert_one_line(code, stderr, "diffusion_pytorch_model.bin", "pickle", "never loads", "safetensors")
+    assert not marker.exists()
 
 
 def test_custom_pipeline_code_in_the_model_folder_is_refused_and_never_runs(tmp_path, capsys):
@@ -357,7 +404,7 @@ def test_ctrl_c_then_kill_then_resume_reaches_the_uninterrupted_lora(tmp_path, r
     process.kill()
     process.communicate(timeout=60)
     assert (checkpoints / "latest").read_text().strip() == "step-000006"
-    assert (checkpoints / "step-000006" / "state.pt").is_file()
+    assert (checkpoints / "step-000006" / "state.flashckpt").is_file()
 
     # 3) Resume to the end: the same LoRA and the same losses as the run that was never interrupted.
     result = run_cli(["--config", str(config), "--dump-rank-lora", "--resume"])
@@ -389,7 +436,7 @@ def test_two_ddp_processes_end_with_identical_lora_and_resume_exactly(tmp_path, 
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(v.abs().max() > 0 for k, v in rank0.items() if "lora_B" in k)
     checkpoint = tmp_path / "out" / "checkpoints" / "step-000008"
-    assert (checkpoint / "rank-0.pt").is_file() and (checkpoint / "rank-1.pt").is_file()
+    assert (checkpoint / "rank-0.flashckpt").is_file() and (checkpoint / "rank-1.flashckpt").is_file()
     assert json.loads((checkpoint / "meta.json").read_text())["num_processes"] == 2
 
     # Resuming both ranks from the middle (each with its own RNG and data-order state) ends on the same LoRA.
@@ -538,7 +585,7 @@ def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_good_checkpoi
     assert (out / "checkpoints" / "latest").read_text().strip() == kept[-1]
     assert kept[-1] in errors[0]  # the message names the checkpoint that is kept
     for name in kept:
-        state = torch.load(out / "checkpoints" / name / "state.pt", weights_only=True)
+        state = torch.load(out / "checkpoints" / name / "state.flashckpt", weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["distiller"]["lora"].values())
     assert not (out / "export").exists()  # nothing exported
 

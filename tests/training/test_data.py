@@ -192,3 +192,45 @@ def test_resize_and_crop_keeps_the_centre(tmp_path):
     assert pixels.shape == (3, 10, 10)
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
     assert torch.allclose(pixels[:, 2:8, 2:8], torch.ones(3, 6, 6), atol=0.05)  # the crop is the white part
+
+
+def test_the_data_fingerprint_is_the_content_of_every_file_the_items_read(tmp_path):
+    """A replaced image of the same size and modification time, an image captions.jsonl names through `../` or in
+    a hidden folder, a changed caption: each is other data (resume refuses, cached latents are not reused)."""
+    import os
+
+    from training.data import dataset_fingerprint
+
+    folder = sidecar_folder(tmp_path / "data")
+    spec = DataSpec(path=folder)
+    before = dataset_fingerprint(spec)
+    image = folder / "img1.png"
+    stat = image.stat()
+    replacement = tmp_path / "other.png"
+    make_image(replacement, (1, 2, 3))
+    assert replacement.stat().st_size == stat.st_size  # same size (flat colour PNGs)
+    image.write_bytes(replacement.read_bytes())
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    assert dataset_fingerprint(spec) != before
+
+    outside = make_image(tmp_path / "outside" / "far.png", COLOURS[0])
+    hidden = make_image(folder / ".hidden" / "h.png", COLOURS[1])
+    captions = folder / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps(r) for r in (
+        {"file": "../outside/far.png", "text": "far"}, {"file": ".hidden/h.png", "text": "hidden"},
+        {"file": str(outside), "text": "absolute"})), encoding="utf-8")
+    with_jsonl = dataset_fingerprint(spec)
+    for changed in (outside, hidden):
+        make_image(changed, (9, 9, 9))
+        now = dataset_fingerprint(spec)
+        assert now != with_jsonl
+        with_jsonl = now
+    captions.write_text(captions.read_text(encoding="utf-8").replace('"far"', '"near"'), encoding="utf-8")
+    assert dataset_fingerprint(spec) != with_jsonl
+
+
+def test_a_caption_file_that_is_not_utf8_names_the_file(tmp_path):
+    folder = sidecar_folder(tmp_path / "data")
+    (folder / "img2.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match=r"img2\.txt is not UTF-8.*save it as UTF-8"):
+        list_items(DataSpec(path=folder))

@@ -39,8 +39,8 @@ The loop, batch order, checkpoint format, preview rule and export are flash_core
 drives the same run). Outputs under `output_dir`:
     config.yaml                      the resolved config of the run
     cache/latents-<hash>.safetensors the dataset, VAE- and text-encoded once
-    checkpoints/step-000500/         flash_core.run checkpoint: state.pt (settings, fingerprints, trainer incl.
-                                     optimisers and discriminator, step log), rank-<r>.pt (RNG), meta.json
+    checkpoints/step-000500/         flash_core.run checkpoint: state.flashckpt (settings, fingerprints, trainer incl.
+                                     optimisers and discriminator, step log), rank-<r>.flashckpt (RNG), meta.json
     losses.jsonl                     one JSON line of losses every `log_every` steps
     samples/step-000500.png          rows teacher | student 1 | 2 | 4 steps, one column per sample prompt
     export/<name>_comfyui.safetensors  ComfyUI-native LoRA (kohya keys; SD3 / PixArt: transformer.*): copy into ComfyUI/models/loras

@@ -27,7 +27,7 @@ TOP_LEVEL_KEYS = {
     "batch_size": "images per process per step (default: the recipe's)",
     "lr": "AdamW learning rate of student and discriminator (default: the recipe's)",
     "rank": "LoRA rank (default: the recipe's)",
-    "alpha": "LoRA alpha (default: the recipe's)",
+    "alpha": "LoRA alpha (default: the recipe's; with `rank:` alone, rank x the recipe's alpha / rank, so the LoRA keeps the recipe's scale)",
     "seed": "seed of LoRA init, data order and noise",
     "mixed_precision": "no | bf16 (the trainer's autocast; the frozen teacher is then held in bf16)",
     "checkpoint_every": "save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)",
@@ -112,6 +112,47 @@ def _str(source: Path, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{_where(source, key)} must be a non-empty string, got {value!r}")
     return value
+
+
+def _file_stem(source: Path, key: str, value: Any) -> str:
+    """A file name without folders (it is joined under output_dir/export): checked before any work."""
+    value = _str(source, key, value)
+    if "/" in value or "\\" in value or value in (".", "..") or "\0" in value or len(value) > 200:
+        raise ConfigError(f"{_where(source, key)} must be a plain file name (no '/', '\\' or '..', at most 200 "
+                          f"characters): the export goes to output_dir/export/; got {value!r}")
+    return value
+
+
+def _check_distill_type(source: Path, key: str, annotation: str, value: Any) -> None:
+    """A distill: override of the DistillConfig field `key` has that field's type (YAML's, not a string that looks
+    like it: a quoted "false" is text, and would switch a flag on)."""
+    where = _where(source, f"distill.{key}")
+    optional = "None" in annotation
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{where} cannot be empty")
+        return
+    kind = annotation.split("|")[0].strip()
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    elif kind.startswith("tuple[float"):
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                             for v in value)
+    elif kind.startswith("tuple[str"):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = True
+    if not ok:
+        wanted = {"bool": "true or false (unquoted)", "int": "a whole number", "float": "a finite number",
+                  "str": "a string"}.get(kind, "a list of finite numbers" if kind.startswith("tuple[float")
+                                         else "a list of strings" if kind.startswith("tuple[str") else kind)
+        raise ConfigError(f"{where} must be {wanted}, got {value!r}")
 
 
 def _unknown_keys(source: Path, section: str, mapping: dict, known) -> None:
@@ -260,6 +301,9 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         if key in top_level:
             raise ConfigError(f"{source}: distill.{key} is set by the top-level key '{top_level[key]}'; move it there")
     _unknown_keys(source, "distill", distill, {f.name for f in dataclass_fields(DistillConfig)} - set(top_level))
+    for spec in dataclass_fields(DistillConfig):
+        if spec.name in distill:
+            _check_distill_type(source, spec.name, str(spec.type), distill[spec.name])
 
     config = TrainConfig(
         source=source,
@@ -294,7 +338,7 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         teacher_guidance=optional("teacher_guidance", _float),
         log_every=_int(source, "log_every", raw.get("log_every", 10), 1),
         export=export,
-        export_name=_str(source, "export_name", raw.get("export_name", f"flash-{backbone}")),
+        export_name=_file_stem(source, "export_name", raw.get("export_name", f"flash-{backbone}")),
         distill=dict(distill),
         raw=raw,
         target_cache=None if raw.get("target_cache") is None else Path(_str(source, "target_cache", raw["target_cache"])).expanduser(),

@@ -45,16 +45,18 @@ TINY_TEXT_ENCODER = {
 
 
 def tiny_tokenizer_folder() -> Path:
-    """The real CLIP BPE files ComfyUI ships (no download possible); COMFYUI_PATH may point elsewhere."""
-    from training.fixtures.comfy_env import REPO_ROOT
-
-    root = Path(os.environ.get("COMFYUI_PATH", REPO_ROOT / ".comfyui"))
-    folder = root / "comfy" / "sd1_tokenizer"
-    if not (folder / "vocab.json").is_file():
-        raise ConfigError(
-            f"model.random_tiny needs the CLIP tokenizer files ComfyUI ships at {folder}: run `make setup` or set COMFYUI_PATH"
-        )
-    return folder
+    """The real CLIP BPE files ComfyUI ships (no download possible): in $COMFYUI_PATH, else in the ComfyUI this pack
+    sits in (custom_nodes/<pack>/), else in the development checkout's .comfyui/ (`make setup`)."""
+    pack_root = Path(__file__).resolve().parents[2]
+    roots = [Path(os.environ["COMFYUI_PATH"])] if os.environ.get("COMFYUI_PATH") else []
+    roots += [pack_root.parent.parent, pack_root / ".comfyui"]
+    for root in roots:
+        folder = root / "comfy" / "sd1_tokenizer"
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return folder
+    raise ConfigError(
+        "model.random_tiny needs the CLIP tokenizer files ComfyUI ships (comfy/sd1_tokenizer), looked in "
+        f"{', '.join(str(r) for r in roots)}: set COMFYUI_PATH to your ComfyUI, or run `make setup` in a clone")
 
 
 def build_tiny_pipeline(folder: Path, seed: int) -> Path:
@@ -143,6 +145,20 @@ def tensors_to_conditioning(tensors: dict[str, torch.Tensor]):
     )
 
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_weights(folder: Path) -> None:
+    """flash-distill never unpickles: a component folder whose weights exist only as pickle files (.bin ...) stops
+    the run before any loading, naming the file and the fix (as FlashDiffusersLoader does)."""
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pickled = sorted(f for f in component.iterdir() if f.suffix in PICKLE_WEIGHT_SUFFIXES)
+        if pickled and not any(component.glob("*.safetensors")):
+            raise ConfigError(f"model folder {folder}: {pickled[0]} is a pickle file, which flash-distill never loads "
+                              "(it can run code). Convert the folder to safetensors, e.g. "
+                              "pipe.save_pretrained(folder, safe_serialization=True) in a trusted environment.")
+
+
 class TeacherModel:
     """The diffusers pieces flash-distill needs: the network (wrapped as a Denoiser), VAE, prompt encoding.
 
@@ -159,9 +175,12 @@ class TeacherModel:
         self.device, self.weight_dtype = device, weight_dtype
         subfolder = get_backbone(backbone).subfolder
         network_class = get_backbone(backbone).network()
-        try:
-            self.network = network_class.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=weight_dtype)
-            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
+        refuse_pickle_weights(folder)
+        try:  # use_safetensors: diffusers never falls back to a pickle (.bin) file
+            self.network = network_class.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=weight_dtype,
+                                                         use_safetensors=True)
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32,
+                                                     use_safetensors=True)
         except (OSError, ValueError) as error:
             raise ConfigError(f"model folder {folder}: cannot load the {backbone} {subfolder} / vae ({error})") from None
         self.network.to(device)
@@ -206,7 +225,8 @@ class TeacherModel:
             components = {get_backbone(self.backbone).subfolder: self.network, "vae": self.vae}
             if self.backbone == "sd15":
                 components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            self._pipeline = DiffusionPipeline.from_pretrained(str(self.folder), torch_dtype=self.weight_dtype, **components)
+            self._pipeline = DiffusionPipeline.from_pretrained(str(self.folder), torch_dtype=self.weight_dtype,
+                                                               use_safetensors=True, **components)
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
                 module = getattr(self._pipeline, name, None)
                 if module is not None:

@@ -60,7 +60,7 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: flash_core.run's format (checkpoints/step-000500/{state.pt, rank-<r>.pt, meta.json}, latest)
+# Checkpoints: flash_core.run's format (checkpoints/step-000500/{state.flashckpt, rank-<r>.flashckpt, meta.json}, latest)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -359,7 +359,6 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
         teacher.denoiser, distill_config, device=accelerator.device, backward=accelerator.backward,
         process_index=accelerator.process_index, reduce_gradients=GradientAverager(accelerator),
     )
-    flash_run.init_lora(distiller, config.seed)
     store = flash_run.CheckpointStore(checkpoint_root(config), keep=config.keep_checkpoints,
                                       process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                                       barrier=accelerator.wait_for_everyone)

@@ -180,7 +180,6 @@ def make_distiller(pipe, settings: StudentSettings, weights: dict):
         distill_loss="l2", **{k: v for k, v in weights.items() if v is not None},
     )
     distiller = FlashDistiller(denoiser, config, device="cpu")
-    run.init_lora(distiller, settings.seed)
     return distiller
 
 

@@ -1,4 +1,4 @@
-"""Render the README gallery: one image per shipped workflow, made by real ComfyUI on the digits model.
+"""Render the gallery of docs/usage.md: one image per shipped workflow, made by real ComfyUI on the digits model.
 
 The shipped graphs (workflows/api/flash_*.json) name SD1.5 / SDXL files that this project cannot download.
 This script rewrites each graph onto the models `make demo` builds and runs it on a real ComfyUI server
@@ -75,7 +75,7 @@ INPUT_DIGIT = 3  # the held-out digit the image-to-image graphs start from
 INPAINT_DIGIT = 8  # the held-out digit whose lower half is repainted
 INPAINT_PROMPTS = (8, 9, 2, 3)
 
-# Snippet order: as the README describes the graphs, then the demo's and the training graphs.
+# Snippet order: as docs/usage.md describes the graphs, then the demo's and the training graphs.
 ORDER = [
     "flash_sd15_txt2img", "flash_sdxl_txt2img", "flash_txt2img", "flash_sd15_lora_stack", "flash_img2img",
     "flash_hires_fix", "flash_inpaint_noise_mask", "flash_inpaint_vae_encode", "flash_inpaint_model_conditioning",
@@ -513,7 +513,7 @@ def snippet_lines(done: dict[str, Rendered], order: list[str]) -> list[str]:
     lines = []
     for name in order:
         if name in done:
-            lines += [f"![{name}](docs/gallery/{name}.png)", f"*{name}*: {done[name].caption}", ""]
+            lines += [f"![{name}](gallery/{name}.png)", f"*{name}*: {done[name].caption}", ""]
         elif name in SKIPPED:
             lines += [f"*{name}*: {SKIPPED[name]}", ""]
     return lines

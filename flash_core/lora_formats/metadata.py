@@ -1,0 +1,113 @@
+"""What a Flash LoRA file says about sampling it: the reading side of the one metadata schema.
+
+Every LoRA the pack writes carries kohya's ``ss_*`` keys and Flash's ``flash.*`` keys (written by
+flash_core.run.lora_metadata). A loader reads the sampling keys back here, so it imports no training code.
+Values are checked as they are read: a file whose metadata would make the sampler produce garbage (NaN or
+negative cfg, a grid outside the model's timesteps or in the wrong order, steps outside 1-8) is refused with the
+key, the value and what to do, never used. Metadata is only advice about a file, so a malformed *optional* key
+(the stack the student was distilled from) is dropped with a warning instead of stopping the sampler.
+
+    sampling_settings(metadata, source) -> SamplingSettings | None
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flash_core.schedules import MAX_SAMPLING_STEPS
+
+LOG = logging.getLogger("flash_core")
+
+RECOMMENDED_CFG = 1.0  # Flash students are distilled with the teacher's guidance: one model call per step
+MAX_CFG = 100.0  # far above any useful guidance scale: a larger recorded cfg is a broken file
+MAX_TIMESTEP = 1000  # model timesteps: DDPM 0..999, flow sigma x 1000 in 0..1000
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a Flash LoRA file says about sampling it (read from lora_metadata's flash.* keys)."""
+
+    steps: int  # recommended sampling steps (flash.recommended_steps)
+    cfg: float
+    timesteps: tuple[int, ...]  # the grid of `steps` steps in model timesteps (trailing DDPM, or flow sigma * 1000)
+    prediction_type: str | None
+    trained_for: dict | None  # the stack the student was distilled from, None when not recorded (or unreadable)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "cfg": self.cfg, "timesteps": list(self.timesteps),
+                "prediction_type": self.prediction_type, "trained_for": self.trained_for}
+
+
+def sampling_settings(metadata: Mapping[str, str], source: str = "the LoRA") -> SamplingSettings | None:
+    """The sampling settings recorded in a Flash LoRA's metadata, or None for files without flash.* keys
+    (official flash-sd / flash-sdxl / PixArt / SD3 releases: the sampler keeps its own defaults). Files written
+    before recommended_steps existed use flash.nfe (read as an alias). An unreadable or out-of-range value
+    raises ValueError naming the file, the key, the value and the fix."""
+    if "flash.format_version" not in metadata:
+        return None
+
+    def refuse(key: str, raw: str, why: str):
+        raise ValueError(f"{source}: metadata key '{key}' = {raw!r} {why}; re-export the LoRA, or remove the key "
+                         "(the sampler then uses its defaults).")
+
+    def parse(key: str, convert, default=None):
+        raw = metadata.get(key, "")
+        if raw == "":
+            return default
+        try:
+            return convert(raw)
+        except (TypeError, ValueError) as err:
+            refuse(key, raw, f"cannot be read ({err})")
+
+    steps_key = "flash.recommended_steps" if metadata.get("flash.recommended_steps", "") != "" else "flash.nfe"
+    steps = parse(steps_key, int)
+    if steps is None:
+        return None
+    if not 1 <= steps <= MAX_SAMPLING_STEPS:
+        refuse(steps_key, metadata[steps_key], f"is outside 1-{MAX_SAMPLING_STEPS} sampling steps")
+
+    cfg = parse("flash.recommended_cfg", float, RECOMMENDED_CFG)
+    if not (math.isfinite(cfg) and 0.0 < cfg <= MAX_CFG):
+        refuse("flash.recommended_cfg", metadata["flash.recommended_cfg"], f"is not a guidance scale in (0, {MAX_CFG:g}]")
+
+    timesteps = parse("flash.timesteps", json.loads, [])
+    if not isinstance(timesteps, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                  and math.isfinite(t) and float(t).is_integer() for t in timesteps):
+        refuse("flash.timesteps", metadata["flash.timesteps"], "is not a list of whole model timesteps")
+    timesteps = [int(t) for t in timesteps]
+    if timesteps and not all(0 <= t <= MAX_TIMESTEP for t in timesteps):
+        refuse("flash.timesteps", metadata["flash.timesteps"], f"has timesteps outside 0-{MAX_TIMESTEP}")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        refuse("flash.timesteps", metadata["flash.timesteps"], "is not strictly decreasing (a sampler runs from noise to data)")
+
+    return SamplingSettings(steps=steps, cfg=cfg, timesteps=tuple(timesteps),
+                            prediction_type=metadata.get("flash.prediction_type") or None,
+                            trained_for=_trained_for(metadata.get("flash.trained_for", ""), source))
+
+
+def _trained_for(raw: str, source: str) -> dict | None:
+    """flash.trained_for as {"base": {...} | None, "loras": [{...}], "patches": [...]}, or None (with a warning)
+    when it is absent or not of that shape: the stack check is advice, it never stops sampling."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    shape_ok = (isinstance(value, dict) and isinstance(value.get("base"), (dict, type(None)))
+                and isinstance(value.get("loras", []), list) and all(isinstance(x, dict) for x in value.get("loras", []))
+                and all(isinstance(x.get("strength"), (int, float, type(None))) for x in value.get("loras", []))
+                and isinstance(value.get("patches", []), list))
+    if not shape_ok:
+        LOG.warning("%s: metadata key 'flash.trained_for' is not a stack description (%.80r): the check of the stack "
+                    "this student was distilled from is skipped.", source, raw)
+        return None
+    return value
+
+
+__all__ = ["RECOMMENDED_CFG", "SamplingSettings", "sampling_settings"]
