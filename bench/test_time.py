@@ -2,6 +2,7 @@
 bench/results/test_time.json (the README's numbers).
 
     python -P bench/test_time.py fresh            # clone HEAD into a new folder, `make test` there: record `fresh_clone`
+    python -P bench/test_time.py fresh --cpus 0   # the same pinned to one core (taskset): adds to `fresh_clone_one_core`
     python -P bench/test_time.py demo             # clone HEAD, `make demo` twice there (first, later): record `demo`
     python -P bench/test_time.py fast [--repeats 3]   # `make test-fast` here, after setup, N times: record `test_fast`
     python -P bench/test_time.py fresh --log LOG --wall-s S --commit C   # record a `make test` already run
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fresh: make test on a fresh clone; demo: make demo twice on a fresh clone; "
                              "fast: make test-fast here")
     parser.add_argument("--repeats", type=int, default=3, help="with fast: how many runs (the median is recorded)")
+    parser.add_argument("--cpus", help="with fresh: run pinned to these CPUs (taskset -c), e.g. 0 for one core; "
+                                       "the record is appended to fresh_clone_one_core")
     parser.add_argument("--log", type=Path, help="fresh: the output of a `make test` already run on a fresh clone")
     parser.add_argument("--wall-s", type=float, help="with --log: that run's wall time in seconds")
     parser.add_argument("--commit", help="with --log: the commit it ran")
@@ -132,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
             how = "git clone, then make test in the clone (its output recorded with bench/test_time.py --log)"
         else:
             commit, clone = clone_head()
-            _, wall_s, log = timed(["make", "test"], clone, "make_test.log")
-            how = "python -P bench/test_time.py fresh (git clone of HEAD, then make test in the clone)"
+            pinned = ["taskset", "-c", args.cpus] if args.cpus else []
+            _, wall_s, log = timed([*pinned, "make", "test"], clone, "make_test.log")
+            how = f"python -P bench/test_time.py fresh{' --cpus ' + args.cpus if args.cpus else ''} (git clone of " \
+                  f"HEAD, then {' '.join(pinned + ['make', 'test'])} in the clone)"
         made = record(log, wall_s, commit, how)
-        before = results.get("fresh_clone")
-        if before and before.get("commit") != commit:  # the record it replaces, for the side-by-side
-            made["previous"] = {k: before.get(k) for k in ("commit", "date", "total_wall_s", "note")}
-        results["fresh_clone"] = made
+        if args.cpus:
+            made["cpus"] = args.cpus
+            results["fresh_clone_one_core"] = [*results.get("fresh_clone_one_core", []), made]
+        else:
+            before = results.get("fresh_clone")
+            if before and before.get("commit") != commit:  # the record it replaces, for the side-by-side
+                made["previous"] = {k: before.get(k) for k in ("commit", "date", "total_wall_s", "note")}
+            results["fresh_clone"] = made
     write_json_atomic(args.out, results)
     print(json.dumps(made, indent=2))
     return 0 if made["passed"] else 1

@@ -28,10 +28,6 @@ def conditioning_tensors(prefix: str, cond: Conditioning) -> list[tuple[str, Ten
     return [(k, v) for k, v in tensors if v is not None]
 
 
-
-
-
-
 _CHECKSUM_CHUNK = 1 << 22  # elements per int64 pass (bounded temporary memory)
 _WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -97,7 +93,7 @@ def describe(value: Any, where: str, depth: int = 0) -> Any:
     functions by module.qualname with their bound state: partial arguments, closure cells, the instance a method
     is bound to). Raises TeacherIdentityError naming `where` for what cannot be described."""
     if depth > _DESCRIBE_DEPTH:
-        raise TeacherIdentityError(f"{where} is nested too deeply to describe")
+        raise TeacherIdentityError(f"{where} is nested too deeply to describe: remove that patch from the teacher MODEL")
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -129,8 +125,8 @@ def describe(value: Any, where: str, depth: int = 0) -> Any:
         return {"type": _qualified(value)}
     raise TeacherIdentityError(
         f"{where}: a {type(value).__module__}.{type(value).__qualname__} changes the teacher but cannot be described, "
-        "so a resume or a target cache could not tell whether the teacher changed. Remove it from the teacher, or "
-        "train without resume and without a target cache.")
+        "so a resume or a target cache could not tell whether the teacher changed. Remove that patch from the teacher "
+        "MODEL (it is trained as the teacher sees it), or bind only numbers, strings, tensors or modules to it.")
 
 
 def _qualified(obj) -> str:

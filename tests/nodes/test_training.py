@@ -490,7 +490,7 @@ def test_a_teacher_patch_that_cannot_be_described_is_refused_not_ignored(trainin
             return h, hsp
 
     patched.set_model_output_block_patch(output_block_patch)
-    with pytest.raises(TeacherIdentityError, match=r"cannot be described.*without resume"):
+    with pytest.raises(TeacherIdentityError, match=r"cannot be described.*Remove that patch"):
         run_node(training, **node_inputs(patched, latents, prompts, steps=2, lora_name="undescribable"))
 
 

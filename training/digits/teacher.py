@@ -15,7 +15,7 @@ text encoder together on the epsilon MSE with 10 % of prompts dropped to "" (cla
 
 The default teacher ships with the pack (`training/digits/shipped_teacher/`: fp16 weights, configs, its recipe
 and a provenance file, no tokenizer: that comes from ComfyUI): `train_teacher` installs it into the cache in
-seconds instead of training it (about 12 minutes on 2 cores). `make teacher` retrains it with the same recipe and
+seconds instead of training it (about 10 minutes on 2 cores). `make teacher` retrains it with the same recipe and
 seed and replaces the shipped files (`--ship`).
 
 CLI: python -m training.digits.teacher --out DIR [--steps N] [--vae-steps N] [--seed S] [--force] [--ship]
@@ -312,16 +312,7 @@ def shipped_config() -> TeacherConfig | None:
 def install_shipped(out: Path) -> Path:
     """The shipped teacher as a complete pipeline folder in `out`: float32 weights (the shipped fp16 values,
     exactly), its configs, and ComfyUI's SD1 CLIP tokenizer; built in a staging folder, moved in whole."""
-    from safetensors.torch import load_file, save_file
-
-    tmp = staging_folder(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    for name in CONFIG_FILES:
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SHIPPED_DIR / name, tmp / name)
-    for name in WEIGHT_FILES:
-        tensors = {k: v.float() for k, v in load_file(str(SHIPPED_DIR / name)).items()}
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    tmp = _staged_copy(SHIPPED_DIR, out, torch.float32)
     load_tokenizer().save_pretrained(str(tmp / "tokenizer"))
     replace_folder_atomic(tmp, out)
     print(f"teacher: installed the shipped digits teacher into {out}")
@@ -333,16 +324,7 @@ def ship_teacher(folder: Path, command: str) -> Path:
     command, versions, sha256 of every file). Staged, then moved in whole over SHIPPED_DIR."""
     import platform
 
-    from safetensors.torch import load_file, save_file
-
-    tmp = staging_folder(SHIPPED_DIR)
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name in CONFIG_FILES:
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / name, tmp / name)
-    for name in WEIGHT_FILES:
-        tensors = {k: v.half().contiguous() for k, v in load_file(str(folder / name)).items()}
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    tmp = _staged_copy(folder, SHIPPED_DIR, torch.float16)
     info = json.loads((folder / INFO_FILE).read_text())
     provenance = {
         "what": "the digits teacher of `make demo`, the digits benchmarks and the end-to-end tests, shipped so no "
@@ -360,6 +342,22 @@ def ship_teacher(folder: Path, command: str) -> Path:
     replace_folder_atomic(tmp, SHIPPED_DIR)
     print(f"teacher: shipped as {SHIPPED_DIR}")
     return SHIPPED_DIR
+
+
+def _staged_copy(source: Path, final: Path, dtype: torch.dtype) -> Path:
+    """The staging folder of `final` holding `source`'s configs and its weights cast to `dtype` (fp16 to ship,
+    float32 to install: fp16 -> float32 is exact), ready for replace_folder_atomic."""
+    from safetensors.torch import load_file, save_file
+
+    tmp = staging_folder(final)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    for name in CONFIG_FILES:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, tmp / name)
+    for name in WEIGHT_FILES:
+        tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(source / name)).items()}
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    return tmp
 
 
 def _sha256(path: Path) -> str:
