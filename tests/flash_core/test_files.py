@@ -178,8 +178,8 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
     try:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
+    finally:  # lazy: detached even if something still holds it, so the temporary folder can be removed
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
