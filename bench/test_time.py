@@ -77,8 +77,9 @@ def timed(command: list[str], cwd: Path, log_name: str) -> tuple[int, float, str
     started = time.monotonic()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
     wall_s, log = time.monotonic() - started, done.stdout + done.stderr
-    write_text_atomic(cwd.parent / log_name, log)
-    print(f"{' '.join(command)}: exit {done.returncode}, {wall_s:.0f} s; its output: {cwd.parent / log_name}")
+    kept = (cwd / ".cache" if cwd == REPO_ROOT else cwd.parent) / log_name  # never beside the checkout itself
+    write_text_atomic(kept, log)
+    print(f"{' '.join(command)}: exit {done.returncode}, {wall_s:.0f} s; its output: {kept}")
     return done.returncode, wall_s, log
 
 
@@ -87,7 +88,7 @@ def record_fast(repeats: int) -> dict:
     subprocess.run(["make", "setup"], cwd=REPO_ROOT, check=True, capture_output=True)
     runs = []
     for _ in range(repeats):
-        code, wall_s, log = timed(["make", "test-fast"], REPO_ROOT, ".test-fast.log")
+        code, wall_s, log = timed(["make", "test-fast"], REPO_ROOT, "test-fast.log")
         summary = pytest_runs(log)
         runs.append({"wall_s": round(wall_s, 1), "exit": code, **(summary[-1] if summary else {})})
     walls = sorted(run["wall_s"] for run in runs)
