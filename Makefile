@@ -95,7 +95,7 @@ demo: setup
 demo-record: setup
 	$(PY) -P -m training.digits.demo --record $(DEMO_ARGS)
 
-# Retrain the digits teacher the pack ships (training/digits/shipped_teacher: the same recipe and seed; ~12 min on
+# Retrain the digits teacher the pack ships (training/digits/shipped_teacher: the same recipe and seed; ~10 min on
 # 2 cores) and replace the shipped files with it.
 teacher: setup
 	$(PY) -P -m training.digits.teacher --out $(ROOT)/.cache/digits/teacher --force --ship
