@@ -65,7 +65,7 @@ from flash_core.denoiser import Conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
 from flash_core.batches import Dataset, TensorDataset, batch_indices
 from flash_core.files import TEMP_PREFIX, replace_folder_atomic, torch_save_atomic, write_text_atomic
-from flash_core.fingerprints import teacher_fingerprint, tensor_fingerprint
+from flash_core.fingerprints import conditioning_tensors, teacher_fingerprint, tensor_fingerprint
 from flash_core.grid import grid_image
 from flash_core.lora_formats.metadata import RECOMMENDED_CFG
 from flash_core.schedules import flow_sigmas, trailing_timesteps
@@ -464,6 +464,12 @@ class Run:
             if not self._latents_finite and self.num_processes == 1:
                 raise NonFiniteError(step + 1, f"the training latents (dataset rows {list(indices)})",
                                      "bad training latents (NaN / inf in the data: re-encode these images)", self._saved())
+            prompts_finite = all(bool(torch.isfinite(t).all()) for _, t in
+                                 conditioning_tensors("cond", batch.cond) + conditioning_tensors("uncond", batch.uncond))
+            if not prompts_finite and self.num_processes == 1:  # not the learning rate's fault: say so
+                raise NonFiniteError(step + 1, f"the prompt embeddings (dataset rows {list(indices)}, or the unconditional)",
+                                     "NaN / inf in the conditioning (a broken text encoder, or a NaN CONDITIONING "
+                                     "upstream: re-encode these prompts)", self._saved())
             begin = time.perf_counter()
             snapshot = self._snapshot() if self.rollback_on else None
             try:

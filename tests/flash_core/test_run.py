@@ -182,6 +182,18 @@ def test_nan_latents_stop_before_the_step_and_save_nothing(tmp_path):
     assert trainer.store.list() == []
 
 
+@pytest.mark.parametrize("which", ["cond", "uncond"])
+def test_a_nan_prompt_embedding_is_named_not_blamed_on_the_learning_rate(tmp_path, which):
+    """NaN in a prompt embedding (or the unconditional one) stops before the step with the prompts as the cause,
+    not 'lr too high / bad latents' (issue 23, case 14); nothing is saved."""
+    dataset = tiny_dataset()
+    getattr(dataset, which).encoder_hidden_states[0, 0, 0] = float("nan")
+    trainer = make_run(tmp_path, dataset=dataset)
+    with pytest.raises(run.NonFiniteError, match=r"step 1: the prompt embeddings.*re-encode these prompts") as caught:
+        trainer.train()
+    assert "learning rate" not in str(caught.value) and trainer.distiller.step == 0 and trainer.store.list() == []
+
+
 def test_exploding_learning_rate_stops_before_the_bad_update_and_keeps_good_checkpoints(tmp_path):
     class Snapshot(run.RunHooks):
         def on_step(self, report):
