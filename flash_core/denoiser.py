@@ -12,6 +12,7 @@ between the model outputs (eps / v / flow velocity) and x0 lives in flash_core.p
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,9 @@ from flash_core import parameterization
 from flash_core.dependencies import require
 
 PREDICTION_TYPES = parameterization.DENOISER_PREDICTION_TYPES
+# The LoRA starts Denoiser.init_lora_weights draws (Recipe.lora_init): lora_A ~ N(0, 1/r^2) ("gaussian", peft's
+# init_lora_weights="gaussian") or peft's default kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+LORA_INITS = ("gaussian", "kaiming_uniform")
 
 
 def _module_seed(seed: int, path: str) -> int:
@@ -134,9 +138,11 @@ class Denoiser(ABC):
     def is_flow(self) -> bool:
         return self.prediction_type == "flow"
 
-    def add_lora(self, rank: int, alpha: int | float, targets: Sequence[str], seed: int = 0) -> None:
+    def add_lora(
+        self, rank: int, alpha: int | float, targets: Sequence[str], seed: int = 0, init: str = "gaussian"
+    ) -> None:
         """Inject a peft LoRA (adapter "default") on the `targets` modules, in float32, initialised once by
-        init_lora_weights(seed): the same start on every backend.
+        init_lora_weights(seed, init) (`init`: Recipe.lora_init): the same start on every backend.
 
         Mixed precision as in accelerate / Lightning "bf16-mixed": the frozen base weights may be bf16, the
         trainable adapters (and so their optimiser state) are always float32. peft would create them in the
@@ -149,6 +155,8 @@ class Denoiser(ABC):
 
         if self.has_lora:
             raise RuntimeError("this denoiser already carries a LoRA adapter")
+        if init not in LORA_INITS:
+            raise ValueError(f"LoRA init must be one of {LORA_INITS}, got {init!r}")
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
         with torch.random.fork_rng(devices=[]):  # peft's own draws (overwritten below) leave no trace
             inject_adapter_in_model(config, self.lora_module)
@@ -156,7 +164,7 @@ class Denoiser(ABC):
             param.requires_grad_("lora_" in name)
             if "lora_" in name and param.dtype != torch.float32:
                 param.data = param.data.float()  # float32 master weights of the student
-        self.init_lora_weights(seed)
+        self.init_lora_weights(seed, init)
 
     def identity(self) -> dict:
         """What besides the network's weights makes this teacher what it is (fingerprints.teacher_fingerprint):
@@ -168,17 +176,25 @@ class Denoiser(ABC):
         is drawn from. The diffusers backends are that layout; ComfyDenoiser maps ComfyUI's LDM paths."""
         return module
 
-    def init_lora_weights(self, seed: int) -> None:
-        """The student's LoRA start: lora_A ~ N(0, 1/r^2) (peft's "gaussian" init), lora_B = 0, each module from
-        its own generator seeded by (seed, lora_path(module)). peft draws in module order, which differs between
-        backends (ComfyUI's LDM UNet vs diffusers'); this start is the same on every backend."""
+    def init_lora_weights(self, seed: int, init: str = "gaussian") -> None:
+        """The student's LoRA start, lora_B = 0 and lora_A by `init` (LORA_INITS): "gaussian" N(0, 1/r^2) (peft's
+        "gaussian" init, the reference's UNets) or "kaiming_uniform" U(+-1/sqrt(fan_in)) (peft's default, the
+        reference's DiTs). Each module draws from its own generator seeded by (seed, lora_path(module)): peft draws
+        in module order, which differs between backends (ComfyUI's LDM UNet vs diffusers'); this start is the same
+        on every backend."""
+        if init not in LORA_INITS:
+            raise ValueError(f"LoRA init must be one of {LORA_INITS}, got {init!r}")
         with torch.no_grad():
             for name, param in self.named_lora_parameters():
                 module = name.split(".lora_")[0]
                 if ".lora_A." in name:
-                    rank = param.shape[0]
                     generator = torch.Generator().manual_seed(_module_seed(seed, self.lora_path(module)))
-                    values = torch.randn(param.shape, generator=generator, dtype=torch.float32) / rank  # std 1/r
+                    if init == "gaussian":
+                        rank = param.shape[0]
+                        values = torch.randn(param.shape, generator=generator, dtype=torch.float32) / rank  # std 1/r
+                    else:  # kaiming_uniform_(a=sqrt(5)): bound = sqrt(6 / ((1 + a^2) fan_in)) = 1/sqrt(fan_in)
+                        values = torch.empty(param.shape, dtype=torch.float32)
+                        torch.nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
                     param.copy_(values.to(param.device, param.dtype))
                 elif ".lora_B." in name:
                     param.zero_()

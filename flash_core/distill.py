@@ -98,7 +98,7 @@ from flash_core.recipes import Recipe, get_recipe, lora_alpha_for_rank
 from flash_core.schedules import (
     NUM_TRAIN_TIMESTEPS,
     flow_sigmas,
-    flow_training_sigmas,
+    flow_teacher_sigmas,
     phase_of_step,
     timestep_mixture_probs,
     trailing_timesteps,
@@ -178,15 +178,19 @@ class Batch:
 
 # ---- teacher --------------------------------------------------------------------------------------
 def _flow_grid(grid_steps: int, student_steps: int | None) -> list[float]:
-    """Flow sigmas of a K-step solve: around the student's sampling grid in training, plain otherwise."""
-    return flow_sigmas(grid_steps) if student_steps is None else flow_training_sigmas(grid_steps, student_steps)
+    """Flow sigmas of the teacher's K-step solve (schedules.flow_teacher_sigmas: diffusers' shift-3 grid), the
+    same in training and previews; student_steps n only has to divide K (the mixture's modes at j*K/n)."""
+    if student_steps is not None and (student_steps < 1 or grid_steps % student_steps):
+        raise ValueError(f"the K={grid_steps} teacher grid must be a multiple of the {student_steps}-step student grid")
+    return flow_teacher_sigmas(grid_steps)
 
 
 def training_grid(denoiser: Denoiser, grid_steps: int, student_steps: int | None = None) -> list[float]:
-    """The K-step grid in model timesteps: trailing DDPM timesteps, or flow sigmas * 1000.
+    """The K-step teacher grid in model timesteps: trailing DDPM timesteps, or flow sigmas * 1000.
 
-    student_steps (training): flow models use schedules.flow_training_sigmas, whose index j*K/n is the
-    student's sampling sigma j; the trailing grid has that property already (index 8 of K=32 is 749).
+    The timestep mixture's modes sit at indices 0, K/4, K/2, 3K/4 (phase_mixture_probs), as in the reference: on
+    the trailing grid t = 999 / 749 / 499 / 249 (the student's 4-step grid too), on SD3's flow grid
+    sigma = 1.0 / 0.896 / 0.739 / 0.470 (not its 4-step sampling sigmas 1.0 / 0.857 / 0.601 / 0.003).
     """
     if denoiser.is_flow:  # SD3: shifted sigmas, t = sigma*T
         return [s * NUM_TRAIN_TIMESTEPS for s in _flow_grid(grid_steps, student_steps)]
@@ -271,7 +275,7 @@ def sample_grid_index(probs: Tensor, generator: torch.Generator) -> int:
 
 
 def phase_mixture_probs(recipe: Recipe, phase: int) -> Tensor:
-    """p(grid index) of `phase` on the recipe's K grid."""
+    """p(grid index) of `phase` on the recipe's K grid: modes at indices 0, K/4, K/2, 3K/4 (training_grid)."""
     return timestep_mixture_probs(recipe.phase_mode_weights[phase], recipe.teacher_grid_steps)
 
 
@@ -344,7 +348,8 @@ class FlashDistiller:
         self.step = 0
 
         if not denoiser.has_lora:
-            denoiser.add_lora(self.recipe.lora_rank, self.recipe.lora_alpha, self.recipe.lora_targets, seed=config.seed)
+            denoiser.add_lora(self.recipe.lora_rank, self.recipe.lora_alpha, self.recipe.lora_targets, seed=config.seed,
+                              init=self.recipe.lora_init)
         denoiser.lora_module.to(self.device)
         denoiser.set_gradient_checkpointing(config.grad_checkpointing)
         self.student_params: list[nn.Parameter] = denoiser.lora_parameters()
@@ -352,7 +357,7 @@ class FlashDistiller:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)  # reproducible discriminator head init
             self.discriminator = DiscriminatorHead(
-                denoiser.encoder_feature_channels, self.recipe.discriminator_channels
+                self.recipe.discriminator_head, denoiser.encoder_feature_channels
             ).to(self.device)
         self._check_float32_trainables()
         self.student_optimizer = torch.optim.AdamW(self.student_params, lr=self.recipe.lr)

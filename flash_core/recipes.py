@@ -1,5 +1,5 @@
-"""Per-backbone Flash Diffusion recipes: the ONE home of rank, alpha, targets, guidance ranges, K and
-per-phase loss weights (numbers from the paper's published configs, see shared notes).
+"""Per-backbone Flash Diffusion recipes: the ONE home of rank, alpha, targets, LoRA init, guidance ranges, K,
+per-phase loss weights and the discriminator head (numbers from the paper's published configs, see shared notes).
 
 Grids and the timestep mixture itself live in `flash_core.schedules`; a recipe only names its inputs.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from flash_core.denoiser import LORA_INITS
+from flash_core.losses import PIXART_HEAD, SD3_HEAD, SD15_HEAD, SDXL_HEAD, DiscriminatorHeadSpec
 from flash_core.schedules import PHASE_MODE_WEIGHTS
 
 UNCOND_MODES = ("empty_prompt", "zeros", "negative_prompt")
@@ -30,21 +32,21 @@ class Recipe:
     lora_alpha: int | float  # the LoRA scale is lora_alpha / lora_rank
     lora_targets: tuple[str, ...]
     guidance_range: tuple[float, float]  # teacher CFG scale w ~ U[min, max], once per batch (DMD: a fresh one)
-    teacher_grid_steps: int  # K: teacher DPM-Solver++ grid (32; PixArt 16)
+    teacher_grid_steps: int  # K: the teacher's grid, DPM-Solver++ trailing (SD3: flow Euler): 32, PixArt 16
     batch_size: int  # per GPU
     uncond: str  # "empty_prompt" | "zeros" | "negative_prompt"
     adversarial_weights: tuple[float, ...]  # per phase
     dmd_weights: tuple[float, ...]  # per phase
     distill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # per phase
     phase_mode_weights: tuple[tuple[float, ...], ...] = PHASE_MODE_WEIGHTS  # mixture mode weights per phase
-    student_steps: int = 4  # the few-step grid the mixture's modes sit on
+    student_steps: int = 4  # n: the mixture's modes sit at teacher-grid indices j*K/n (j < n)
     adversarial_timesteps: tuple[int, ...] = (10, 250, 500, 750)  # re-noising levels of the discriminator
     lr: float = 1e-5  # AdamW, student and discriminator, constant
-    # Discriminator head widths (hidden, width) of flash_core.losses.DiscriminatorHead: conv3x3 -> hidden,
-    # conv4x4/2 -> width, GroupNorm(4), conv4x4 valid -> 1 logit. SD1.5's (64, 128) on the 1280-channel mid
-    # block is the reference head, 870,720 parameters; the other backbones' widths are chosen to give the
-    # published head sizes with the same layer pattern (the table above _SD15).
-    discriminator_channels: tuple[int, int] = (64, 128)
+    # The reference's discriminator head of this backbone (flash_core.losses.DiscriminatorHeadSpec; table below).
+    discriminator_head: DiscriminatorHeadSpec = SD15_HEAD
+    # The LoRA's start (Denoiser.add_lora): "gaussian" lora_A ~ N(0, 1/r^2) (the reference's UNets) or
+    # "kaiming_uniform" lora_A ~ U(+-1/sqrt(fan_in)) (peft's default, which the reference's DiTs keep); lora_B = 0.
+    lora_init: str = "gaussian"
 
     def __post_init__(self) -> None:
         if self.uncond not in UNCOND_MODES:
@@ -59,8 +61,11 @@ class Recipe:
         if self.teacher_grid_steps < 1 or self.teacher_grid_steps % self.student_steps:
             raise ValueError(
                 f"recipe {self.backbone!r}: teacher_grid_steps (K = {self.teacher_grid_steps}) must be a multiple of "
-                f"the {self.student_steps}-step sampling grid the timestep mixture sits on (the recipe: 32, PixArt 16)"
+                f"the {self.student_steps}-step student grid: the timestep mixture's modes sit at grid indices "
+                f"0, K/{self.student_steps}, 2K/{self.student_steps}, ... (the recipe: 32, PixArt 16)"
             )
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"recipe {self.backbone!r}: lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
         low, high = self.guidance_range
         if not 0 <= low <= high:
             raise ValueError(f"recipe {self.backbone!r}: guidance_range must be (min, max) with 0 <= min <= max")
@@ -70,13 +75,17 @@ class Recipe:
         return len(self.phase_mode_weights)
 
 
-# Discriminator heads (Recipe.discriminator_channels = (hidden, width)) and their size on the full-size
-# teacher's features:
-#   sd15   (64, 128)  on the 1280-ch UNet mid block:   870,720 (the paper's reference head)
-#   sdxl   (608, 896) on the 1280-ch UNet mid block:   15,737,184 (published: 15.7M)
-#   sd3    (256, 672) on SD3's 16-ch final output:      2,801,728 (published: 2.8M)
-#   pixart (256, 672) on PixArt's 8-ch final output:    2,783,296 (not published: SD3's DiT head widths)
+# Discriminator heads (Recipe.discriminator_head, flash_core.losses; conv4x4/2 = 4x4 conv, stride 2, padding 1;
+# GN = GroupNorm(4); every conv but SD1.5's first without bias; each ends in a valid conv4x4 -> 1 and Flatten):
+#   sd15   on the 1280-ch UNet mid block: conv3x3 -> 64 (bias), SiLU, conv4x4/2 -> 128, SiLU, GN   870,720
+#   sdxl   on the 1280-ch UNet mid block: conv4x4/2 -> 256, SiLU, 2 x [conv4x4/2 (x2), GN, SiLU]   15,748,096
+#   sd3    on SD3's 16-ch final output:   conv4x4/2 -> 64, SiLU, 3 x [conv4x4/2 (x2), GN, SiLU]      2,778,880
+#   pixart on 4 of PixArt's 8 output ch (learned sigma dropped): as sd3 with 4 blocks              11,165,440
 # DiTs have no encoder / decoder split, so their head reads the teacher's final output map (paper).
+# LoRA init (Recipe.lora_init): the UNets "gaussian", the DiTs "kaiming_uniform" (peft's default, the reference's).
+# Timestep mixture: modes at grid indices 0, K/4, K/2, 3K/4 of the teacher's K grid (flash_core.schedules):
+#   sd15 / sdxl t = 999 / 749 / 499 / 249 (trailing K = 32), pixart the same t (K = 16),
+#   sd3 sigma = 1.0 / 0.896 / 0.739 / 0.470 (diffusers' shift-3 flow grid, K = 32).
 
 _SD15 = Recipe(
     backbone="sd15", lora_rank=128, lora_alpha=128, lora_targets=UNET_LORA_TARGETS,
@@ -88,18 +97,18 @@ RECIPES: dict[str, Recipe] = {
     "sd15": _SD15,
     # SDXL: SD1.5's recipe with half the rank and batch, and zeroed embeddings as the unconditional input
     "sdxl": replace(_SD15, backbone="sdxl", lora_rank=64, lora_alpha=64, batch_size=2, uncond="zeros",
-                    discriminator_channels=(608, 896)),
+                    discriminator_head=SDXL_HEAD),
     "pixart": Recipe(
         backbone="pixart", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
         guidance_range=(2.0, 9.0), teacher_grid_steps=16, batch_size=2, uncond="empty_prompt",
         adversarial_weights=(0.0, 0.05, 0.1, 0.2), dmd_weights=(0.0, 0.3, 0.5, 0.7),
-        discriminator_channels=(256, 672),
+        discriminator_head=PIXART_HEAD, lora_init="kaiming_uniform",
     ),
     "sd3": Recipe(
         backbone="sd3", lora_rank=64, lora_alpha=8, lora_targets=DIT_LORA_TARGETS,
         guidance_range=(7.0, 13.0), teacher_grid_steps=32, batch_size=2, uncond="negative_prompt",
         adversarial_weights=(0.0, 0.1, 0.3, 0.5), dmd_weights=(0.0, 0.3, 0.5, 0.7),
-        discriminator_channels=(256, 672),
+        discriminator_head=SD3_HEAD, lora_init="kaiming_uniform",
     ),
 }
 

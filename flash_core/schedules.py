@@ -2,7 +2,7 @@
 
 This module is the single home of:
   * the trailing timestep grid (sampling *and* training use it),
-  * the flow-matching sigma grids (SD3: sampling, and the teacher's K grid around it),
+  * the flow-matching sigma grids (SD3: sampling, and the teacher's K grid),
   * the LCM boundary-condition scalings of the student's output,
   * the discrete DDPM noise schedule (alphas_cumprod) used by SD1.5 / SDXL / PixArt,
   * the training-time timestep mixture over the K-step grid, per phase.
@@ -27,7 +27,7 @@ TIMESTEP_SCALING = 10.0
 # SD3 flow-matching shift.
 SD3_FLOW_SHIFT = 3.0
 
-# Training-time timestep mixture (paper Sec. 3.2): Gaussian modes centred on the few-step grid,
+# Training-time timestep mixture (paper Sec. 3.2): Gaussian modes at grid indices 0, K/4, K/2, 3K/4 of the K grid,
 # with mode weights per training phase (warm-up first, then shifting mass towards pure noise).
 PHASE_MODE_WEIGHTS: tuple[tuple[float, ...], ...] = (
     (0.0, 0.0, 0.5, 0.5),
@@ -72,25 +72,19 @@ def flow_sigmas(num_steps: int, shift: float = SD3_FLOW_SHIFT, sigma_min: float 
     return [float(s) for s in shift_sigma(base, shift)]
 
 
-def flow_training_sigmas(
-    grid_steps: int, student_steps: int = 4, shift: float = SD3_FLOW_SHIFT, sigma_min: float = 1.0 / NUM_TRAIN_TIMESTEPS
-) -> list[float]:
-    """The flow models' K-step teacher grid, built around the student's few-step sampling grid.
+def flow_teacher_sigmas(grid_steps: int, shift: float = SD3_FLOW_SHIFT) -> list[float]:
+    """The flow models' K-step teacher grid: diffusers' FlowMatchEulerDiscreteScheduler(shift).set_timesteps(K),
+    as the reference's SD3 teacher solves (terminal 0 not included).
 
-    Each of the student's `student_steps` sampling intervals (flow_sigmas(n) followed by 0) is split into
-    K/n equal steps in unshifted sigma, then the grid is shifted. So grid index j*K/n is exactly the student's
-    sampling sigma j, as on the discrete trailing grid (index 8j of K=32 = 999/749/499/249): K=32, n=4 puts
-    the timestep mixture's modes at sigma ≈ 1.0 / 0.857 / 0.601 / 0.003 (flow_sigmas(4)), not at the
-    1.0 / 0.896 / 0.738 / 0.468 of flow_sigmas(32)[::8].
+    diffusers spaces t linearly from its largest training sigma (1.0) to its smallest, shift(1/T), then shifts:
+    sigma_k = shift(1 - k/(K-1) (1 - shift(1/T))). The timestep mixture's modes sit at grid indices 0, 8, 16, 24 of
+    K = 32: sigma ≈ 1.0 / 0.896 / 0.739 / 0.470 (not the student's 4-step sampling grid 1.0 / 0.857 / 0.601 / 0.003).
     """
-    if grid_steps < 1 or student_steps < 1 or grid_steps % student_steps:
-        raise ValueError(
-            f"the K={grid_steps} teacher grid must be a multiple of the {student_steps}-step sampling grid"
-        )
-    nodes = [float(s) for s in torch.linspace(1.0, sigma_min, student_steps, dtype=torch.float64)] + [0.0]
-    per_interval = grid_steps // student_steps
-    base = [a + (b - a) * k / per_interval for a, b in zip(nodes[:-1], nodes[1:]) for k in range(per_interval)]
-    return [float(shift_sigma(s, shift)) for s in base]  # sigma' = shift s / (1 + (shift - 1) s)
+    if grid_steps < 1:
+        raise ValueError(f"grid_steps must be >= 1, got {grid_steps}")
+    smallest = float(shift_sigma(1.0 / NUM_TRAIN_TIMESTEPS, shift))  # diffusers' sigma_min: the last training sigma
+    base = torch.linspace(1.0, smallest, grid_steps, dtype=torch.float64)  # timesteps / T before the shift
+    return [float(s) for s in shift_sigma(base, shift)]  # sigma' = shift s / (1 + (shift - 1) s)
 
 
 def lcm_boundary_scalings(timestep, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):

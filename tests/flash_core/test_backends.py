@@ -19,7 +19,7 @@ from flash_core.denoiser import Conditioning, zero_conditioning
 from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target, training_grid
 from flash_core.losses import DiscriminatorHead
 from flash_core.recipes import get_recipe
-from flash_core.schedules import flow_sigmas, flow_training_sigmas, scaled_linear_alphas_cumprod
+from flash_core.schedules import flow_teacher_sigmas, scaled_linear_alphas_cumprod
 
 TEXT_DIM = 32
 
@@ -181,15 +181,15 @@ def test_sd3_flow_training_step():
 def test_sd3_teacher_target_is_flow_euler_on_the_shifted_grid(student_steps):
     """Independent reference: CFG Euler steps x += (s_next - s) v on the K-step flow grid + [0].
 
-    Training (student_steps=4) uses schedules.flow_training_sigmas (the 4-step sampling grid refined);
-    previews (None) the plain shifted grid schedules.flow_sigmas(K).
+    Training (student_steps=4) and previews (None) both solve on schedules.flow_teacher_sigmas(K), the
+    reference's grid (diffusers' shift-3 set_timesteps(K)).
     """
     model, batch = tiny_sd3()
     denoiser = SD3Denoiser(model)
     grid_steps, start, w = 8, 2, 7.5
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     uncond = batch.uncond.expand_to(2)
-    grid = flow_sigmas(grid_steps) if student_steps is None else flow_training_sigmas(grid_steps, student_steps)
+    grid = flow_teacher_sigmas(grid_steps)
     sigmas = grid + [0.0]
     with torch.no_grad():
         x = z.clone()
@@ -215,12 +215,46 @@ def test_published_sd15_parameter_counts_on_meta_device():
         denoiser = UNetDenoiser(unet)
         recipe = get_recipe("sd15")
         denoiser.add_lora(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets)
-        head = DiscriminatorHead(denoiser.encoder_feature_channels, recipe.discriminator_channels)
+        head = DiscriminatorHead(recipe.discriminator_head, denoiser.encoder_feature_channels)
     assert denoiser.encoder_feature_channels == 1280
     assert sum(p.numel() for p in denoiser.lora_parameters()) == 25_509_888
     assert sum(p.numel() for p in head.parameters()) == 870_720
     assert all(p.requires_grad and p.dtype == torch.float32 for p in denoiser.lora_parameters())
     assert not any(p.requires_grad for p in denoiser.base_parameters())
+
+
+@pytest.mark.parametrize("backbone", ["sd15", "pixart", "sd3"])
+def test_lora_init_follows_the_recipe(backbone):
+    """UNets: lora_A ~ N(0, 1/r^2); DiTs: peft's default kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+    lora_B = 0; each module drawn from (seed, module path), so the start is deterministic."""
+    import math
+
+    from flash_core.denoiser import _module_seed
+
+    network = TINY_NETWORKS[backbone]()
+    distiller = FlashDistiller(make_diffusers_denoiser(backbone, network), tiny_config(backbone, seed=3))
+    denoiser, rank = distiller.denoiser, distiller.recipe.lora_rank
+    assert distiller.recipe.lora_init == ("gaussian" if backbone == "sd15" else "kaiming_uniform")
+    lora_a = {n: p for n, p in denoiser.named_lora_parameters() if ".lora_A." in n}
+    assert lora_a and all(not p.any() for n, p in denoiser.named_lora_parameters() if ".lora_B." in n)
+    for name, param in lora_a.items():
+        generator = torch.Generator().manual_seed(_module_seed(3, denoiser.lora_path(name.split(".lora_")[0])))
+        if backbone == "sd15":
+            expected = torch.randn(param.shape, generator=generator) / rank  # std 1/r
+        else:
+            expected = torch.nn.init.kaiming_uniform_(torch.empty(param.shape), a=math.sqrt(5), generator=generator)
+            fan_in = param[0].numel()  # in_features (Linear) or in_channels * k * k (Conv2d, e.g. pos_embed.proj)
+            assert param.abs().max() <= 1 / math.sqrt(fan_in)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert torch.equal(param, expected), name
+    if backbone != "sd15":
+        values = torch.cat([p.detach().flatten() * math.sqrt(p[0].numel()) for p in lora_a.values()])  # U(-1, 1)
+        assert abs(float(values.std()) - 1 / math.sqrt(3)) < 0.02  # the uniform's std, not the Gaussian 1/r
+    again = make_diffusers_denoiser(backbone, TINY_NETWORKS[backbone]())
+    again.add_lora(rank, distiller.recipe.lora_alpha, distiller.recipe.lora_targets, seed=3,
+                   init=distiller.recipe.lora_init)
+    assert all(torch.equal(a, b) for a, b in zip(denoiser.lora_parameters(), again.lora_parameters()))
+    with pytest.raises(ValueError, match="LoRA init"):
+        make_diffusers_denoiser(backbone, TINY_NETWORKS[backbone]()).add_lora(4, 4, ("to_q",), init="orthogonal")
 
 
 def test_conditioning_helpers():

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flash_core import schedules
 from flash_core.backends.diffusers import UNetDenoiser
-from flash_core.distill import Batch, DistillConfig, FlashDistiller, teacher_target
+from flash_core.distill import Batch, DistillConfig, FlashDistiller, phase_mixture_probs, teacher_target, training_grid
+from flash_core.recipes import get_recipe
 from tests.flash_core.test_backends import snapshot, tiny_config, tiny_sd15_batch, tiny_sd15_unet
 
 
@@ -44,6 +46,27 @@ def test_phase_mixture_frequencies_of_the_trainer_sampler():
         if phase == 0:
             assert counts[0] == 0 and counts[8] == 0  # warm-up: no mass on the 999 / 749 modes
     assert distiller.grid[:1] + distiller.grid[8::8] == [999.0, 749.0, 499.0, 249.0]  # modes on the 4-step grid
+
+
+@pytest.mark.parametrize("backbone, modes", [
+    ("sd15", [999, 749, 499, 249]), ("sdxl", [999, 749, 499, 249]),  # trailing K = 32
+    ("pixart", [999, 749, 499, 249]),  # trailing K = 16
+    ("sd3", [1000.0, 896.5, 738.9, 470.0]),  # sigma * 1000 on diffusers' shift-3 flow grid, K = 32
+])
+def test_timestep_mixture_modes_per_recipe(backbone, modes):
+    """Every phase's mixture peaks at grid indices 0, K/4, K/2, 3K/4 of the teacher grid the trainer uses (the
+    reference's modes); for SD3 that is the K = 32 flow grid, not the 4-step sampling grid 1000/857/601/3."""
+    recipe = get_recipe(backbone)
+    grid_steps = recipe.teacher_grid_steps
+    grid = training_grid(SimpleNamespace(is_flow=backbone == "sd3"), grid_steps, recipe.student_steps)
+    locations = [0, grid_steps // 4, grid_steps // 2, 3 * grid_steps // 4]
+    assert [grid[i] for i in locations] == pytest.approx(modes, abs=0.05)
+    for phase, weights in enumerate(recipe.phase_mode_weights):
+        probs = phase_mixture_probs(recipe, phase)
+        assert torch.equal(probs, schedules.timestep_mixture_probs(weights, grid_steps))
+        padded = torch.cat([probs.new_zeros(1), probs, probs.new_zeros(1)])
+        peaks = [i for i in range(grid_steps) if padded[i + 1] > max(padded[i], padded[i + 2])]  # local maxima
+        assert peaks == [loc for loc, weight in zip(locations, weights) if weight > 0], phase
 
 
 def _dpm_reference(unet, z, start, cond, uncond, w, grid_steps):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from flash_core import schedules
 from flash_core.distill import DistillConfig
+from flash_core.losses import DiscriminatorHeadSpec
 from flash_core.recipes import RECIPES, Recipe, get_recipe, lora_alpha_for_rank
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -32,7 +35,8 @@ def test_sd15_recipe():
     assert r.batch_size == 4
     assert r.uncond == "empty_prompt"
     assert r.adversarial_weights == (0.0, 0.1, 0.2, 0.3)
-    assert r.discriminator_channels == (64, 128)  # the reference head (flash_core.losses.DiscriminatorHead)
+    assert r.discriminator_head == DiscriminatorHeadSpec("sd15", feature_dim=64, num_blocks=1)  # 870,720 on 1280 ch
+    assert r.lora_init == "gaussian"
 
 
 def test_sdxl_recipe():
@@ -40,6 +44,8 @@ def test_sdxl_recipe():
     assert (r.lora_rank, r.lora_alpha, r.lora_targets) == (64, 64, UNET_TARGETS)
     assert (r.guidance_range, r.teacher_grid_steps, r.batch_size, r.uncond) == ((3.0, 13.0), 32, 2, "zeros")
     assert r.adversarial_weights == (0.0, 0.1, 0.2, 0.3)
+    assert r.discriminator_head == DiscriminatorHeadSpec("deep", feature_dim=256, num_blocks=2)  # 15,748,096
+    assert r.lora_init == "gaussian"
 
 
 def test_dit_recipes():
@@ -52,6 +58,10 @@ def test_dit_recipes():
     assert pixart.adversarial_weights == (0.0, 0.05, 0.1, 0.2)
     assert (sd3.guidance_range, sd3.teacher_grid_steps, sd3.uncond) == ((7.0, 13.0), 32, "negative_prompt")
     assert sd3.adversarial_weights == (0.0, 0.1, 0.3, 0.5)
+    assert sd3.discriminator_head == DiscriminatorHeadSpec("deep", feature_dim=64, num_blocks=3)  # 2,778,880
+    assert pixart.discriminator_head == DiscriminatorHeadSpec("deep", feature_dim=64, num_blocks=4,
+                                                              drop_learned_sigma=True)  # 11,165,440 on 4 channels
+    assert pixart.lora_init == sd3.lora_init == "kaiming_uniform"  # peft's default, as the reference's DiTs
 
 
 def test_unknown_backbone_lists_known_ones():
@@ -70,6 +80,8 @@ def test_recipe_validates_per_phase_weights():
         Recipe(backbone="x", lora_rank=4, lora_alpha=4, lora_targets=("to_q",), guidance_range=(1.0, 2.0),
                teacher_grid_steps=8, batch_size=1, uncond="nothing", adversarial_weights=(0.0,) * 4,
                dmd_weights=(0.0,) * 4)
+    with pytest.raises(ValueError, match="lora_init must be one of"):
+        replace(get_recipe("sd15"), lora_init="orthogonal")
 
 
 def test_config_overrides_recipe():

@@ -80,20 +80,27 @@ def test_flow_sigmas_equal_diffusers_flow_match_shift_3(num_steps):
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
 
 
-def test_flow_training_grid_contains_the_four_step_sampling_grid():
-    grid = schedules.flow_training_sigmas(32, 4)
-    assert len(grid) == 32 and all(a > b > 0 for a, b in zip(grid, grid[1:]))
-    modes = grid[0::8]  # the timestep mixture's modes sit at grid indices 0, 8, 16, 24
-    assert modes == pytest.approx(schedules.flow_sigmas(4), abs=1e-12)
-    assert modes == pytest.approx([1.0, 0.857, 0.601, 0.003], abs=5e-4)  # not 1.0 / 0.896 / 0.738 / 0.468
-    assert schedules.flow_sigmas(32)[8::8] == pytest.approx([0.896, 0.738, 0.468], abs=5e-4)  # the old modes
-    # Between two sampling sigmas: K/n equal steps in unshifted sigma (the last interval ends at 0).
-    unshifted = [s / (3 - 2 * s) for s in grid]  # inverse of sigma' = 3s / (1 + 2s)
-    steps = [a - b for a, b in zip(unshifted[:8], unshifted[1:9])]
-    assert steps == pytest.approx([0.333 / 8] * 8, abs=1e-9)
-    assert unshifted[-1] == pytest.approx(0.001 / 8)
-    with pytest.raises(ValueError, match="multiple"):
-        schedules.flow_training_sigmas(30, 4)
+@pytest.mark.parametrize("grid_steps", [1, 2, 4, 8, 16, 32])
+def test_flow_teacher_grid_is_diffusers_flow_match_default_grid(grid_steps):
+    """The reference's SD3 teacher: FlowMatchEulerDiscreteScheduler (shift 3) .set_timesteps(K)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(grid_steps)
+    ours = torch.tensor(schedules.flow_teacher_sigmas(grid_steps), dtype=torch.float64)
+    torch.testing.assert_close(ours, scheduler.sigmas[:-1].double(), atol=1e-6, rtol=0)  # diffusers appends 0
+    torch.testing.assert_close(ours * 1000, scheduler.timesteps.double(), atol=1e-4, rtol=0)
+
+
+def test_mixture_modes_on_the_teacher_grids():
+    """Modes at grid indices 0/8/16/24 of K = 32: the trailing grid's 999/749/499/249 (the UNets' and PixArt's
+    4-step grid) and, for SD3, sigma 1.0/0.896/0.739/0.470 of the flow grid, not its 4-step sampling sigmas."""
+    assert schedules.mode_locations(32, 4) == [0, 8, 16, 24] and schedules.mode_locations(16, 4) == [0, 4, 8, 12]
+    assert [schedules.trailing_timesteps(32)[i] for i in (0, 8, 16, 24)] == [999, 749, 499, 249]
+    assert [schedules.trailing_timesteps(16)[i] for i in (0, 4, 8, 12)] == [999, 749, 499, 249]  # PixArt, K = 16
+    flow_modes = [schedules.flow_teacher_sigmas(32)[i] for i in (0, 8, 16, 24)]
+    assert flow_modes == pytest.approx([1.0, 0.896, 0.739, 0.470], abs=5e-4)
+    assert schedules.flow_sigmas(4) != pytest.approx(flow_modes, abs=0.01)  # 1.0 / 0.857 / 0.601 / 0.003
+    with pytest.raises(ValueError, match="grid_steps"):
+        schedules.flow_teacher_sigmas(0)
 
 
 def test_shift_sigma_is_the_sd3_time_shift():
