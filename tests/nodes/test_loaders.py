@@ -78,7 +78,9 @@ def tiny():
     unet_layers = F.target_layers(F.diffusers_unet(F.TINY_SD15_DIFFUSERS), F.ATTENTION_TARGETS + ("proj_in",))
     with torch.device("meta"):
         text_model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**F.TINY_CLIP_CONFIG))
-    clip_layers = F.target_layers(text_model, CLIP_TARGETS)
+    # the names SD1 LoRA files use: transformers 4's CLIPTextModel layout (5.x has no text_model. wrapper module)
+    clip_layers = {name if name.startswith("text_model.") else f"text_model.{name}": layer
+                   for name, layer in F.target_layers(text_model, CLIP_TARGETS).items()}
     return model, clip, unet_layers, clip_layers
 
 
