@@ -23,6 +23,7 @@ SAFETENSORS = "safetensors"
 PICKLE = "pickle"
 TORCH_ZIP = "torch zip checkpoint"  # torch.save's zip container: data.pkl (a pickle) + tensor blobs
 ZIP = "zip"
+EMPTY = "empty"  # 0 bytes: an interrupted download or copy, whatever the name says
 UNKNOWN = "unknown"
 
 # Names that say "pickle" when the bytes do not (protocol 0/1 pickles have no signature).
@@ -69,7 +70,7 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def identify(path: str | os.PathLike) -> str:
-    """SAFETENSORS, PICKLE, TORCH_ZIP, ZIP or UNKNOWN, from the file's structure (never by unpickling).
+    """SAFETENSORS, PICKLE, TORCH_ZIP, ZIP, EMPTY or UNKNOWN, from the file's structure (never by unpickling).
 
     The safetensors structure is checked first: a valid header wins whatever the first bytes look like.
     """
@@ -80,6 +81,8 @@ def identify(path: str | os.PathLike) -> str:
             head = handle.read(4)
     except OSError:
         return UNKNOWN
+    if not head:
+        return EMPTY  # not a pickle by its name: there is nothing in it
     if head.startswith(_ZIP_SIGNATURES):
         try:
             with zipfile.ZipFile(path) as archive:  # lists names only; nothing is unpickled
@@ -118,6 +121,11 @@ def refusal(path: str | os.PathLike, kind: str, fix: str = "re-download it") -> 
     if kind == ZIP:
         return FileFormatError(
             f"'{path}' is a zip archive, not a .safetensors file: unzip it and use the .safetensors file inside."
+        )
+    if kind == EMPTY:
+        return FileFormatError(
+            f"'{path}' is empty (0 bytes): its download or copy did not finish. Delete it and {fix}; this pack "
+            "reads .safetensors files."
         )
     return FileFormatError(
         f"'{path}' is not a valid .safetensors file (truncated or corrupt): {fix}. (Its first 8 bytes and JSON "

@@ -11,7 +11,8 @@
   writer wins).
 * `remove_orphaned_temporaries`: a process killed during a write (SIGKILL, power loss) leaves its ".tmp-"
   file behind; the next run of the same output removes them when it starts (it holds the output's lock,
-  so no live writer can own them).
+  so no live writer can own them). A folder swap killed between its two renames left the previous complete
+  folder set aside: it is put back first (`recover_interrupted_swaps`), never deleted.
 * `OutputLock`: one training run per output; a second one refuses and names the holder. The lock is an
   flock on a file in the output folder, released by the kernel when the holder dies, so a killed run
   never leaves a stale lock.
@@ -147,18 +148,62 @@ def staging_folder(final: str | os.PathLike) -> Path:
     return final.with_name(TEMP_PREFIX + final.name)
 
 
+def make_staging_folder(final: str | os.PathLike) -> Path:
+    """A new, uniquely named staging folder next to `final` (for move_folder_into_place, when two processes may
+    build the same folder at once), with the mode a plain mkdir gives (0777 minus the umask), not mkdtemp's 0700."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{TEMP_PREFIX}{final.name}."))
+        os.chmod(folder, 0o777 & ~_umask())
+    except OSError as err:
+        raise write_error(os.fspath(final), err) from err
+    return folder
+
+
+OLD_SUFFIX = ".old"  # replace_folder_atomic: the previous complete folder, set aside during the swap
+
+
+def _set_aside_name(final: str) -> str:
+    return f"{os.path.join(os.path.dirname(final), TEMP_PREFIX)}{os.path.basename(final)}{OLD_SUFFIX}"
+
+
 def replace_folder_atomic(staging: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move a fully written `staging` folder onto `final` (a checkpoint folder): the old one is renamed
-    aside first and removed last, so at every moment one complete folder exists under a known name."""
+    aside first (".tmp-<name>.old") and removed last. A kill between the two renames leaves no `final`, but the
+    set-aside copy, which `recover_interrupted_swaps` (run by remove_orphaned_temporaries) puts back."""
     staging, final = os.fspath(staging), os.fspath(final)
     old = None
     if os.path.exists(final):
-        old = f"{os.path.join(os.path.dirname(final), TEMP_PREFIX)}{os.path.basename(final)}.old"
+        old = _set_aside_name(final)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swaps(folder: str | os.PathLike, recursive: bool = True, stem: str = "") -> list[str]:
+    """Put back the complete folders a replace_folder_atomic killed between its two renames set aside: a
+    ".tmp-<name>.old" whose <name> does not exist is renamed to <name>. Returns the folders restored.
+    (The staging folder of that swap may be complete too, but nothing says so; the set-aside one was.)
+    Like remove_orphaned_temporaries, call it only holding the folder's OutputLock; `stem`: only folders named
+    `stem...`."""
+    restored: list[str] = []
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return restored
+    for root, dirs, _ in os.walk(folder):
+        for name in list(dirs):
+            if name.startswith(TEMP_PREFIX + stem) and name.endswith(OLD_SUFFIX) and len(name) > len(TEMP_PREFIX + OLD_SUFFIX):
+                original = os.path.join(root, name[len(TEMP_PREFIX):-len(OLD_SUFFIX)])
+                if not os.path.lexists(original):
+                    os.replace(os.path.join(root, name), original)
+                    restored.append(original)
+                    dirs.remove(name)
+        if not recursive:
+            break
+    return restored
 
 
 def move_folder_into_place(staging: str | os.PathLike, final: str | os.PathLike) -> bool:
@@ -186,6 +231,7 @@ def remove_orphaned_temporaries(folder: str | os.PathLike, recursive: bool = Tru
     prefix = TEMP_PREFIX + stem
     if not os.path.isdir(folder):
         return removed
+    recover_interrupted_swaps(folder, recursive, stem)  # a folder set aside by a killed swap is the last complete copy
     for root, dirs, names in os.walk(folder):
         for name in list(dirs):
             if name.startswith(prefix):

@@ -6,6 +6,7 @@ Grids and the timestep mixture itself live in `flash_core.schedules`; a recipe o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from flash_core.denoiser import LORA_INITS
@@ -53,10 +54,10 @@ class Recipe:
             raise ValueError(f"recipe {self.backbone!r}: uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         num_phases = len(self.phase_mode_weights)
         for name in ("distill_weights", "adversarial_weights", "dmd_weights"):
-            if len(getattr(self, name)) != num_phases or any(not w >= 0 for w in getattr(self, name)):
+            if len(getattr(self, name)) != num_phases or any(not 0 <= w < math.inf for w in getattr(self, name)):
                 raise ValueError(
-                    f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), each >= 0, "
-                    f"got {getattr(self, name)!r}"
+                    f"recipe {self.backbone!r}: {name} needs one weight per phase ({num_phases}), each >= 0 and "
+                    f"finite, got {getattr(self, name)!r}"
                 )
         if self.teacher_grid_steps < 1 or self.teacher_grid_steps % self.student_steps:
             raise ValueError(
@@ -67,8 +68,11 @@ class Recipe:
         if self.lora_init not in LORA_INITS:
             raise ValueError(f"recipe {self.backbone!r}: lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
         low, high = self.guidance_range
-        if not 0 <= low <= high:
-            raise ValueError(f"recipe {self.backbone!r}: guidance_range must be (min, max) with 0 <= min <= max")
+        if not 0 <= low <= high < math.inf:
+            raise ValueError(f"recipe {self.backbone!r}: guidance_range must be (min, max) with 0 <= min <= max, both "
+                             f"finite, got {self.guidance_range!r}")
+        if not 0 < self.lr < math.inf:  # NaN fails too: a NaN learning rate turns the LoRA into NaN at the first step
+            raise ValueError(f"recipe {self.backbone!r}: lr (the learning rate) must be a finite number > 0, got {self.lr!r}")
 
     @property
     def num_phases(self) -> int:

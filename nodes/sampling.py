@@ -27,8 +27,10 @@ from flash_core import parameterization
 from flash_core import sampling as flash_sampling
 from flash_core.schedules import (
     MAX_SAMPLING_STEPS,
+    NUM_TRAIN_TIMESTEPS,
     check_sampling_steps,
     denoise_flow_sigmas,
+    denoise_grid_length,
     denoise_timesteps,
 )
 
@@ -70,6 +72,14 @@ def check_steps_and_denoise(node: str, steps: int, denoise: float) -> None:
         raise ValueError(
             f"{node}: denoise must be in (0, 1], got {denoise}. Use 1.0 for text-to-image and a lower value "
             "(e.g. 0.5) for img2img / hi-res fix / inpainting."
+        )
+    if denoise_grid_length(steps, denoise) > NUM_TRAIN_TIMESTEPS:  # the grid would need more timesteps than exist
+        smallest = steps / NUM_TRAIN_TIMESTEPS
+        raise ValueError(
+            f"{node}: denoise {denoise:g} is too small for {steps} steps: {steps} steps that change the image this "
+            f"little would need {denoise_grid_length(steps, denoise)} timesteps, and the model has "
+            f"{NUM_TRAIN_TIMESTEPS}. Use denoise {smallest:g} or more, or fewer steps (1 step: denoise "
+            f"{1 / NUM_TRAIN_TIMESTEPS:g} or more)."
         )
 
 
@@ -253,6 +263,15 @@ def sampling_defaults(model, steps: int, cfg: float, prompt=None, node_id=None) 
         mismatch = stack_mismatch(settings, prompt, node_id)
         if mismatch is not None:
             warn_mismatch(mismatch, node_id, "FlashSampler", LOG)
+    if steps == AUTO and settings is not None and settings.get("steps") not in (None, 0):
+        recommended = settings.get("steps")
+        if isinstance(recommended, bool) or not isinstance(recommended, int) or not 1 <= recommended <= MAX_SAMPLING_STEPS:
+            raise ValueError(
+                f"FlashSampler: steps is 0 (use the Flash LoRA's), and the Flash LoRA '{settings.get('lora_name')}' "
+                f"recommends {recommended!r} steps, which is not 1-{MAX_SAMPLING_STEPS}: its settings are broken. Set "
+                f"steps to 1-{MAX_SAMPLING_STEPS} on FlashSampler ({DEFAULT_STEPS} is what Flash students are trained "
+                "for), or re-export the LoRA."
+            )
     steps = int(steps) if steps != AUTO else int((settings or {}).get("steps") or DEFAULT_STEPS)
     cfg = float(cfg) if cfg != AUTO else float((settings or {}).get("cfg") or DEFAULT_CFG)
     if settings is not None:

@@ -3,6 +3,7 @@ the alpha rules applied and anything that is not a plain, complete LoRA refused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,6 +111,11 @@ def parse_lora_state_dict(
         if "alpha" in found:
             alpha_key, alpha_tensor = found["alpha"]
             source_keys.append(alpha_key)
+            if alpha_tensor.numel() == 0:
+                raise LoraFormatError(
+                    f"'{name}': '{alpha_key}' is an empty tensor, so the scale of LoRA module '{prefix}' is unknown "
+                    "(a kohya alpha holds one number): the file is damaged; re-download or re-export it."
+                )
             alpha = float(alpha_tensor.float().reshape(-1)[0])  # stored alpha (kohya convention)
         else:
             # a PEFT adapter_config.json describes the whole file; otherwise the metadata's config per component
@@ -119,9 +125,9 @@ def parse_lora_state_dict(
             else:
                 alpha = float(rank)  # diffusers convention: no alpha means alpha = rank (scale 1)
                 peft_without_alpha += fmt == PEFT
-        modules.append(
-            LoraModule(component, path, flat, down, up, alpha, tuple(source_keys), prefix)
-        )
+        module = LoraModule(component, path, flat, down, up, alpha, tuple(source_keys), prefix)
+        _refuse_overflowing_scale(module, name)
+        modules.append(module)
 
     warnings: list[str] = []
     if peft_without_alpha:
@@ -137,6 +143,34 @@ def parse_lora_state_dict(
             f"({sorted({m.rank for m in modules})}); it may belong to another LoRA."
         )
     return LoraFile(name, modules, tuple(sorted(formats)), metadata, warnings)
+
+
+# Largest weight update a LoRA may add: float16's largest number. A bigger one overflows half-precision weights to
+# inf (and the outputs to NaN); in float32 it drowns the weight it is added to. No trained LoRA comes near it.
+MAX_UPDATE = 65504.0
+
+
+def _refuse_overflowing_scale(module: LoraModule, name: str) -> None:
+    """LoraFormatError when the module's alpha is not finite, or its update (alpha / rank) * up @ down reaches
+    MAX_UPDATE: a huge alpha (1e30 in an .alpha tensor or a config) would otherwise turn the image into NaN
+    silently. The update is only computed when a cheap bound says it might be that large."""
+    where = f"'{name}': LoRA module '{module.source_prefix or module.path}'"
+    fix = "the file (or its adapter config) is damaged; re-download or re-export it"
+    if module.down.numel() == 0 or module.up.numel() == 0:
+        raise LoraFormatError(f"{where} has empty weights (down {tuple(module.down.shape)}, up "
+                              f"{tuple(module.up.shape)}): {fix}.")
+    if not math.isfinite(module.alpha):
+        raise LoraFormatError(f"{where} has alpha {module.alpha}, not a finite number: {fix}.")
+    bound = abs(module.scale) * module.rank * float(module.up.abs().max()) * float(module.down.abs().max())
+    if bound < MAX_UPDATE:
+        return
+    largest = float(module.delta().abs().max())
+    if not largest < MAX_UPDATE:  # also NaN / inf
+        raise LoraFormatError(
+            f"{where} has alpha {module.alpha:g} (scale alpha / rank = {module.scale:g}), which makes its weight "
+            f"update reach {largest:g}, beyond any model weight (float16 holds at most {MAX_UPDATE:g}): applied, it "
+            f"would turn the model's outputs into NaN; {fix}."
+        )
 
 
 def modules_from_peft_state_dict(

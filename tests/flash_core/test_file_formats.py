@@ -97,11 +97,24 @@ def test_a_zip_archive_is_named_as_a_zip(tmp_path):
             FF.read_safetensors(path)
 
 
+@pytest.mark.parametrize("name", ["model.ckpt", "lora.pt", "lora.safetensors"])
+def test_an_empty_file_is_named_empty_not_a_pickle(tmp_path, name):
+    """An interrupted download leaves 0 bytes: that is what the file is, whatever its name says (an empty
+    .ckpt was called a pickle-based checkpoint, with advice to convert it)."""
+    path = tmp_path / name
+    path.write_bytes(b"")
+    assert FF.identify(path) == FF.EMPTY
+    with pytest.raises(FF.FileFormatError) as error:
+        FF.read_safetensors(path)
+    message = str(error.value)
+    assert f"{name}' is empty (0 bytes)" in message and "re-download it" in message and "pickle" not in message
+
+
 def test_damaged_and_missing_files(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file(TENSORS, str(path))
     data = path.read_bytes()
-    for damaged in (data[:-3], data[:20], b"", b"\x00" * 8):
+    for damaged in (data[:-3], data[:20], b"\x00" * 8):
         path.write_bytes(damaged)
         with pytest.raises(FF.FileFormatError, match=r"lora\.safetensors' is not a valid \.safetensors file "
                                                      r"\(truncated or corrupt\): re-save it"):

@@ -4,6 +4,7 @@ temporaries of a killed writer are removed; one run per output (a second one is 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -148,6 +149,39 @@ def test_replace_folder_atomic_swaps_a_whole_checkpoint_folder(tmp_path):
     files.replace_folder_atomic(staging, final)
     assert (final / "trainer.pt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+
+
+def test_a_kill_between_the_two_renames_of_a_folder_swap_keeps_the_previous_checkpoint(tmp_path):
+    """replace_folder_atomic renames the old checkpoint aside, then the new one in. A writer killed between the
+    two renames left neither under the checkpoint's name, and the next start removed both as temporaries; the
+    next start now puts the set-aside (complete) copy back, and only then clears the staging folder."""
+    from flash_core.checkpoints import CheckpointStore
+
+    root = tmp_path / "checkpoints"
+    final, staging = root / "step-000002", root / ".tmp-step-000002"
+    for folder, content in ((final, "old"), (staging, "new")):
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"step": 2, "which": content}))
+    script = textwrap.dedent(f"""
+        import os, signal
+        from flash_core import files
+        renames = []
+        real_replace = os.replace
+        def replace_then_die(src, dst):
+            if renames:  # the second rename: killed before it happens
+                os.kill(os.getpid(), signal.SIGKILL)
+            renames.append(src)
+            real_replace(src, dst)
+        files.os.replace = replace_then_die
+        files.replace_folder_atomic({str(staging)!r}, {str(final)!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
+    assert not final.exists() and (root / ".tmp-step-000002.old" / "meta.json").is_file()  # killed in between
+    with files.OutputLock(root):
+        removed = files.remove_orphaned_temporaries(root)  # what the next run does when it starts
+    assert json.loads((final / "meta.json").read_text())["which"] == "old"
+    assert removed == [str(staging)] and sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-000002"]
+    assert CheckpointStore(root).latest() == final
 
 
 def test_move_folder_into_place_keeps_the_first_complete_folder(tmp_path):

@@ -325,6 +325,32 @@ def test_bad_denoise_raises(sampling_nodes, model, cond, denoise):
         sampling_nodes.FlashScheduler.execute(model, 4, denoise)
 
 
+@pytest.mark.parametrize("steps,denoise", [(4, 0.003), (4, 0.0039), (8, 0.005), (1, 0.0005)])
+def test_a_denoise_too_small_for_the_steps_says_what_to_do(sampling_nodes, model, cond, steps, denoise):
+    """4 steps at denoise 0.003 would need a 1333-step grid of a 1000-timestep model: said in the user's terms
+    (denoise, steps, the smallest denoise that works), not as "num_steps must be in 1..1000, got 1333"."""
+    for call in (lambda: _flash(sampling_nodes, model, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=steps,
+                                denoise=denoise),
+                 lambda: sampling_nodes.FlashScheduler.execute(model, steps, denoise)):
+        with pytest.raises(ValueError) as error:
+            call()
+        message = str(error.value)
+        assert f"denoise {denoise:g} is too small for {steps} steps" in message
+        assert f"Use denoise {steps / 1000:g} or more, or fewer steps" in message and "num_steps" not in message
+    sampling_nodes.FlashScheduler.execute(model, steps, steps / 1000)  # the smallest one it names works
+
+
+def test_broken_recommended_steps_are_not_reported_as_the_users_steps(sampling_nodes, model, cond):
+    """steps 0 = the Flash LoRA's: a MODEL whose Flash settings recommend 20 steps names the LoRA and its value."""
+    broken = model.clone()
+    broken.model_options["flash"] = {"lora_name": "odd.safetensors", "steps": 20, "cfg": 1.0, "timesteps": []}
+    with pytest.raises(ValueError) as error:
+        _flash(sampling_nodes, broken, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=0)
+    message = str(error.value)
+    assert "Flash LoRA 'odd.safetensors' recommends 20 steps" in message and "Set steps to 1-8 on FlashSampler" in message
+    _flash(sampling_nodes, broken, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=2)  # the user's steps win
+
+
 def test_wrong_latent_channels_raise(sampling_nodes, model, cond):
     sd3_latent = {"samples": torch.ones(1, 16, 8, 8)}
     expected = "the latent has 16 channels but this model \\(SD15\\) expects 4: use the VAE / Empty Latent Image"

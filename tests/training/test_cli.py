@@ -530,7 +530,7 @@ def build_tiny_sdxl(folder: Path) -> Path:
     pipeline = StableDiffusionXLPipeline(
         vae=AutoencoderKL(**TINY_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER)), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"),
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
     )
     pipeline.save_pretrained(str(folder))
     return folder

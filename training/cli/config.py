@@ -23,7 +23,7 @@ TOP_LEVEL_KEYS = {
     "model": "a local diffusers pipeline folder, or a mapping {path: ...} / {random_tiny: true}",
     "data": "mapping: path, kind, captions, image_column, text_column, split, resolution, max_items, cache_dir",
     "output_dir": "where checkpoints, samples, losses.jsonl and the exported LoRA go",
-    "total_steps": "training iterations in all (the four phases split them equally; student and discriminator alternate)",
+    "total_steps": "training iterations = batches, each updating the student and then the discriminator (the four phases split them equally)",
     "batch_size": "images per process per step (default: the recipe's)",
     "lr": "AdamW learning rate of student and discriminator (default: the recipe's)",
     "rank": "LoRA rank (default: the recipe's)",
@@ -47,6 +47,10 @@ TOP_LEVEL_KEYS = {
 DEPRECATED_KEYS = {"steps": "total_steps"}
 MODEL_KEYS = {"path", "random_tiny", "tiny_seed"}
 DATA_KEYS = {"path", "kind", "captions", "image_column", "text_column", "split", "resolution", "max_items", "cache_dir", "encode_batch_size"}
+# accelerate's set_seed seeds numpy, whose seeds are 0 .. 2**32 - 1: a larger one fails after the model loaded.
+MAX_SEED = 2**32 - 1
+# The teacher row of the sample grid solves on the model's own timesteps: more steps than it has cannot exist.
+MAX_TEACHER_SAMPLE_STEPS = 1000
 
 
 @dataclass
@@ -96,9 +100,11 @@ def _where(source: Path, key: str) -> str:
     return f"{source}: {key}"
 
 
-def _int(source: Path, key: str, value: Any, minimum: int) -> int:
+def _int(source: Path, key: str, value: Any, minimum: int, maximum: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{_where(source, key)} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{_where(source, key)} must be an integer from {minimum} to {maximum}{why}, got {value!r}")
     return value
 
 
@@ -224,6 +230,11 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         if "path" not in model:
             raise ConfigError(f"{source}: model needs 'path' (a local diffusers pipeline folder) or 'random_tiny: true'")
         model_path = Path(_str(source, "model.path", model["path"])).expanduser()
+        if model_path.exists() and not model_path.is_dir():
+            raise ConfigError(
+                f"{_where(source, 'model.path')}: {model_path} is a file; flash-distill reads a diffusers pipeline "
+                "folder (model_index.json, unet/, vae/, ...). Convert a single-file checkpoint once, e.g. "
+                "StableDiffusionPipeline.from_single_file(file).save_pretrained(folder), and give that folder")
         if not model_path.is_dir():
             raise ConfigError(f"{_where(source, 'model.path')}: model folder {model_path} does not exist")
         from flash_core.model_folders import ModelFolderError, check_pipeline_folder
@@ -232,6 +243,9 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
             check_pipeline_folder(model_path)  # no custom pipeline / component code ever runs
         except ModelFolderError as error:
             raise ConfigError(f"{_where(source, 'model.path')}: {error}") from None
+        from training.cli.teacher import check_scheduler_config
+
+        check_scheduler_config(model_path, backbone, _where(source, "model.path"))  # before any weights load
     tiny_seed = _int(source, "model.tiny_seed", model.get("tiny_seed", 0), 0)
 
     data = raw["data"]
@@ -274,6 +288,9 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
     sample_prompts = raw.get("sample_prompts")
     if sample_prompts is not None and (not isinstance(sample_prompts, list) or not all(isinstance(p, str) for p in sample_prompts)):
         raise ConfigError(f"{_where(source, 'sample_prompts')} must be a list of strings")
+    if sample_prompts == []:
+        raise ConfigError(f"{_where(source, 'sample_prompts')} is an empty list: give at least one prompt (one grid "
+                          "column each), or leave the key out to use the first dataset captions")
     sample_steps = raw.get("sample_steps", [1, 2, 4])
     if not isinstance(sample_steps, list) or not sample_steps or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 8 for s in sample_steps):
         raise ConfigError(f"{_where(source, 'sample_steps')} must be a list of step counts between 1 and 8, got {sample_steps!r}")
@@ -304,6 +321,15 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
     for spec in dataclass_fields(DistillConfig):
         if spec.name in distill:
             _check_distill_type(source, spec.name, str(spec.type), distill[spec.name])
+    if distill.get("lora_targets") is not None:
+        from training.cli.teacher import unknown_lora_targets
+
+        unknown, known = unknown_lora_targets(distill["lora_targets"], backbone, model_path)
+        if unknown:
+            raise ConfigError(
+                f"{_where(source, 'distill.lora_targets')}: {', '.join(map(repr, unknown))} names no layer of the "
+                f"{backbone} network a LoRA can wrap; use module names such as {', '.join(known)} (a name matches "
+                "every layer whose path ends with it), or leave the key out for the recipe's targets")
 
     config = TrainConfig(
         source=source,
@@ -327,14 +353,15 @@ def validate_config(raw: dict[str, Any], source: Path) -> TrainConfig:
         lr=optional("lr", _float),
         rank=optional("rank", lambda s, k, v: _int(s, k, v, 1)),
         alpha=optional("alpha", lambda s, k, v: int(v) if float(_float(s, k, v)).is_integer() else float(v)),
-        seed=_int(source, "seed", raw.get("seed", 0), 0),
+        seed=_int(source, "seed", raw.get("seed", 0), 0, MAX_SEED, " (the seed numpy and torch are given)"),
         mixed_precision=mixed_precision,
         checkpoint_every=_int(source, "checkpoint_every", raw.get("checkpoint_every", 500), 0),
         keep_checkpoints=_int(source, "keep_checkpoints", raw.get("keep_checkpoints", 2), 1),
         sample_every=_int(source, "sample_every", raw.get("sample_every", 500), 0),
         sample_prompts=sample_prompts,
         sample_steps=sample_steps,
-        teacher_sample_steps=_int(source, "teacher_sample_steps", raw.get("teacher_sample_steps", 25), 1),
+        teacher_sample_steps=_int(source, "teacher_sample_steps", raw.get("teacher_sample_steps", 25), 1,
+                                  MAX_TEACHER_SAMPLE_STEPS, " (the model has 1000 timesteps; 25 is plenty)"),
         teacher_guidance=optional("teacher_guidance", _float),
         log_every=_int(source, "log_every", raw.get("log_every", 10), 1),
         export=export,

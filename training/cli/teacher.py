@@ -8,13 +8,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flash_core.backbones import get_backbone
-from flash_core.files import TEMP_PREFIX, FileWriteError, move_folder_into_place
+from flash_core.files import FileWriteError, make_staging_folder, move_folder_into_place
 from training.cli.config import TrainConfig
 from training.cli.errors import ConfigError
 
@@ -90,8 +89,7 @@ def build_tiny_pipeline(folder: Path, seed: int) -> Path:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{TEMP_PREFIX}{folder.name}."))
+    tmp = make_staging_folder(folder)  # unique (two processes may build it at once), mode from the umask
     try:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
         if not move_folder_into_place(tmp, folder) and not (folder / "model_index.json").is_file():
@@ -146,6 +144,88 @@ def tensors_to_conditioning(tensors: dict[str, torch.Tensor]):
 
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+# The noise schedule flash-distill distils SD1.5 / SDXL teachers on (flash_core.schedules.scaled_linear_alphas_cumprod).
+UNET_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+UNET_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_scheduler_config(folder: Path, backbone: str, where: str) -> dict | None:
+    """The teacher folder's scheduler/scheduler_config.json, checked (None when the folder has none: epsilon).
+
+    ConfigError, naming the file, the key and the value, for: a file that is not a JSON object; a `_class_name`
+    diffusers does not have (the pipeline load would fail on it); and, for the UNet backbones, a prediction type
+    the trainer does not model or a noise schedule other than the one it distils on (scaled_linear 0.00085-0.012
+    over 1000 steps, no zero-terminal-SNR rescale): used, those would train the student on a wrong teacher.
+    """
+    from flash_core.file_formats import FileFormatError, read_json
+    from flash_core.model_folders import _library_class
+
+    path = Path(folder) / SCHEDULER_CONFIG
+    if not path.is_file():
+        return None
+    fix = "re-save the pipeline with save_pretrained, or copy the scheduler folder of its base model"
+    try:
+        config = read_json(path, "the teacher's scheduler config", fix)
+    except FileFormatError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+    def refuse(key: str, why: str):
+        raise ConfigError(f"{where}: {path} key '{key}' is {config.get(key)!r}: {why}; {fix}")
+
+    name = config.get("_class_name")
+    if name is not None and not (isinstance(name, str) and name.endswith("Scheduler") and _library_class("diffusers", name)):
+        refuse("_class_name", "not a scheduler class of the installed diffusers")
+    if get_backbone(backbone).is_dit:
+        return config
+    if config.get("prediction_type", "epsilon") not in UNET_PREDICTION_TYPES:
+        refuse("prediction_type", f"flash-distill trains {backbone} teachers that predict {' or '.join(UNET_PREDICTION_TYPES)}")
+    for key, wanted in UNET_SCHEDULE.items():
+        value = config.get(key)
+        same = value == wanted if isinstance(wanted, str) else isinstance(value, (int, float)) and abs(value - wanted) <= 1e-9 * max(1, abs(wanted))
+        if not same:
+            refuse(key, f"flash-distill distils {backbone} teachers on the SD noise schedule ({key} {wanted})")
+    if config.get("rescale_betas_zero_snr") or config.get("trained_betas") is not None:
+        key = "rescale_betas_zero_snr" if config.get("rescale_betas_zero_snr") else "trained_betas"
+        refuse(key, "flash-distill distils on the SD noise schedule, without a rescaled or custom one")
+    return config
+
+
+# Layer types peft can wrap with a LoRA (what a `lora_targets` name must match).
+def _lora_layer_types():
+    from torch import nn
+
+    return (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+
+
+def unknown_lora_targets(targets, backbone: str, folder: Path | None) -> tuple[list[str], list[str]]:
+    """(targets that match no LoRA-wrappable layer of the network, a few names that do), peft's rule: a name
+    matches a layer whose path is the name or ends with "." + name. The network is built from its config on
+    the meta device (no weights load): `folder`'s, or the tiny random one's when folder is None."""
+    import torch
+
+    network_class = get_backbone(backbone).network()
+    subfolder = get_backbone(backbone).subfolder
+    try:
+        with torch.device("meta"):
+            if folder is None:
+                network = network_class(**TINY_UNET)
+            else:
+                network = network_class.from_config(network_class.load_config(str(folder), subfolder=subfolder))
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"model folder {folder}: cannot read the {backbone} {subfolder} config ({error}); "
+                          "re-save the pipeline with save_pretrained") from None
+    paths = [name for name, module in network.named_modules() if isinstance(module, _lora_layer_types())]
+    unknown = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
+    if not targets:
+        unknown = ["(an empty list)"]
+
+    def short(path: str) -> str:  # "…attn1.to_out.0" -> "to_out.0", "…ff.net.0.proj" -> "proj"
+        parts = path.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+    known = sorted({short(p) for p in paths})
+    return unknown, known[:24]
 
 
 def refuse_pickle_weights(folder: Path) -> None:
@@ -193,10 +273,8 @@ class TeacherModel:
         self.sample_latent_shape: tuple[int, ...] | None = None  # [C, h, w] of the dataset latents
 
     def _scheduler_prediction_type(self) -> str:
-        config_file = self.folder / "scheduler" / "scheduler_config.json"
-        if config_file.is_file():
-            return json.loads(config_file.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
-        return "epsilon"
+        config = check_scheduler_config(self.folder, self.backbone, f"model folder {self.folder}")
+        return (config or {}).get("prediction_type", "epsilon")
 
     # ---- pixels <-> latents ----
     def encode_images(self, pixels):
