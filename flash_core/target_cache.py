@@ -13,11 +13,16 @@ Layout of a cache folder:
     manifest.json                       what determines the targets (`cache_manifest`) + the shard layout
     targets-<first>-<last>.safetensors  the student-update iterations first..last (iteration numbers), one row
                                         per sample: targets [M, C, h, w] float32, steps, process, position (in
-                                        its batch), sample_index (dataset row), grid_index, guidance (float64)
+                                        its batch), sample_index (dataset row), grid_index, guidance (float64);
+                                        its metadata: the identity of the cache it was built for (a hash of the
+                                        whole manifest: teacher, data, settings, layout), first / last iteration
+                                        and a checksum of its tensors
 Every file is written atomically (flash_core.files); a shard exists complete or not at all, so an interrupted
 build is finished by running it again (finished shards are kept). A manifest that differs from the run's
-settings refuses with every difference (`TargetCacheMismatchError`), like run.Run.resume; `verify` re-solves
-random targets and compares.
+settings refuses with every difference (`TargetCacheMismatchError`), like run.Run.resume; a shard of another
+cache (copied in from another dataset's build), of another range, truncated or unreadable is refused naming it
+(`check` when a run opens the cache, reading its header; its checksum when it is loaded), and a build rebuilds
+it; `verify` re-solves random targets and compares.
 
 API:
     cache_manifest(config, teacher_fingerprint, data_fingerprint, num_processes=1) -> dict
@@ -32,6 +37,7 @@ API:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -53,16 +59,21 @@ from flash_core.distill import (
     teacher_target,
     training_grid,
 )
+from flash_core.file_formats import safetensors_header
 from flash_core.files import write_atomic, write_json_atomic
 
 CACHE_FORMAT = "flash-target-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shards carry their cache identity; SD3 targets on the reference flow grid
 MANIFEST_FILE = "manifest.json"
 SHARD_PREFIX = "targets-"
 SHARD_TARGETS = 1024  # samples per shard (SD1.5 latents: 64 MiB)
 CPU_TEACHER_BATCH = 64
 MAX_TEACHER_BATCH = 512
 ROW_KEYS = ("steps", "process", "position", "sample_index", "grid_index", "guidance")
+# A shard's safetensors metadata: which cache it belongs to, which iterations it holds, a checksum of its tensors.
+SHARD_CACHE_KEY, SHARD_FIRST_KEY, SHARD_LAST_KEY, SHARD_CONTENT_KEY = "cache_identity", "first_step", "last_step", "content"
+REBUILD = "delete it and run `flash-distill cache-targets` again: it rebuilds the shards that are missing or damaged " \
+          "and keeps the others"
 # Tolerance of `verify`: max |stored - recomputed| / max(1, max |recomputed|) (batch composition changes the
 # kernels' summation order; bf16 autocast rounds much more).
 VERIFY_TOLERANCE = {"no": 1e-4, "bf16": 5e-2}
@@ -115,6 +126,42 @@ def _shard_plan(manifest: Mapping[str, Any]) -> list[list[int]]:
     return [updates[i : i + per_shard] for i in range(0, len(updates), per_shard)]
 
 
+def _manifest_problem(manifest: Any) -> str | None:
+    """What makes a manifest unusable (a key missing or of the wrong kind), or None."""
+    from flash_core.recipes import RECIPES
+
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    layout = manifest.get("layout")
+    wanted = {"backbone": lambda v: v in RECIPES, "total_steps": lambda v: _whole(v, 1),
+              "alternate_updates": lambda v: isinstance(v, bool), "num_processes": lambda v: _whole(v, 1),
+              "batch_size": lambda v: _whole(v, 1),
+              "layout": lambda v: isinstance(v, dict) and _whole(v.get("steps_per_shard"), 1)}
+    for key, ok in wanted.items():
+        if key not in manifest:
+            return f"has no '{key}'"
+        if not ok(manifest[key]):
+            return f"has '{key}' = {manifest[key]!r}" + (", not {'steps_per_shard': N}" if key == "layout" and not
+                                                          isinstance(layout, dict) else "")
+    return None
+
+
+def _whole(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def cache_identity(manifest: Mapping[str, Any]) -> str:
+    """The identity a cache's shards carry: a hash of its whole manifest (teacher and data fingerprints, every
+    target setting, the number of processes and the shard layout)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def shard_metadata(identity: str, steps: Sequence[int], tensors: Mapping[str, Tensor]) -> dict[str, str]:
+    """The metadata a shard of the cache `identity` holding iterations `steps` is written with."""
+    return {SHARD_CACHE_KEY: identity, SHARD_FIRST_KEY: str(steps[0]), SHARD_LAST_KEY: str(steps[-1]),
+            SHARD_CONTENT_KEY: fingerprints.tensor_fingerprint(sorted(tensors.items()))}
+
+
 class TargetCache:
     """A cache folder (see the module docstring); shards are loaded on demand, one at a time."""
 
@@ -128,8 +175,14 @@ class TargetCache:
                                    "`flash-distill cache-targets --config ...`") from None
         except (OSError, ValueError) as err:
             raise TargetCacheError(f"{path} cannot be read ({err}); delete the folder and build the cache again") from None
-        if self.manifest.get("format") != CACHE_FORMAT or self.manifest.get("version") != CACHE_VERSION:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != CACHE_FORMAT \
+                or self.manifest.get("version") != CACHE_VERSION:
             raise TargetCacheError(f"{self.folder} is not a version-{CACHE_VERSION} Flash target cache; build it again")
+        problem = _manifest_problem(self.manifest)
+        if problem is not None:
+            raise TargetCacheError(f"{path} {problem}: it is damaged or was not written by `flash-distill "
+                                   f"cache-targets`; delete the folder {self.folder} and build the cache again")
+        self.identity = cache_identity(self.manifest)
         self.plan = _shard_plan(self.manifest)
         self._shard_of = {step: i for i, steps in enumerate(self.plan) for step in steps}
         self._loaded: tuple[int, dict[str, Tensor], dict[tuple[int, int], Tensor]] | None = None
@@ -141,31 +194,91 @@ class TargetCache:
     def missing_shards(self) -> list[int]:
         return [i for i in range(len(self.plan)) if not self.shard_path(i).is_file()]
 
+    def _rows_per_shard(self, index: int) -> int:
+        return len(self.plan[index]) * self.manifest["num_processes"] * self.manifest["batch_size"]
+
+    def shard_problem(self, index: int, metadata: Mapping[str, str] | None = None) -> str | None:
+        """What is wrong with an existing shard, from its header alone (cheap: no tensor is read): unreadable or
+        truncated, built for another cache (another dataset, teacher or settings), or for other iterations.
+        None when it is fine (its checksum is checked when it is loaded)."""
+        path, steps = self.shard_path(index), self.plan[index]
+        if metadata is None:
+            header = safetensors_header(path)
+            if header is None:
+                return "cannot be read (not a complete safetensors file: truncated or damaged)"
+            try:
+                ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+                with open(path, "rb") as handle:
+                    described = 8 + int.from_bytes(handle.read(8), "little") + max(ends, default=0)
+                size = path.stat().st_size
+            except (TypeError, ValueError, KeyError, IndexError, OSError) as err:
+                return f"cannot be read ({type(err).__name__}: {err})"
+            if described != size:
+                return f"cannot be read: it is truncated or damaged ({size} bytes, its header describes {described})"
+            metadata = header.get("__metadata__") or {}
+            if not isinstance(metadata, dict):
+                return "cannot be read (its metadata is not a mapping)"
+        identity = metadata.get(SHARD_CACHE_KEY)
+        if identity is None:
+            return "carries no cache identity (built before shards recorded one, or not by cache-targets)"
+        if identity != self.identity:
+            return (f"was built for another target cache (identity {identity}, this cache {self.identity}: another "
+                    "dataset, teacher or settings), so its targets are not this run's")
+        if (metadata.get(SHARD_FIRST_KEY), metadata.get(SHARD_LAST_KEY)) != (str(steps[0]), str(steps[-1])):
+            return (f"holds iterations {metadata.get(SHARD_FIRST_KEY)}-{metadata.get(SHARD_LAST_KEY)}, not the "
+                    f"{steps[0]}-{steps[-1]} its name says")
+        return None
+
+    def damaged_shards(self) -> dict[int, str]:
+        """Existing shards with a shard_problem, by index (what a build rebuilds and a run refuses)."""
+        problems = {i: self.shard_problem(i) for i in range(len(self.plan)) if self.shard_path(i).is_file()}
+        return {i: problem for i, problem in problems.items() if problem is not None}
+
     def check(self, expected: Mapping[str, Any], complete: bool = True) -> None:
-        """Refuse a cache of other settings / teacher / data, or (complete=True) one with shards missing."""
+        """Refuse a cache of other settings / teacher / data, or (complete=True) one with shards missing, of
+        another cache or range, truncated or unreadable."""
         differences = manifest_differences(self.manifest, expected)
         if differences:
             raise TargetCacheMismatchError(self.folder, differences)
+        if not complete:
+            return
         missing = self.missing_shards()
-        if complete and missing:
+        if missing:
             raise TargetCacheError(
                 f"the target cache {self.folder} is incomplete ({len(missing)} of {len(self.plan)} shards missing, "
                 f"e.g. {self.shard_path(missing[0]).name}); run `flash-distill cache-targets` again to finish it"
             )
+        damaged = self.damaged_shards()
+        if damaged:
+            index, problem = next(iter(damaged.items()))
+            others = f" ({len(damaged)} shards in all)" if len(damaged) > 1 else ""
+            raise TargetCacheError(f"the target shard {self.shard_path(index)} {problem}{others}; {REBUILD}")
 
     def _shard(self, index: int) -> tuple[dict[str, Tensor], dict[tuple[int, int], Tensor]]:
         if self._loaded is None or self._loaded[0] != index:
             from safetensors import SafetensorError
             from safetensors.torch import load_file
 
+            from safetensors import safe_open
+
             path = self.shard_path(index)
             try:
                 tensors = load_file(str(path))
+                with safe_open(str(path), framework="pt") as handle:
+                    metadata = dict(handle.metadata() or {})
             except FileNotFoundError:
                 raise TargetCacheError(f"the target cache lacks {path}; run `flash-distill cache-targets` again") from None
             except (SafetensorError, OSError, ValueError) as err:
-                raise TargetCacheError(f"the target shard {path} cannot be read ({err}); delete it and run "
-                                       "`flash-distill cache-targets` again (the other shards are kept)") from None
+                raise TargetCacheError(f"the target shard {path} cannot be read ({err}); {REBUILD}") from None
+            problem = self.shard_problem(index, metadata)
+            if problem is None and set(tensors) != {"targets", *ROW_KEYS}:
+                problem = f"holds the tensors {sorted(tensors)}, not a shard's"
+            if problem is None and any(t.shape[0] != self._rows_per_shard(index) for t in tensors.values()):
+                problem = f"holds {tensors['targets'].shape[0]} rows, not {self._rows_per_shard(index)}"
+            if problem is None and fingerprints.tensor_fingerprint(sorted(tensors.items())) != metadata.get(SHARD_CONTENT_KEY):
+                problem = "cannot be read: its tensors differ from the checksum recorded when it was built (damaged)"
+            if problem is not None:
+                raise TargetCacheError(f"the target shard {path} {problem}; {REBUILD}")
             rows: dict[tuple[int, int], list[int]] = {}
             for row, (step, process) in enumerate(zip(tensors["steps"].tolist(), tensors["process"].tolist())):
                 rows.setdefault((step, process), []).append(row)
@@ -207,7 +320,11 @@ class TargetCache:
         num_processes, tolerance = self.manifest["num_processes"], VERIFY_TOLERANCE[config.mixed_precision]
         bad, worst, checked = [], 0.0, 0
         for step, process in picks:
-            stored = self.rows(step, process)
+            try:
+                stored = self.rows(step, process)
+            except TargetCacheError as error:
+                bad.append(f"iteration {step} process {process}: {error}")
+                continue
             fresh = solve_targets(denoiser, config, dataset, [(step, process)], num_processes, device, teacher_batch)
             recomputed = fresh["targets"]
             error = float((stored["targets"] - recomputed).abs().max() / max(1.0, float(recomputed.abs().max())))
@@ -332,12 +449,12 @@ def build_target_cache(
         probe = dataset.batch([0], 0)
         teacher_batch = default_teacher_batch(denoiser, probe.latents.shape[1:], probe.cond, probe.uncond, device,
                                               config.mixed_precision)
-    missing = cache.missing_shards()
+    missing = sorted(set(cache.missing_shards()) | set(cache.damaged_shards()))  # of another cache, truncated: rebuilt
     for done, index in enumerate(missing):
         steps = cache.plan[index]
         items = [(step, process) for step in steps for process in range(num_processes)]
         tensors = solve_targets(denoiser, config, dataset, items, num_processes, device, teacher_batch)
-        metadata = {"first_step": str(steps[0]), "last_step": str(steps[-1])}
+        metadata = shard_metadata(cache.identity, steps, tensors)
         write_atomic(cache.shard_path(index), lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
         if progress is not None:
             progress(len(cache.plan) - len(missing) + done + 1, len(cache.plan))
@@ -349,8 +466,10 @@ __all__ = [
     "TargetCacheError",
     "TargetCacheMismatchError",
     "build_target_cache",
+    "cache_identity",
     "cache_manifest",
     "default_teacher_batch",
     "manifest_differences",
+    "shard_metadata",
     "solve_targets",
 ]

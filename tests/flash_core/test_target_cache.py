@@ -1,32 +1,53 @@
 """flash_core.target_cache on a tiny SD1.5 UNet: counter-based draws, a run on the cache equals the live run,
-two students from one cache, an interrupted build finished by a second one, verify, and the manifest contract."""
+two students from one cache, an interrupted build finished by a second one, verify, the manifest contract, and
+shards that carry their cache's identity (another dataset's, truncated or damaged ones are refused, naming them)."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flash_core import distill, run, target_cache
+from flash_core import batches, distill, run, target_cache
 from flash_core.backends.diffusers import UNetDenoiser
+from flash_core.checkpoints import CheckpointStore
 from flash_core.distill import FlashDistiller, student_updates, target_inputs
 from tests.flash_core.test_backends import tiny_config, tiny_sd15_batch, tiny_sd15_unet
 from tests.flash_core.test_run import tiny_dataset
 
-SETTINGS = {"total_steps": 8, "batch_size": 2, "lr": 1e-3}
+# Alternating updates: only the even iterations need targets (the default, both every batch: test_session.py).
+SETTINGS = {"total_steps": 8, "batch_size": 2, "lr": 1e-3, "alternate_updates": True}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_run(cache=None, **overrides) -> run.Run:
+def make_run(cache=None, store=None, **overrides) -> run.Run:
     distiller = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", **{**SETTINGS, **overrides}))
-    return run.Run(distiller, tiny_dataset(), target_cache=cache)
+    return run.Run(distiller, tiny_dataset(), target_cache=cache, store=store)
 
 
 def build(folder, **kwargs) -> target_cache.TargetCache:
     teacher = UNetDenoiser(tiny_sd15_unet())  # no LoRA: the bare teacher, as the CLI builds it
     return target_cache.build_target_cache(folder, teacher, tiny_config("sd15", **SETTINGS), tiny_dataset(), **kwargs)
+
+
+def rewrite_shard(cache: target_cache.TargetCache, index: int, change, sign: bool = True) -> None:
+    """Change a stored shard's tensors in place; sign=True records the new checksum (targets that are wrong but
+    intact: what only `verify` can find), sign=False keeps the old one (a damaged file)."""
+    from safetensors import safe_open
+
+    path = cache.shard_path(index)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    change(tensors)
+    if sign:
+        metadata = target_cache.shard_metadata(cache.identity, cache.plan[index], tensors)
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def lora(trainer: run.Run) -> dict[str, torch.Tensor]:
@@ -83,7 +104,7 @@ def test_a_run_on_the_cache_equals_the_live_run(cache, live_run, monkeypatch):
     assert not cache.missing_shards() and len(cache.plan) == 2  # 4 student updates of 2 samples, 4 per shard
     rows = cache.rows(2, 0)
     assert rows["targets"].shape == (2, 4, 8, 8) and rows["position"].tolist() == [0, 1]
-    assert rows["sample_index"].tolist() == run.batch_indices(0, 2, 4, 2)  # the dataset rows the run trains on
+    assert rows["sample_index"].tolist() == batches.batch_indices(0, 2, 4, 2)  # the dataset rows the run trains on
     cached = make_run(cache)
 
     def no_solve(*args, **kwargs):
@@ -137,10 +158,8 @@ def test_verify_passes_a_good_cache_and_catches_a_corrupted_shard(tmp_path, cach
     build(folder, teacher_batch=3, shard_targets=4)
     broken = target_cache.TargetCache(folder)
     path = broken.shard_path(1)
-    tensors = load_file(str(path))
-    tensors["targets"][1] += 0.01  # one sample of one shard
-    save_file(tensors, str(path))
-    with pytest.raises(target_cache.TargetCacheError, match=path.name):
+    rewrite_shard(broken, 1, lambda tensors: tensors["targets"][1].add_(0.01))  # one sample, intact and signed
+    with pytest.raises(target_cache.TargetCacheError, match=f"{path.name}.*failed verification|failed verification.*{path.name}"):
         broken.verify(teacher, config, dataset, count=4)
     path.write_bytes(path.read_bytes()[:100])  # a truncated file: refused with the file named
     with pytest.raises(target_cache.TargetCacheError, match=f"{path.name} cannot be read"):
@@ -161,3 +180,85 @@ def test_a_manifest_mismatch_refuses_with_every_difference(tmp_path, cache):
     trainer.distiller.sample_grid_index = lambda phase=None, generator=None: 3
     with pytest.raises(target_cache.TargetCacheError, match="disagrees with this run at iteration 0"):
         trainer.train()
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards carry the identity of their cache; a damaged one stops the run before the step, with a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_shard_of_another_dataset_is_refused_naming_it_and_rebuilt_by_a_build(tmp_path, cache, live_run):
+    """Same seed and settings, other data: the shard's targets look right (same shapes, grid indices, guidance)
+    and were used silently; the shard now carries its cache's identity and is refused, naming it."""
+    other = target_cache.build_target_cache(tmp_path / "other", UNetDenoiser(tiny_sd15_unet()),
+                                            tiny_config("sd15", **SETTINGS), tiny_dataset(seed=1),
+                                            teacher_batch=3, shard_targets=4)
+    folder = tmp_path / "mixed"
+    shutil.copytree(cache.folder, folder)
+    shutil.copyfile(other.shard_path(1), folder / other.shard_path(1).name)  # same name: same iterations
+    mixed = target_cache.TargetCache(folder)
+    with pytest.raises(target_cache.TargetCacheError) as error:
+        make_run(mixed)
+    message = str(error.value)
+    assert other.shard_path(1).name in message and "was built for another target cache" in message
+    assert "delete it and run `flash-distill cache-targets` again" in message
+    with pytest.raises(target_cache.TargetCacheError, match="another target cache"):  # read directly, too
+        mixed.rows(4, 0)
+    seen = []
+    build(folder, teacher_batch=3, progress=lambda done, total: seen.append(done))
+    assert seen == [2]  # the build rebuilt that shard only
+    repaired = make_run(target_cache.TargetCache(folder))
+    repaired.train()
+    assert_same_training(live_run, repaired)
+
+
+def test_a_truncated_shard_is_refused_when_the_run_opens_the_cache_and_a_build_rebuilds_it(tmp_path, cache):
+    folder = tmp_path / "targets"
+    shutil.copytree(cache.folder, folder)
+    path = target_cache.TargetCache(folder).shard_path(1)
+    path.write_bytes(path.read_bytes()[:-100])  # the header is intact, the data is not
+    with pytest.raises(target_cache.TargetCacheError, match=rf"{path.name} cannot be read: it is truncated"):
+        make_run(target_cache.TargetCache(folder))  # before the first step, not half-way
+    build(folder, teacher_batch=3)
+    make_run(target_cache.TargetCache(folder))
+
+
+def test_a_shard_damaged_during_the_run_stops_before_the_step_and_keeps_a_checkpoint(tmp_path, cache, live_run):
+    """A shard that turns unreadable while the run trains (its bytes changed, the header intact) stops the run at
+    the first iteration that reads it, before anything of that iteration is applied, with a TargetCacheError
+    naming the shard and what to do; the iterations done are checkpointed, and once the shard is rebuilt the
+    resumed run ends where an uninterrupted one does."""
+    folder = tmp_path / "targets"
+    shutil.copytree(cache.folder, folder)
+    damaged = target_cache.TargetCache(folder)
+    trainer = make_run(damaged, store=CheckpointStore(tmp_path / "ckpt"))
+    rewrite_shard(damaged, 1, lambda tensors: tensors["targets"][0].mul_(-1), sign=False)  # after the run opened it
+    with pytest.raises(target_cache.TargetCacheError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert damaged.shard_path(1).name in message and "differ from the checksum" in message and "delete it" in message
+    assert trainer.distiller.step == 4 and trainer.store.latest().name == "step-000004"  # iterations 0-3 kept
+
+    damaged.shard_path(1).unlink()  # what the message says: delete it, build again
+    build(folder, teacher_batch=3)
+    resumed = make_run(target_cache.TargetCache(folder), store=CheckpointStore(tmp_path / "ckpt"))
+    resumed.resume(resumed.store.latest())
+    resumed.train()
+    assert_same_training(live_run, resumed)
+
+
+@pytest.mark.parametrize("change", ["no layout", "layout of another kind", "no backbone"])
+def test_a_manifest_without_layout_is_refused_naming_the_file_and_key(tmp_path, cache, change):
+    folder = tmp_path / "targets"
+    shutil.copytree(cache.folder, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    key = "backbone" if change == "no backbone" else "layout"
+    if change == "layout of another kind":
+        manifest["layout"] = 4
+    else:
+        del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(target_cache.TargetCacheError) as error:  # was: KeyError 'layout'
+        target_cache.TargetCache(folder)
+    message = str(error.value)
+    assert "manifest.json" in message and f"'{key}'" in message and "build the cache again" in message

@@ -1,15 +1,18 @@
 """flash-distill cache-targets end to end on the tiny random SD1.5-family model (CPU): build + verify, a run on
 the cache equals the live run (losses and LoRA), a mismatching run refuses with exit 2, a corrupted shard
-fails --verify with exit 5."""
+fails --verify with exit 5, a shard of another dataset's cache or one damaged while training stops with exit 2 and
+one line naming it."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flash_core import target_cache
 from tests.training.test_cli import assert_one_line, main_in_process, make_dataset, write_config
 
 TIMINGS = ("teacher_s", "student_s", "discriminator_s", "dmd_s", "step_s")
@@ -34,7 +37,7 @@ def test_cache_targets_then_training_on_it_equals_the_live_run(setup, capsys):
     code, stderr = main_in_process(["cache-targets", "--config", str(config), "--target-cache", str(cache),
                                     "--teacher-batch", "3", "--verify", "2"], capsys)
     assert code == 0, stderr[-3000:]
-    assert "verified 4 targets" in stderr and "8 targets in 1 shards" in stderr
+    assert "verified 4 targets" in stderr and "16 targets in 1 shards" in stderr  # 8 student updates (every batch updates the student) x batch 2
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["total_steps"] == 8 and manifest["teacher_grid_steps"] == 4
 
@@ -70,9 +73,67 @@ def test_a_run_of_other_settings_refuses_the_cache_and_verify_catches_a_corrupte
     shard = next(cache.glob("targets-*.safetensors"))
     tensors = load_file(str(shard))
     tensors["targets"] = tensors["targets"] + 0.05
-    save_file(tensors, str(shard))
+    opened = target_cache.TargetCache(cache)  # wrong targets in an intact, signed shard: what only --verify finds
+    save_file(tensors, str(shard), metadata=target_cache.shard_metadata(opened.identity, opened.plan[0], tensors))
     config = root / "run.yaml"
     code, stderr = main_in_process(["cache-targets", "--config", str(config), "--target-cache", str(cache),
                                     "--verify", "4"], capsys)
     assert code == 5, stderr[-3000:]
     assert "failed verification" in stderr and shard.name in stderr and "Traceback" not in stderr
+
+
+def test_a_shard_of_another_datasets_cache_stops_the_run_with_one_line(setup, capsys, tmp_path):
+    """Same seed and settings, other images: the other cache's shard has the same name and shapes, and was used
+    silently (only --verify found it). Refused before any work, naming the shard; cache-targets rebuilds it."""
+    root, data = setup
+    other_data = {"path": str(make_dataset(tmp_path / "other-data", 4)), "cache_dir": data["cache_dir"]}
+    (tmp_path / "other-data" / "0.txt").write_text("a square of another colour", encoding="utf-8")
+    other_cache = tmp_path / "other-cache"
+    other_config = write_config(tmp_path / "other.yaml", output_dir=str(tmp_path / "o"), data=other_data, sample_every=0)
+    code, stderr = main_in_process(["cache-targets", "--config", str(other_config), "--target-cache", str(other_cache)],
+                                   capsys)
+    assert code == 0, stderr[-3000:]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "cache", mixed)
+    shard = next(other_cache.glob("targets-*.safetensors"))
+    shutil.copyfile(shard, mixed / shard.name)
+
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "out"), data=data, sample_every=0,
+                          target_cache=str(mixed))
+    code, stderr = main_in_process(["--config", str(config)], capsys)
+    assert_one_line(code, stderr, "target_cache", shard.name, "was built for another target cache",
+                    "run `flash-distill cache-targets` again")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    code, stderr = main_in_process(["cache-targets", "--config", str(config)], capsys)  # rebuilds that shard
+    assert code == 0, stderr[-3000:]
+    assert target_cache.TargetCache(mixed).damaged_shards() == {}
+
+
+def test_a_shard_damaged_while_training_stops_with_one_line_not_a_traceback(setup, capsys, tmp_path, monkeypatch):
+    root, data = setup
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    real_check = target_cache.TargetCache.check
+
+    damaged = []
+
+    def check_then_damage(self, *args, **kwargs):  # the shard changes on disk after the run opened the cache
+        real_check(self, *args, **kwargs)
+        if damaged:
+            return
+        damaged.append(True)
+        from safetensors import safe_open
+
+        path = self.shard_path(0)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata())
+        tensors = load_file(str(path))
+        tensors["targets"] = -tensors["targets"]
+        save_file(tensors, str(path), metadata=metadata)  # the old checksum: damaged
+
+    monkeypatch.setattr(target_cache.TargetCache, "check", check_then_damage)
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "out"), data=data, sample_every=0,
+                          target_cache=str(cache))
+    code, stderr = main_in_process(["--config", str(config)], capsys)
+    assert_one_line(code, stderr, "target_cache", "targets-", "differ from the checksum", "delete it",
+                    "Training stopped before step 1")

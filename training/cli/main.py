@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_cache_args(argv[1:]) if building else parse_args(argv)
     from flash_core.files import FileWriteError, OutputLockedError
     from flash_core.run import NonFiniteError
+    from flash_core.target_cache import TargetCacheError
     from training.data import DataError
 
     try:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(config, args.resume, args.dump_rank_lora, args.allow_changes)
     except (ConfigError, DataError, OutputLockedError) as error:
         print(f"flash-distill: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except TargetCacheError as error:  # a shard found damaged mid-run: the finished steps are checkpointed
+        print(f"flash-distill: error: target_cache: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except FileWriteError as error:  # a full disk / unwritable folder: the previous checkpoint is kept
         print(f"flash-distill: error: {error}", file=sys.stderr)
