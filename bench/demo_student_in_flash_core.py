@@ -17,7 +17,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from flash_core.files import write_json_atomic
-from training.digits.demo import demo_dir
+from training.digits.demo_workflows import demo_dir
 from training.digits import benchmark as b
 from training.digits.teacher import TeacherConfig
 

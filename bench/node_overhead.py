@@ -60,7 +60,7 @@ def run_node(steps: int) -> dict:
     from training.digits.data import canonical_prompt, load_splits
     from training.digits.teacher import default_teacher_dir
 
-    model, clip, vae = pack.nodes.pipelines.load_pipeline(default_teacher_dir())
+    model, clip, vae = pack.nodes.diffusers_build.load_pipeline(default_teacher_dir())
     train = load_splits()[0]
     images = (train.images[:IMAGES].permute(0, 2, 3, 1) + 1) / 2  # ComfyUI IMAGE: (N, H, W, C) in [0, 1]
     with torch.no_grad():  # what ComfyUI's VAE Encode / CLIP Text Encode nodes give: plain tensors

@@ -26,14 +26,8 @@ import pytest
 from PIL import Image
 
 from training.fixtures.comfy_server import ComfyServer
-from training.digits.demo import (
-    DISTILL_NODE,
-    LINE_WIDTH,
-    LORA_NAME,
-    PATHS,
-    STEPS,
-    TEACHER_PIPELINE,
-)
+from training.digits.demo_console import LINE_WIDTH, STEPS
+from training.digits.demo_workflows import DISTILL_NODE, LORA_NAME, PATHS, TEACHER_PIPELINE
 
 from training.fixtures.browser import open_frontend
 from .conftest import REPO_ROOT, WORKFLOWS

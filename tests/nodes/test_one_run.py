@@ -95,9 +95,9 @@ def node_run(cli_run, tmp_path, monkeypatch, request):
 
     _, cache, teacher = cli_run
     pack = load_pack()
-    pipelines = importlib.import_module(f"{pack.__name__}.nodes.pipelines")
+    diffusers_build = importlib.import_module(f"{pack.__name__}.nodes.diffusers_build")
     training = importlib.import_module(f"{pack.__name__}.nodes.training")
-    model, _, _ = pipelines.load_pipeline(teacher)
+    model, _, _ = diffusers_build.load_pipeline(teacher)
 
     encoded = load_cache(next(cache.glob("latents-*.safetensors")))
     uncond = next(load_file(str(p)) for p in cache.glob("prompts-*.safetensors") if _prompts(p) == [""])

@@ -62,15 +62,45 @@ def comfy_modules(comfy_path):
 
 
 @pytest.fixture(scope="module")
-def pipelines(comfy_modules):
-    """nodes/pipelines.py imported on its own (absolute imports only), like tests/nodes/test_loaders.py does."""
-    import importlib.util
+def node_package(comfy_modules):
+    """nodes/ as a bare package (its __init__.py, which imports every node family, is not run): nodes/pipelines.py
+    and the diffusers_* modules it imports on their own, as tests/nodes/test_loaders.py imports loaders.py."""
+    import importlib
+    import types
 
-    path = Path(__file__).resolve().parents[2] / "nodes" / "pipelines.py"
-    spec = importlib.util.spec_from_file_location("comfyui_flash_pipelines_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "comfyui_flash_pipelines_under_test"
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(__file__).resolve().parents[2] / "nodes")]
+    sys.modules[name] = package
+    for module in ("pipelines", "diffusers_folder", "diffusers_convert", "diffusers_build"):
+        importlib.import_module(f"{name}.{module}")
+    yield package
+    for key in [key for key in sys.modules if key == name or key.startswith(f"{name}.")]:
+        del sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def pipelines(node_package):
+    """nodes/pipelines.py: the FlashDiffusersLoader node."""
+    return node_package.pipelines
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(node_package):
+    """nodes/diffusers_folder.py: finding and reading pipeline folders."""
+    return node_package.diffusers_folder
+
+
+@pytest.fixture(scope="module")
+def diffusers_convert(node_package):
+    """nodes/diffusers_convert.py: diffusers configs and weight names into ComfyUI's."""
+    return node_package.diffusers_convert
+
+
+@pytest.fixture(scope="module")
+def diffusers_build(node_package):
+    """nodes/diffusers_build.py: load_pipeline."""
+    return node_package.diffusers_build
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +278,7 @@ def test_vae_matches_diffusers(loaded, diffusers_root):
         assert float((vae.encode(pixels) - encoded).abs().max()) <= 1e-4
 
 
-def test_sharded_weights_and_no_tokenizer_folder(pipelines, loaded, diffusers_root, tmp_path):
+def test_sharded_weights_and_no_tokenizer_folder(diffusers_build, loaded, diffusers_root, tmp_path):
     """A sharded UNet (safetensors index) loads the same weights; without tokenizer/ ComfyUI's SD1 tokenizer
     (the one the pipeline was saved with) is used."""
     folder = _copy(diffusers_root, tmp_path)
@@ -266,7 +296,7 @@ def test_sharded_weights_and_no_tokenizer_folder(pipelines, loaded, diffusers_ro
 
     reference_model, reference_clip, _ = loaded("tiny")
     with torch.inference_mode():
-        model, clip, _ = pipelines.load_pipeline(folder)
+        model, clip, _ = diffusers_build.load_pipeline(folder)
         reference = reference_model.model.diffusion_model.state_dict()
         for key, value in model.model.diffusion_model.state_dict().items():
             assert torch.equal(value, reference[key]), key
@@ -274,7 +304,7 @@ def test_sharded_weights_and_no_tokenizer_folder(pipelines, loaded, diffusers_ro
 
 
 @pytest.mark.parametrize("family", ["SD15", "SD21"])
-def test_full_size_configs_give_comfyui_detection_configs(pipelines, family):
+def test_full_size_configs_give_comfyui_detection_configs(diffusers_convert, family):
     """Real SD1.5 / SD2.1 diffusers configs map to the unet_config ComfyUI's model detection gives those models,
     and every diffusers weight name maps onto a weight of the ComfyUI model (meta device, no memory)."""
     import comfy.supported_models
@@ -291,12 +321,12 @@ def test_full_size_configs_give_comfyui_detection_configs(pipelines, family):
         comfy_config.update(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**diffusers_config)
-    config = pipelines.unet_config_from_diffusers(dict(unet.config), Path("/models/diffusers/full"))
+    config = diffusers_convert.unet_config_from_diffusers(dict(unet.config), Path("/models/diffusers/full"))
     config.pop("attn_precision", None)
     comfy_config.setdefault("num_head_channels", -1)
     assert config == comfy_config
 
-    ldm = pipelines.convert_unet_state_dict(dict(unet.state_dict()), config, Path("/models/diffusers/full"))
+    ldm = diffusers_convert.convert_unet_state_dict(dict(unet.state_dict()), config, Path("/models/diffusers/full"))
     with torch.device("meta"):
         model = comfy.supported_models.SD15({**config, "dtype": torch.float32}).get_model({})
     expected = model.diffusion_model.state_dict()
@@ -412,22 +442,22 @@ def _copy(diffusers_root: Path, tmp_path: Path, name: str = "broken") -> Path:
     return folder
 
 
-def _error(pipelines, folder) -> str:
+def _error(diffusers_build, folder) -> str:
     with pytest.raises(ValueError) as info:
-        pipelines.load_pipeline(folder)
+        diffusers_build.load_pipeline(folder)
     return str(info.value)
 
 
-def test_folder_without_model_index(pipelines, diffusers_dir):
-    message = _error(pipelines, diffusers_dir / "not_a_pipeline")
+def test_folder_without_model_index(diffusers_build, diffusers_dir):
+    message = _error(diffusers_build, diffusers_dir / "not_a_pipeline")
     assert str(diffusers_dir / "not_a_pipeline") in message
     assert "model_index.json" in message and "save_pretrained" in message
 
 
-def test_missing_component(pipelines, diffusers_root, tmp_path):
+def test_missing_component(diffusers_build, diffusers_root, tmp_path):
     folder = _copy(diffusers_root, tmp_path)
     shutil.rmtree(folder / "vae")
-    message = _error(pipelines, folder)
+    message = _error(diffusers_build, folder)
     assert str(folder) in message and "vae/" in message and "save_pretrained" in message
 
 
@@ -442,25 +472,25 @@ def test_missing_component(pipelines, diffusers_root, tmp_path):
      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
      "vae": ["diffusers", "AutoencoderKL"]},
 ], ids=["pixart", "sd3", "sdxl"])
-def test_non_sd_pipelines_point_to_comfyui_loaders(pipelines, diffusers_root, tmp_path, index):
+def test_non_sd_pipelines_point_to_comfyui_loaders(diffusers_build, diffusers_root, tmp_path, index):
     folder = _copy(diffusers_root, tmp_path)
     (folder / "model_index.json").write_text(json.dumps(index))
-    message = _error(pipelines, folder)
+    message = _error(diffusers_build, folder)
     assert str(folder) in message and index["_class_name"] in message
     assert "ComfyUI's own loaders" in message
 
 
-def test_pickle_only_weights_are_refused_not_loaded(pipelines, diffusers_root, tmp_path):
+def test_pickle_only_weights_are_refused_not_loaded(diffusers_build, diffusers_root, tmp_path):
     folder = _copy(diffusers_root, tmp_path)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
-    message = _error(pipelines, folder)
+    message = _error(diffusers_build, folder)
     assert str(folder) in message and "diffusion_pytorch_model.bin" in message
     assert "save_pretrained" in message and "safe_serialization=True" in message
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
-def test_weight_keys_must_match_the_config(pipelines, diffusers_root, tmp_path, change):
+def test_weight_keys_must_match_the_config(diffusers_build, diffusers_root, tmp_path, change):
     folder = _copy(diffusers_root, tmp_path)
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(str(path))
@@ -473,28 +503,28 @@ def test_weight_keys_must_match_the_config(pipelines, diffusers_root, tmp_path, 
     else:
         state[key] = torch.zeros(state[key].shape[0], 32)
     save_file(state, str(path))
-    message = _error(pipelines, folder)
+    message = _error(diffusers_build, folder)
     assert str(folder) in message and key in message and "save_pretrained" in message
     if change == "shape":
         assert "(64, 32)" in message and "(64, 64)" in message
 
 
-def test_text_encoder_width_must_match_cross_attention(pipelines, diffusers_root, tmp_path):
+def test_text_encoder_width_must_match_cross_attention(diffusers_build, diffusers_root, tmp_path):
     folder = _copy(diffusers_root, tmp_path)
     config_path = folder / "unet" / "config.json"
     config = json.loads(config_path.read_text())
     config["cross_attention_dim"] = 32
     config_path.write_text(json.dumps(config))
-    message = _error(pipelines, folder)
+    message = _error(diffusers_build, folder)
     assert str(folder) in message and "cross_attention_dim (32)" in message and "hidden_size (64)" in message
 
 
-def test_names_never_leave_the_diffusers_folders(pipelines, diffusers_dir):
+def test_names_never_leave_the_diffusers_folders(pipelines, diffusers_folder, diffusers_dir):
     for name in ("../tiny", "tiny/../../etc", "/etc", "", "no_such_pipeline"):
         with pytest.raises(ValueError) as info:
             pipelines.FlashDiffusersLoader.execute(name)
         assert "pipeline" in str(info.value).lower()
-    assert pipelines.resolve_pipeline("family/variant") == diffusers_dir / "family" / "variant"
+    assert diffusers_folder.resolve_pipeline("family/variant") == diffusers_dir / "family" / "variant"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ The terminal gets short lines: one per started and finished step, live progress 
 terminal, a plain line every few seconds otherwise). comfy-cli's output and every ComfyUI answer go to
 <cache>/demo/demo.log, the server's own output to <cache>/demo/comfyui.log; a failure names both.
 
+The parts: demo_console.py (terminal and log), demo_workflows.py (the ComfyUI graphs and running them),
+demo_progress.py (following the distillation), demo_results.py (scoring and the results files).
+
     python -m training.digits.demo [--retrain] [--teacher-steps N] [--total-steps N] [--per-digit N] [--serve]
                                    [--results-dir DIR | --record]
 """
@@ -37,120 +40,38 @@ IMPORTED_AT = time.monotonic()  # the run's clock starts before torch's import (
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import json
-import math
-import os
-import re
 import shutil
-import statistics
 import sys
 import warnings
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
 
-from flash_core.files import (
-    replace_folder_atomic,
-    staging_folder,
-    write_atomic,
-    write_text_atomic,
+from flash_core.files import replace_folder_atomic, staging_folder, write_text_atomic
+from training.digits.demo_console import INDENT, PLAIN_EVERY_S, STEPS, Console, DemoLog, StepLog, duration, shown
+from training.digits.demo_progress import run_distillation
+from training.digits.demo_results import machine, markdown_table, read_images, run_kind, score, write_outputs
+from training.digits.demo_workflows import (
+    DATASET_FOLDER,
+    LORA_NAME,
+    OUTPUT_PREFIX,
+    PATHS,
+    TEACHER_PIPELINE,
+    compare_workflow,
+    demo_dir,
+    distill_workflow,
+    run_cli,
+    time_paths,
 )
-from training.fixtures.comfy_env import REPO_ROOT, cache_dir
-from training.fixtures.comfy_progress import PromptEvent, PromptFailed, PromptFollower
+from training.fixtures.comfy_env import REPO_ROOT
 from training.fixtures.comfy_server import ComfyServer
 
-DISTILL_WORKFLOW = REPO_ROOT / "workflows" / "api" / "flash_demo_distill.json"
-COMPARE_WORKFLOW = REPO_ROOT / "workflows" / "api" / "flash_demo_compare.json"
 RESULTS_DIR = REPO_ROOT / "bench" / "results" / "demo"  # committed: the README's table, grid and run times
-TEACHER_PIPELINE = "flash_digits_teacher"  # models/diffusers/<name>
-LORA_NAME = "flash_digits_demo"  # models/loras/flash/<name>.safetensors, written by FlashDistillTrain
-DATASET_FOLDER = "flash_digits"  # input/<name>/: training PNGs + caption .txt files
-OUTPUT_PREFIX = "flash_demo"  # output/<prefix>/: distill_preview_*, compare/, timing/
-DISTILL_NODE = "5"  # FlashDistillTrain in flash_demo_distill.json
-TIMING_REPEATS = 3
-STEPS = ("teacher", "setup", "distillation", "comparison", "scoring")  # timing.json's steps, in run order
-LINE_WIDTH = 120  # no line of the demo's own output is wider (a path alone may be)
-PLAIN_EVERY_S = 15.0  # without a terminal: one progress line at most this often
-INDENT = "      "
-
-
-@dataclass(frozen=True)
-class DemoPath:
-    """One generation path of the compare workflow: its SaveImage node and what it costs."""
-
-    key: str
-    label: str
-    save_node: str
-    steps: int
-    unet_evals: int  # UNet evaluations per image (CFG doubles them)
-
-
-PATHS = (
-    DemoPath("teacher_25", "teacher, 25 steps, CFG 3", "7", 25, 50),
-    DemoPath("teacher_2", "teacher, 2 steps, CFG 3", "10", 2, 4),
-    DemoPath("student_1", "Flash student, 1 step", "14", 1, 1),
-    DemoPath("student_2", "Flash student, 2 steps", "17", 2, 2),
-    DemoPath("student_4", "Flash student, 4 steps", "20", 4, 4),
-)
-
-
-@dataclass
-class PathResult:
-    key: str
-    label: str
-    steps: int
-    unet_evals: int
-    accuracy: float
-    frechet_distance: float
-    seconds_per_image: float
-
-
-def demo_dir() -> Path:
-    return cache_dir() / "demo"
-
-
-def load_workflow(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def prune_to(workflow: dict, output_node: str) -> dict:
-    """The sub-graph `output_node` depends on (ComfyUI runs every output node of a prompt)."""
-    keep, todo = set(), [output_node]
-    while todo:
-        node = todo.pop()
-        if node in keep:
-            continue
-        keep.add(node)
-        todo += [value[0] for value in workflow[node]["inputs"].values() if isinstance(value, list)]
-    return {node: copy.deepcopy(workflow[node]) for node in workflow if node in keep}
-
-
-def compare_workflow(digit: int, per_digit: int, seed: int) -> dict:
-    """The compare workflow for one digit's canonical prompt; images land in output/flash_demo/compare/<path>_d<digit>_*."""
-    from training.digits.data import canonical_prompt
-
-    workflow = load_workflow(COMPARE_WORKFLOW)
-    workflow["2"]["inputs"]["text"] = canonical_prompt(digit)
-    workflow["4"]["inputs"]["batch_size"] = per_digit
-    for node in workflow.values():
-        if node["class_type"] in ("KSampler", "FlashSampler"):
-            node["inputs"]["seed"] = seed + digit
-    for path in PATHS:
-        workflow[path.save_node]["inputs"]["filename_prefix"] = f"{OUTPUT_PREFIX}/compare/{path.key}_d{digit}"
-    return workflow
-
-
-def distill_workflow(total_steps: int) -> dict:
-    workflow = load_workflow(DISTILL_WORKFLOW)
-    workflow["5"]["inputs"]["steps"] = total_steps  # FlashDistillTrain's input id "steps" (shown as total_steps)
-    return workflow
 
 
 # ---- preparation ---------------------------------------------------------------------------------
@@ -185,324 +106,6 @@ def write_dataset(folder: Path, seed: int) -> int:
     (staging / marker.name).write_text(f"{len(train.digits)} {seed}")
     replace_folder_atomic(staging, folder)
     return len(train.digits)
-
-
-# ---- terminal output -----------------------------------------------------------------------------
-class Console:
-    """The demo's terminal: short lines. Live progress is one line rewritten in place (\\r) on a terminal;
-    without one (a pipe, a log file, a test) it is printed as a plain line at most every PLAIN_EVERY_S."""
-
-    def __init__(self, stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S):
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.width = min(LINE_WIDTH, shutil.get_terminal_size().columns - 1) if self.tty else LINE_WIDTH
-        self.every_s = every_s
-        self._live = ""  # what the live line shows now (terminal only)
-        self._last_plain = -math.inf
-
-    def line(self, text: str = "") -> None:
-        self.end_live()
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def live(self, text: str, force: bool = False) -> bool:
-        """Show `text` as the live line; False when it was not printed (no terminal, printed too recently).
-        force: print it now, and on a terminal keep it (the final state of a progress line)."""
-        text = text[: self.width]
-        if self.tty:
-            self.stream.write("\r" + text + " " * max(0, len(self._live) - len(text)) + ("\n" if force else ""))
-            self._live = "" if force else text
-        elif force or time.monotonic() - self._last_plain >= self.every_s:
-            self.stream.write(text + "\n")
-            self._last_plain = time.monotonic()
-        else:
-            return False
-        self.stream.flush()
-        return True
-
-    def labelled(self, label: str, path: Path | str, indent: str = "") -> None:
-        """`label: path` on one line when it fits the width, else the path on the next line."""
-        line = f"{indent}{label}: {shown(path)}"
-        self.line(line if len(line) <= self.width else f"{indent}{label}:\n{INDENT}{shown(path)}")
-
-    def end_live(self) -> None:
-        if self._live:
-            self.stream.write("\r" + " " * len(self._live) + "\r")
-            self._live = ""
-
-
-def shown(path: Path | str) -> str:
-    """A path as the user types it: relative to the working directory when inside it."""
-    path = Path(path).absolute()
-    with contextlib.suppress(ValueError):
-        return str(path.relative_to(Path.cwd()))
-    return str(path)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 100:
-        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
-
-
-class StepLog:
-    """The numbered steps: a line when one starts, one when it finishes (what, how long, where), and their
-    seconds for timing.json."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.seconds: dict[str, float] = {}
-        self._started = 0.0
-
-    def start(self, name: str, text: str) -> None:
-        self._started = time.monotonic()
-        self.console.line(f"[{STEPS.index(name) + 1}/{len(STEPS)}] {text}")
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._started
-
-    def finish(self, name: str, text: str, where: Path | str | None = None) -> None:
-        self.seconds[name] = self.elapsed()
-        line = f"[{STEPS.index(name) + 1}/{len(STEPS)}] {text} in {duration(self.seconds[name])}"
-        if where is None:
-            self.console.line(line)
-        else:
-            self.console.labelled(line, where)
-
-
-class DemoLog:
-    """<cache>/demo/demo.log: the details the terminal leaves out (comfy-cli's output, ComfyUI's answers)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, f"make demo, {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
-
-    def write(self, title: str, text: str = "") -> None:
-        with self.path.open("a") as log:
-            log.write(f"\n== {title}\n{text.rstrip()}\n" if text else f"\n== {title}\n")
-
-
-LOSS_PATTERN = re.compile(r"\bloss[\s:=]+(-?[0-9.]+(?:e[-+]?[0-9]+)?|nan|inf)", re.IGNORECASE)
-
-
-class DistillProgress:
-    """Shows a FlashDistillTrain prompt's websocket events: the node running, then `step i/n  loss  s/step  ETA`
-    on the live line, and one line per preview grid the node sends (saved to `preview_dir`)."""
-
-    def __init__(self, console: Console, log: DemoLog, workflow: dict, preview_dir: Path, output_dir: Path):
-        self.console, self.log, self.output_dir = console, log, output_dir
-        self.titles = {node: data.get("_meta", {}).get("title", data["class_type"]) for node, data in workflow.items()}
-        self.preview_dir = preview_dir
-        shutil.rmtree(preview_dir, ignore_errors=True)  # an earlier run's grids
-        self.previews: list[Path] = []
-        self.outputs: dict[str, dict] = {}
-        self.step = self.total = 0
-        self.node_text = ""
-        self._first: tuple[float, int] | None = None  # (time, step) of the first step report
-        self._running: str | None = None
-        self._running_since = 0.0
-        self._shown_step = -1  # the step of the last progress line printed
-
-    def __call__(self, event: PromptEvent) -> None:
-        if event.kind == "executing" and event.node != self._running:  # ComfyUI may announce a node twice
-            self._running, self._running_since = event.node, time.monotonic()
-            self.console.line(f"{INDENT}running {self.titles.get(event.node, event.node)}"[: self.console.width])
-        elif event.kind == "progress" and event.node == DISTILL_NODE:
-            self.step, self.total = event.value, event.total
-            if self._first is None:
-                self._first = (time.monotonic(), event.value)
-            if self.console.live(self.status(), force=self.step == self.total):
-                self._shown_step = self.step
-        elif event.kind == "progress":
-            self.console.live(f"{INDENT}{self.titles.get(event.node, event.node)}: {event.value}/{event.total}")
-        elif event.kind == "text" and event.node == DISTILL_NODE:
-            self.node_text = event.text.strip()
-            self.log.write("FlashDistillTrain", self.node_text)
-        elif event.kind == "preview":
-            path = self.preview_dir / f"distill_step{self.step:05d}.{event.image_format}"
-            write_atomic(path, lambda tmp: Path(tmp).write_bytes(event.image))
-            self.previews.append(path)
-            self.console.labelled(f"preview grid, step {self.step}", path, INDENT)
-        elif event.kind == "executed":
-            self.outputs[event.node] = event.output or {}
-            for image in (event.output or {}).get("images", []):
-                if image.get("type") == "output":  # SaveImage's file (PreviewImage's are temporary)
-                    path = self.output_dir / image.get("subfolder", "") / image["filename"]
-                    self.console.labelled(f"saved {self.titles.get(event.node, event.node)}", path, INDENT)
-
-    def tick(self) -> None:
-        """About once a second between events: the ETA ticks on a terminal; without one, a step not shown yet."""
-        if self._first is not None and self.step < self.total:
-            if (self.console.tty or self.step != self._shown_step) and self.console.live(self.status()):
-                self._shown_step = self.step
-        elif self._first is None and self._running is not None:  # a node without a progress bar (VAE encoding)
-            title = self.titles.get(self._running, self._running)
-            self.console.live(f"{INDENT}{title}: {duration(time.monotonic() - self._running_since)}")
-
-    def status(self) -> str:
-        parts = [f"{INDENT}step {self.step}/{self.total}"]
-        loss = LOSS_PATTERN.search(self.node_text)
-        if loss:
-            parts.append(f"loss {loss.group(1)}")
-        elif self.node_text:
-            parts.append(self.node_text[:60])
-        started, first_step = self._first or (time.monotonic(), self.step)
-        if self.step > first_step:
-            seconds_per_step = (time.monotonic() - started) / (self.step - first_step)
-            parts.append(f"{seconds_per_step:.2f} s/step")
-            if self.step < self.total:
-                parts.append(f"ETA {duration(seconds_per_step * (self.total - self.step))}")
-        return "  ".join(parts)
-
-
-# ---- running -------------------------------------------------------------------------------------
-def save_workflow(workflow: dict, name: str) -> Path:
-    path = demo_dir() / "workflows" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(workflow, indent=1))
-    return path
-
-
-def run_cli(server: ComfyServer, workflow: dict, name: str, timeout: float, log: DemoLog) -> float:
-    """Write `workflow` to <demo>/workflows/<name>.json and run it with comfy-cli (`comfy run --workflow F --wait`);
-    its output goes to the log. Returns seconds."""
-    path = save_workflow(workflow, name)
-    started = time.monotonic()
-    result = server.comfy_cli_run(path, timeout=timeout)
-    seconds = time.monotonic() - started
-    log.write(f"comfy run --workflow {path} --wait: exit {result.returncode}, {seconds:.1f} s",
-              f"{result.stdout or ''}\n{result.stderr or ''}")
-    if result.returncode != 0:
-        raise RuntimeError(f"comfy run --workflow {shown(path)} failed (exit {result.returncode})")
-    return seconds
-
-
-def run_distillation(server: ComfyServer, workflow: dict, console: Console, log: DemoLog, timeout: float) -> DistillProgress:
-    """Queue the distillation and show its progress until it finished (its LoRA written)."""
-    log.write("queue flash_demo_distill", f"workflow: {save_workflow(workflow, 'flash_demo_distill')}")
-    progress = DistillProgress(console, log, workflow, demo_dir() / "previews", server.output_dir())
-    follower = PromptFollower("127.0.0.1", server.port, server.post)
-    try:
-        prompt_id = follower.run(workflow, progress, timeout=timeout, is_alive=server.alive, tick=progress.tick)
-    except PromptFailed as error:
-        console.end_live()
-        log.write("flash_demo_distill failed", json.dumps(error.details, indent=1))
-        raise
-    console.end_live()
-    log.write(f"flash_demo_distill finished: prompt {prompt_id}", json.dumps(progress.outputs, indent=1))
-    return progress
-
-
-def execution_seconds(entry: dict) -> float:
-    """ComfyUI's own execution time of a finished prompt (execution_start -> execution_success)."""
-    stamps = {event: data["timestamp"] for event, data in entry["status"]["messages"]}
-    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
-
-
-def time_paths(server: ComfyServer, per_digit: int, seed: int, console: Console, log: DemoLog) -> dict[str, float]:
-    """Seconds per image of each path, executed alone in ComfyUI (median of TIMING_REPEATS, warm models)."""
-    timings = {}
-    for number, path in enumerate(PATHS, 1):
-        samples = []
-        for repeat in range(TIMING_REPEATS + 1):  # the first run warms the path up (model patching, caches)
-            console.live(f"{INDENT}timing path {number}/{len(PATHS)} ({path.label}): run {repeat + 1}/{TIMING_REPEATS + 1}")
-            workflow = prune_to(compare_workflow(0, per_digit, seed + 1000 * (repeat + 1)), path.save_node)
-            workflow[path.save_node]["inputs"]["filename_prefix"] = f"{OUTPUT_PREFIX}/timing/{path.key}"
-            entry = server.run(workflow, timeout=600)
-            if entry["status"].get("status_str") != "success":
-                log.write(f"timing run of {path.key} failed", json.dumps(entry, indent=1))
-                raise RuntimeError(f"timing run of {path.key} failed ({entry['status'].get('status_str')})")
-            if repeat:
-                samples.append(execution_seconds(entry) / per_digit)
-        timings[path.key] = statistics.median(samples)
-    return timings
-
-
-def read_images(folder: Path, key: str, per_digit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], digits) of one path, digits 0..9 in order."""
-    from PIL import Image
-
-    from training.digits.data import from_uint8
-
-    images, digits = [], []
-    for digit in range(10):
-        files = sorted(folder.glob(f"{key}_d{digit}_*.png"))[-per_digit:]
-        if len(files) != per_digit:
-            raise RuntimeError(f"expected {per_digit} images {folder}/{key}_d{digit}_*.png, found {len(files)}")
-        images += [np.asarray(Image.open(f).convert("RGB")) for f in files]
-        digits += [digit] * per_digit
-    return from_uint8(np.stack(images)), torch.tensor(digits)
-
-
-def score(images_by_path: dict[str, tuple[torch.Tensor, torch.Tensor]], timings: dict[str, float]) -> list[PathResult]:
-    from training.digits.data import load_splits
-    from training.digits.evaluator import load_evaluator
-
-    evaluator = load_evaluator()
-    _, held_out = load_splits()
-    results = []
-    for path in PATHS:
-        images, digits = images_by_path[path.key]
-        results.append(PathResult(
-            key=path.key, label=path.label, steps=path.steps, unet_evals=path.unet_evals,
-            accuracy=evaluator.accuracy(images, digits),
-            frechet_distance=evaluator.frechet_distance(images, held_out.images),
-            seconds_per_image=timings[path.key],
-        ))
-    return results
-
-
-def markdown_table(results: list[PathResult]) -> str:
-    lines = ["| path | steps | UNet evals / image | accuracy | Fréchet distance | ComfyUI time / image (ms) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r.label} | {r.steps} | {r.unet_evals} | {100 * r.accuracy:.1f} % | "
-                     f"{r.frechet_distance:.1f} | {1000 * r.seconds_per_image:.1f} |")
-    return "\n".join(lines)
-
-
-# ---- results and run times -----------------------------------------------------------------------
-def run_kind(teacher_cached: bool, student_cached: bool) -> str:
-    """timing.json's key for a run: what it had to make (a first run installs the shipped teacher)."""
-    if not teacher_cached:
-        return "first_run" if not student_cached else "teacher_installed_student_cached"
-    return "later_run" if student_cached else "teacher_cached_student_distilled"
-
-
-def machine() -> dict:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    return {"cpu_cores": os.cpu_count(), "cpu": cpu, "torch_threads": torch.get_num_threads(),
-            "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
-
-
-def write_outputs(folder: Path, results: list[PathResult], images: dict, settings: dict, timing: dict) -> None:
-    """grid.png, results.json, results.md; timing.json keeps one record per run kind (first run, later run...)."""
-    from training.digits.benchmark import write_grid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_grid(folder / "grid.png", [(p.label, images[p.key][0]) for p in PATHS], images[PATHS[0].key][1],
-               settings["per_digit"])
-    write_text_atomic(folder / "results.json", json.dumps({
-        "command": "make demo", "date": timing["date"], "settings": settings,
-        "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    write_text_atomic(folder / "results.md", markdown_table(results) + "\n\n" + (
-        f"`make demo` on {timing['date'][:10]}: FlashDistillTrain {settings['total_steps']} steps, "
-        f"{settings['per_digit']} images per digit and path, seed {settings['seed']}; "
-        f"{timing['machine']['cpu_cores']} CPU cores.\n"))
-    timing_file = folder / "timing.json"
-    runs = json.loads(timing_file.read_text())["runs"] if timing_file.is_file() else {}
-    runs[timing["kind"]] = timing
-    write_text_atomic(timing_file, json.dumps({
-        "command": "make demo",
-        "note": "seconds per step of `make demo` (after `make setup`), one record per kind of run: first_run trains "
-                "the teacher and distils the student, later_run finds both cached; total_s includes Python's imports; "
-                "teacher_training_s is the teacher's own record of its training, also when it came from the cache",
-        "runs": dict(sorted(runs.items()))}, indent=2) + "\n")
 
 
 # ---- main ----------------------------------------------------------------------------------------
