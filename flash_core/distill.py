@@ -555,11 +555,15 @@ class FlashDistiller:
 
         logs.update(loss=float(total.detach()), loss_distill=float(loss_distill.detach()))
         if not torch.isfinite(total.detach()):
-            raise FloatingPointError(
-                f"FlashDistiller: the student's loss is not finite at iteration {self.step} (phase {phase}): "
-                f"{ {k: v for k, v in logs.items() if k.startswith('loss')} }. Lower the learning rate, or train "
-                "with mixed_precision 'no' to rule out bf16 overflow; the LoRA was not updated."
-            )
+            if self.reduce_gradients is None:
+                raise FloatingPointError(
+                    f"FlashDistiller: the student's loss is not finite at iteration {self.step} (phase {phase}): "
+                    f"{ {k: v for k, v in logs.items() if k.startswith('loss')} }. Lower the learning rate, or train "
+                    "with mixed_precision 'no' to rule out bf16 overflow; the LoRA was not updated."
+                )
+            # Multi-process: stopping here alone would leave the other processes waiting in the gradient all-reduce.
+            # NaN gradients go through it instead, and the run's guard (flash_core.run) stops every process together.
+            total = total * float("nan")
 
         start = self._sync()
         self.student_optimizer.zero_grad(set_to_none=True)

@@ -303,6 +303,24 @@ class CheckpointStore:
             if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def later_than(self, step: int, folder: Path | None = None) -> list[Path]:
+        """The complete checkpoints in this store of steps after `step` (other than `folder`)."""
+        return [p for p in self.list() if _step_of(p) > step and (folder is None or p.resolve() != folder.resolve())]
+
+    def _refuse_going_back(self, folder: Path, step: int) -> None:
+        """Resuming from a checkpoint older than ones this store holds would replace them (each later step is saved
+        again under the same name, the rest pruned) and, at the end, the exported LoRA: refused, whatever else is
+        allowed (--allow-changes included), until the user says so by deleting them (or resumes elsewhere)."""
+        later = self.later_than(step, folder)
+        if later:
+            names = ", ".join(p.name for p in later)
+            raise CheckpointError(
+                f"{folder} is step {step}, but {self.root} holds later checkpoints ({names}): continuing from step "
+                f"{step} would replace them as the run passes their steps, and at its end the exported LoRA. To go "
+                f"back to step {step}, delete {names} first; to keep them, copy {folder} into the checkpoints folder "
+                "of another output and resume there"
+            )
+
     def load(self, folder: str | os.PathLike) -> dict:
         """The checkpoint's state with this process's RNG states merged in (weights_only: no arbitrary objects)."""
         folder = Path(folder)
@@ -315,6 +333,7 @@ class CheckpointStore:
             raise CheckpointError(f"the checkpoint {folder / STATE_FILE} cannot be read ({err}); delete it or start fresh") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"{folder} is not a version-{CHECKPOINT_VERSION} Flash checkpoint; delete it or start fresh")
+        self._refuse_going_back(folder, int(state.get("step", 0)))
         rank_file = folder / rank_file_name(self.process_index, suffix)
         if state.get("num_processes", 1) != self.num_processes or not rank_file.is_file():
             raise CheckpointError(
@@ -330,6 +349,8 @@ class CheckpointStore:
 # --------------------------------------------------------------------------------------------------
 
 
+PROMPT_CAUSE = ("NaN / inf in the conditioning (a broken text encoder, or a NaN CONDITIONING upstream: re-encode "
+                "these prompts)")
 LIKELY_CAUSES = (
     "the learning rate is too high (lr {lr:g}: try 10x lower)",
     "bad training latents (NaN / inf in the data: re-encode the images)",
@@ -372,7 +393,7 @@ class Run:
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self._current_step = 0
-        self._latents_finite = True
+        self._latents_finite = self._prompts_finite = True
         for optimizer, what in ((distiller.student_optimizer, "a LoRA gradient"),
                                 (distiller.discriminator_optimizer, "a discriminator-head gradient")):
             _unwrap_optimizer(optimizer).register_step_pre_hook(self._guard(what))
@@ -400,9 +421,28 @@ class Run:
     def _guard(self, what: str):
         def check(optimizer, args, kwargs):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and not bool(torch.stack([g.detach().float().norm() for g in grads]).isfinite().all()):
-                raise NonFiniteError(self._current_step, what, self._cause(), self._saved())
+            bad_grads = bool(grads) and not bool(torch.stack([g.detach().float().norm() for g in grads]).isfinite().all())
+            # one decision for every process (a rank-local stop leaves the others waiting in a collective)
+            bad_grads, bad_latents, bad_prompts = self._on_any_process(
+                bad_grads, not self._latents_finite, not self._prompts_finite)
+            if bad_grads or bad_latents or bad_prompts:
+                self._latents_finite = not bad_latents
+                if bad_prompts and not bad_latents:
+                    what_, cause = "the prompt embeddings (of a process)", PROMPT_CAUSE
+                else:
+                    what_, cause = ("the training latents (of a process)" if bad_latents else what), self._cause()
+                raise NonFiniteError(self._current_step, what_, cause, self._saved())
         return check
+
+    def _on_any_process(self, *flags: bool) -> tuple[bool, ...]:
+        """`flags` OR-ed over every process of a multi-process run (one all-reduce): the same on all of them."""
+        import torch.distributed as dist
+
+        if self.num_processes == 1 or not (dist.is_available() and dist.is_initialized()):
+            return flags
+        values = torch.tensor([float(f) for f in flags], device=self.distiller.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in values.tolist())
 
     # ---- resume ----
     def resume(self, folder: str | os.PathLike, allow_changes: bool = False) -> list[str]:
@@ -452,6 +492,7 @@ class Run:
     def train(self) -> str:
         """Train to total_steps; returns "done" or "stopped" (should_stop). Raises NonFiniteError (nothing saved
         for that step) and whatever a hook raises (after a checkpoint of the finished step)."""
+        from flash_core.target_cache import TargetCacheError  # (imported here, as cache_manifest is)
         distiller, dataset, total = self.distiller, self.dataset, self.total_steps
         batch_size = distiller.recipe.batch_size
         start_step, started = distiller.step, time.perf_counter()
@@ -464,12 +505,11 @@ class Run:
             if not self._latents_finite and self.num_processes == 1:
                 raise NonFiniteError(step + 1, f"the training latents (dataset rows {list(indices)})",
                                      "bad training latents (NaN / inf in the data: re-encode these images)", self._saved())
-            prompts_finite = all(bool(torch.isfinite(t).all()) for _, t in
-                                 conditioning_tensors("cond", batch.cond) + conditioning_tensors("uncond", batch.uncond))
-            if not prompts_finite and self.num_processes == 1:  # not the learning rate's fault: say so
+            self._prompts_finite = all(bool(torch.isfinite(t).all()) for _, t in
+                                       conditioning_tensors("cond", batch.cond) + conditioning_tensors("uncond", batch.uncond))
+            if not self._prompts_finite and self.num_processes == 1:  # not the learning rate's fault: say so
                 raise NonFiniteError(step + 1, f"the prompt embeddings (dataset rows {list(indices)}, or the unconditional)",
-                                     "NaN / inf in the conditioning (a broken text encoder, or a NaN CONDITIONING "
-                                     "upstream: re-encode these prompts)", self._saved())
+                                     PROMPT_CAUSE, self._saved())
             begin = time.perf_counter()
             snapshot = self._snapshot() if self.rollback_on else None
             try:
@@ -479,6 +519,10 @@ class Run:
                 if self.num_processes == 1:
                     self._checkpoint()
                 raise
+            except TargetCacheError as err:  # raised before anything of the step is applied (the target is read first)
+                saved = self._checkpoint() if self.num_processes == 1 and step > 0 else None  # the finished steps
+                kept = f"; steps 1-{step} are in the checkpoint {saved}: resume from it" if saved is not None else ""
+                raise TargetCacheError(f"{err}. Training stopped before step {step + 1}{kept}") from err
             except FloatingPointError as err:  # FlashDistiller found its loss non-finite before the update
                 raise NonFiniteError(step + 1, "the student's loss", self._cause(), self._saved()) from err
             logs["step_s"] = time.perf_counter() - begin
