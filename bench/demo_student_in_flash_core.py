@@ -51,7 +51,7 @@ def main() -> int:
     noise = torch.randn(len(digits), pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(SEED))
     cond = b.encode_prompts(pipe, [b.canonical_prompt(int(d)) for d in digits])
     settings = b.StudentSettings()
-    distiller = b.make_distiller(pipe, settings, b.ABLATIONS["flash"])
+    distiller = b.student_session(pipe, None, settings, b.ABLATIONS["flash"]).student()  # sampling only
     own = distiller.denoiser.lora_state_dict()
     state = kohya_to_peft(load_file(lora), own, settings.lora_rank, float(distiller.config.lora_alpha))
     result = set_peft_model_state_dict(distiller.denoiser.lora_module, state)

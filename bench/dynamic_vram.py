@@ -216,10 +216,12 @@ def teacher_check(models: Path, checkpoint: str = CHECKPOINT, dynamic: bool = Tr
 
     want, unpatched = comfy_eps(patched), comfy_eps(raw)
     from flash_core.denoiser import Conditioning
+    from flash_core.distill import DistillConfig
+    from flash_core.session import TrainingSession
 
     with torch.inference_mode(False):
         den = comfy_denoiser.ComfyDenoiser(patched)
-        den.add_lora(4, 4, ("to_q", "to_k", "to_v", "to_out.0"))
+        TrainingSession(den, DistillConfig(backbone="sd15", lora_rank=4), dataset=None).student()  # the node's student
         with den.teacher(), torch.no_grad():
             teacher = den.predict(x_t, t, Conditioning(context)).float()
 

@@ -1,26 +1,30 @@
-"""Flash distillation at the full SD1.5 size on one GPU: step time per phase live and on cached teacher targets,
-the cache build's throughput, peak memory, and the GPU-hours the recipe projects to.
+"""Flash distillation at the full SD1.5 size on one GPU, through the pack's training session: seconds per student
+update in each phase live and on cached teacher targets, the cache build's throughput, peak memory, and the GPU-hours
+of the paper's run at the paper's work.
 
 Model: diffusers' UNet2DConditionModel built from SD1.5's configuration with RANDOM weights on the GPU (nothing
 is downloaded; speed does not depend on the weights), bf16 frozen weights, text conditioning random [B, 77, 768].
-Training: flash_core's sd15 recipe (LoRA rank 128, K = 32 teacher grid, 20k iterations alternating student and
-discriminator updates, batch 4) with mixed_precision bf16, run by FlashDistiller.train_step.
+Training: flash_core's sd15 recipe (LoRA rank 128, K = 32 teacher grid, both optimisers on every batch) with
+mixed_precision bf16, driven by flash_core.session.TrainingSession exactly as the node and the CLI drive it.
 
-Measured, at batch 4 and 16:
-  * seconds per student update in each phase (a student iteration + the discriminator iteration that follows it,
-    as the recipe alternates them), live (the K-step CFG teacher solve inside) and cached (the teacher targets of
-    the same iterations read from memory, solved beforehand by flash_core.target_cache.solve_targets); 1 warm-up
-    update per phase, then `--timed` updates per phase at iterations of that phase;
+Measured, at batch 4 and 16, on a short run with the recipe's four phases (1 warm-up + `--timed` iterations each;
+an iteration's cost depends on its phase, not on the run's length):
+  * seconds per student update in each phase, live (the K-step CFG teacher solve inside) and cached (the same
+    run's targets built beforehand by the session's target cache). The teacher solve from grid index g costs
+    K - g CFG evaluations, so the live teacher part is taken BY EXPECTATION over the phase's timestep mixture:
+    (seconds per CFG evaluation measured on the timed iterations) x E_mixture[K - g], not the few indices drawn;
+    the drawn-index figure is kept beside it (`drawn_update_s`);
   * peak memory (torch.cuda.max_memory_allocated) of the live and the cached run;
-  * the cache build: CFG teacher evaluations per second at batch 4, 16 and a large batch (what the build uses),
-    the targets per second that gives (a target needs K - grid index evaluations; mean over the phase mixtures),
-    and the measured seconds of solving the timed iterations' targets;
-  * the projection for the recipe on 1 GPU: live = 10k student updates at batch 4; cached = the cache build
-    (40k targets) + 10k cached updates.
+  * the cache build: CFG teacher evaluations per second at batch 4, 16 and a large batch, the targets per second
+    that gives (E[K - g] over the four phases' mixtures), and the measured build of the short run's cache.
+Projections at the paper's work: 2 GPUs x batch 4 x 10k student updates = 80,000 student samples (the paper's 26
+H100-hours; Lightning counts the student's and the discriminator's optimiser steps, hence its "20k steps"). Per
+student sample, and on 1 GPU at batch 4 (20k updates) and batch 16 (5k updates), live and cached (build included).
 Writes bench/results/gpu.json (with torch.cuda.get_device_name()) and prints a table.
 
-    python -P bench/gpu.py            # on a CUDA GPU, about 3 minutes on an H100
-    python -P bench/gpu.py --smoke    # on the CPU with a tiny UNet, seconds (checks the script, no numbers)
+    python -P bench/gpu.py                # on a CUDA GPU, a few minutes on an H100
+    python -P bench/gpu.py --smoke        # on the CPU with a tiny UNet, seconds (checks the script, no numbers)
+    python -P bench/gpu.py --reproject    # no GPU: recompute gpu.json's projections from its last GPU measurements
 
 Imports flash_core only (torch, diffusers, peft through flash_core), never ComfyUI.
 """
@@ -28,28 +32,29 @@ Imports flash_core only (torch, diffusers, peft through flash_core), never Comfy
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flash_core import target_cache
 from flash_core.backends.diffusers import UNetDenoiser
+from flash_core.batches import TensorDataset
 from flash_core.denoiser import Conditioning
+from flash_core.distill import DistillConfig, guided_output, phase_mixture_probs
 from flash_core.files import write_json_atomic
-from flash_core.distill import (
-    DistillConfig,
-    FlashDistiller,
-    guided_output,
-    phase_mixture_probs,
-)
-from flash_core.run import TensorDataset, batch_indices
+from flash_core.recipes import Recipe
+from flash_core.session import TrainingSession
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
-RECIPE_ITERATIONS = 20_000
+# The paper's run: 2 GPUs x batch 4 x 10k student updates (each with its discriminator update).
+PAPER = {"gpus": 2, "batch_per_gpu": 4, "student_updates": 10_000, "h100_hours": 26.0}
+PAPER_SAMPLES = PAPER["gpus"] * PAPER["batch_per_gpu"] * PAPER["student_updates"]  # 80,000 student samples
+PARTS = ("teacher_s", "student_s", "discriminator_s", "dmd_s")
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (the non-default keys)
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -74,25 +79,8 @@ class Spec:
     overrides: dict  # DistillConfig overrides of the sd15 recipe
 
 
-FULL = Spec(SD15_UNET, (4, 64, 64), (77, 768), (4, 16), 64, 3, "bf16", {})
+FULL = Spec(SD15_UNET, (4, 64, 64), (77, 768), (4, 16), 64, 4, "bf16", {})
 SMOKE = Spec(TINY_UNET, (4, 8, 8), (77, 32), (1, 2), 4, 1, "no", {"teacher_grid_steps": 4, "lora_rank": 4, "lora_alpha": 4})
-
-
-class MemoryTargets:
-    """Solved targets by iteration, served like flash_core.target_cache.TargetCache.target (same draw checks)."""
-
-    def __init__(self, solved: dict[str, torch.Tensor], batch: int):
-        self.rows = {}
-        for start in range(0, solved["targets"].shape[0], batch):
-            step = int(solved["steps"][start])
-            self.rows[step] = (int(solved["grid_index"][start]), float(solved["guidance"][start]),
-                               solved["targets"][start : start + batch])
-
-    def target(self, step: int, process: int, inputs, shape) -> torch.Tensor:
-        grid_index, guidance, targets = self.rows[step]
-        if (grid_index, guidance, tuple(targets.shape)) != (inputs.grid_index, inputs.guidance, tuple(shape)):
-            raise RuntimeError(f"iteration {step}: the solved target's draws differ from the trainer's")
-        return targets
 
 
 def sync(device: torch.device) -> float:
@@ -118,21 +106,34 @@ def random_dataset(spec: Spec, count: int, device: torch.device) -> TensorDatase
     return TensorDataset(latents.to(device), cond.to(device), uncond.to(device))
 
 
-def update_seconds(distiller: FlashDistiller, dataset: TensorDataset, steps: list[int], device) -> tuple[float, dict]:
-    """Seconds of one student update at iteration `steps[i]` (+ its discriminator iteration), median over steps;
-    and the mean split (teacher_s, student_s, discriminator_s, dmd_s) of those iterations."""
-    config, size = distiller.config, distiller.recipe.batch_size
-    seconds, parts = [], {"teacher_s": 0.0, "student_s": 0.0, "discriminator_s": 0.0, "dmd_s": 0.0}
-    for step in steps:
-        distiller.step = step
-        start = sync(device)
-        for iteration in (step, step + 1):
-            batch = dataset.batch(batch_indices(config.seed, iteration, len(dataset), size), iteration)
-            logs = distiller.train_step(batch)
-            for key in parts:
-                parts[key] += logs[key] / len(steps)
-        seconds.append(sync(device) - start)
-    return statistics.median(seconds), parts
+def expected_evaluations(recipe: Recipe, phase: int) -> float:
+    """E[K - g] under the phase's timestep mixture: the CFG evaluations of an average teacher solve."""
+    grid = recipe.teacher_grid_steps
+    return float(sum(p * (grid - g) for g, p in enumerate(phase_mixture_probs(recipe, phase).tolist())))
+
+
+def phase_rows(session: TrainingSession, per_phase: int, live: bool) -> dict[int, dict[str, float]]:
+    """Per phase (1-based), seconds per student update from the session's step log, its first iteration left out
+    (warm-up). Live: the teacher part by expectation over the mixture (module docstring)."""
+    recipe = session.recipe
+    grid = recipe.teacher_grid_steps
+    rows = {}
+    for phase in range(recipe.num_phases):
+        logs = session.history[phase * per_phase + 1 : (phase + 1) * per_phase]
+        updates = sum(h["student_update"] for h in logs)
+        parts = {key: sum(h[key] for h in logs) / updates for key in PARTS}
+        drawn = sum(h["step_s"] for h in logs) / updates
+        row = {"drawn_update_s": drawn, **parts}
+        if live:
+            per_evaluation = statistics.mean(h["teacher_s"] / (grid - h["grid_index"]) for h in logs if h["student_update"])
+            evaluations = expected_evaluations(recipe, phase)
+            row.update(teacher_s=per_evaluation * evaluations, seconds_per_teacher_evaluation=per_evaluation,
+                       expected_teacher_evaluations=evaluations,
+                       drawn_grid_indices=[int(h["grid_index"]) for h in logs if h["student_update"]])
+        overhead = drawn - sum(parts.values())  # data, guards, logging: the step's time outside its parts
+        row["update_s"] = sum(row[key] for key in PARTS) + overhead
+        rows[phase + 1] = row
+    return rows
 
 
 def evaluations_per_second(denoiser, spec: Spec, batch: int, device, repeats: int = 3) -> float:
@@ -152,102 +153,146 @@ def evaluations_per_second(denoiser, spec: Spec, batch: int, device, repeats: in
     return batch / statistics.median(samples)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny UNet on the CPU: checks the script in seconds")
-    parser.add_argument("--timed", type=int, default=None, help="timed student updates per phase (default 3; smoke 1)")
-    parser.add_argument("--out", type=Path, default=None, help="results file (default bench/results/gpu.json; smoke: none)")
-    args = parser.parse_args(argv)
-    spec = SMOKE if args.smoke else FULL
-    timed = args.timed or spec.timed
-    if not args.smoke and not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA GPU here; run it on a GPU (or --smoke on the CPU)", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.smoke else "cuda")
-    started = time.perf_counter()
-    denoiser = UNetDenoiser(build_unet(spec, device))
-    per_phase_steps = RECIPE_ITERATIONS // 4
+def projections(runs: dict, recipe: Recipe, throughput: dict, large_batch: int) -> dict:
+    """GPU-hours of the paper's work (PAPER_SAMPLES student samples) from the measured seconds per student update."""
+    evaluations = statistics.mean(expected_evaluations(recipe, phase) for phase in range(recipe.num_phases))
+    targets_per_s = throughput[str(large_batch)] / evaluations
+    build_hours = PAPER_SAMPLES / targets_per_s / 3600  # one target per student sample
+    out = {"paper": {**PAPER, "student_samples": PAPER_SAMPLES}, "mean_evaluations_per_target": evaluations,
+           "targets_per_s": targets_per_s, "cache_build_gpu_hours": build_hours, "one_gpu": {}}
+    for size, row in runs.items():
+        updates = PAPER_SAMPLES // int(size)  # the same student samples on one GPU at this batch
+        live = row["live"]["mean_update_s"] * updates / 3600
+        cached = build_hours + row["cached"]["mean_update_s"] * updates / 3600
+        out["one_gpu"][size] = {
+            "student_updates": updates,
+            "seconds_per_student_sample": {"live": row["live"]["mean_update_s"] / int(size),
+                                           "cached": row["cached"]["mean_update_s"] / int(size)},
+            "live_gpu_hours": live, "cached_gpu_hours_with_build": cached,
+            "paper_over_live": PAPER["h100_hours"] / live, "paper_over_cached": PAPER["h100_hours"] / cached,
+        }
+    return out
 
+
+def measure(spec: Spec, timed: int, device: torch.device) -> dict:
+    denoiser = UNetDenoiser(build_unet(spec, device))
     runs: dict[str, dict] = {}
     build_seconds, build_targets = 0.0, 0
     for size in spec.batches:
-        config = DistillConfig(backbone="sd15", total_steps=RECIPE_ITERATIONS, batch_size=size,
+        per_phase = 1 + timed  # both optimisers on every iteration: every iteration is a student update
+        config = DistillConfig(backbone="sd15", total_steps=4 * per_phase, batch_size=size,
                                mixed_precision=spec.mixed_precision, **spec.overrides)
-        distiller = FlashDistiller(denoiser, config, device=device)  # the LoRA is added once, reused
         dataset = random_dataset(spec, max(64, 4 * size), device)
-        steps = {phase: [phase * per_phase_steps + 2 * j for j in range(1 + timed)] for phase in range(4)}
-        row: dict[str, dict] = {"live": {}, "cached": {}}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for phase, phase_steps in steps.items():
-            update_seconds(distiller, dataset, phase_steps[:1], device)  # warm-up (first use of each loss)
-            seconds, parts = update_seconds(distiller, dataset, phase_steps[1:], device)
-            row["live"][phase + 1] = {"update_s": seconds, **parts}
-        peak_live = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-        items = [(s, 0) for phase_steps in steps.values() for s in phase_steps[1:]]
-        start = sync(device)
-        solved = target_cache.solve_targets(denoiser, config, dataset, items, device=device, teacher_batch=spec.large_batch)
-        build_seconds += sync(device) - start
-        build_targets += solved["targets"].shape[0]
-        distiller.target_cache = MemoryTargets(solved, size)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for phase, phase_steps in steps.items():
-            seconds, parts = update_seconds(distiller, dataset, phase_steps[1:], device)
-            row["cached"][phase + 1] = {"update_s": seconds, **parts}
-        distiller.target_cache = None
-        peak_cached = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        for kind, peak in (("live", peak_live), ("cached", peak_cached)):
-            phases = row[kind]
+        row: dict[str, dict] = {}
+        for kind in ("live", "cached"):
+            session = TrainingSession(denoiser, config, dataset, device=device)  # the LoRA is added once, reused
+            with tempfile.TemporaryDirectory() as folder:
+                if kind == "cached":
+                    start = sync(device)
+                    cache = session.targets(folder, build=True)
+                    build_seconds += sync(device) - start
+                    build_targets += sum(len(steps) for steps in cache.plan) * size
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                session.train()
+            phases = phase_rows(session, per_phase, live=kind == "live")
             row[kind] = {"phases": phases, "mean_update_s": statistics.mean(p["update_s"] for p in phases.values()),
-                         "peak_memory_gib": peak}
+                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
         runs[str(size)] = row
-
-    recipe = DistillConfig(backbone="sd15", **spec.overrides).recipe()
-    grid = recipe.teacher_grid_steps
-    evals_per_target = statistics.mean(  # a solve from grid index g takes K - g CFG evaluations
-        float(sum(p * (grid - g) for g, p in enumerate(phase_mixture_probs(recipe, phase).tolist()))) for phase in range(4))
     throughput = {str(b): evaluations_per_second(denoiser, spec, b, device) for b in (*spec.batches, spec.large_batch)}
-    targets_per_s = throughput[str(spec.large_batch)] / evals_per_target
-    updates = RECIPE_ITERATIONS // 2
-    recipe_batch = str(recipe.batch_size) if str(recipe.batch_size) in runs else str(spec.batches[0])
-    live_hours = runs[recipe_batch]["live"]["mean_update_s"] * updates / 3600
-    build_hours = updates * int(recipe_batch) / targets_per_s / 3600
-    cached_hours = build_hours + runs[recipe_batch]["cached"]["mean_update_s"] * updates / 3600
+    return {"runs": runs, "throughput": throughput, "build_seconds": build_seconds, "build_targets": build_targets}
+
+
+def reproject(path: Path) -> dict:
+    """Recompute the projections of `path` from its last GPU measurements (no GPU needed). Files written before
+    the session-based measurement hold per-phase parts of drawn timesteps: their live teacher part is re-taken
+    by expectation, as seconds per CFG evaluation at batch 4 (the cache-build throughput) x E_mixture[K - g]."""
+    results = json.loads(path.read_text(encoding="utf-8"))
+    recipe = DistillConfig(backbone="sd15").recipe()
+    throughput = results["cache_build"]["teacher_evaluations_per_s"]
+    for size, row in results["runs"].items():
+        live = row["live"]
+        if "seconds_per_teacher_evaluation" not in next(iter(live["phases"].values())) and size in throughput:
+            per_evaluation = int(size) / throughput[size]  # seconds of one CFG evaluation of the batch
+            for phase, part in live["phases"].items():
+                part["drawn_update_s"], part["drawn_teacher_s"] = part["update_s"], part["teacher_s"]
+                part["expected_teacher_evaluations"] = expected_evaluations(recipe, int(phase) - 1)
+                part["seconds_per_teacher_evaluation"] = per_evaluation
+                part["teacher_s"] = per_evaluation * part["expected_teacher_evaluations"]
+                part["update_s"] = part["drawn_update_s"] - part["drawn_teacher_s"] + part["teacher_s"]
+            live["mean_update_s"] = statistics.mean(p["update_s"] for p in live["phases"].values())
+    results["projection"] = projections(results["runs"], recipe, throughput, results["cache_build"]["large_batch"])
+    results.pop("projection_1_gpu", None)
+    results["projection"]["reprojected"] = (
+        f"recomputed without a GPU by `python -P bench/gpu.py --reproject` from the measurements of the last GPU run "
+        f"({results['device']}, torch {results['torch']}): those were taken with alternating updates (a student "
+        "iteration + a discriminator iteration per update); re-measure on a GPU for the both-every-batch default")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny UNet on the CPU: checks the script in seconds")
+    parser.add_argument("--reproject", action="store_true", help="recompute the projections of the results file, no GPU")
+    parser.add_argument("--timed", type=int, default=None, help="timed student updates per phase (default 4; smoke 1)")
+    parser.add_argument("--out", type=Path, default=None, help="results file (default bench/results/gpu.json; smoke: none)")
+    args = parser.parse_args(argv)
+    if args.reproject:
+        out = args.out or RESULTS
+        results = reproject(RESULTS)
+        write_json_atomic(out, results)
+        print_projection(results)
+        print(f"saved {out}")
+        return 0
+    spec = SMOKE if args.smoke else FULL
+    timed = args.timed or spec.timed
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA GPU here; run it on a GPU (or --smoke on the CPU, --reproject for projections)",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    started = time.perf_counter()
+    measured = measure(spec, timed, device)
+    recipe = DistillConfig(backbone="sd15", **spec.overrides).recipe()
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
-        "smoke": args.smoke, "torch": torch.__version__,
+        "smoke": args.smoke, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "model": "SD1.5 UNet2DConditionModel, random weights" if not args.smoke else "tiny UNet (smoke)",
-        "mixed_precision": spec.mixed_precision, "lora_rank": recipe.lora_rank, "teacher_grid_steps": grid,
-        "timed_updates_per_phase": timed, "runs": runs,
-        "cache_build": {"teacher_evaluations_per_s": throughput, "large_batch": spec.large_batch,
-                        "mean_evaluations_per_target": evals_per_target, "targets_per_s": targets_per_s,
-                        "measured_targets": build_targets, "measured_seconds": build_seconds},
-        "projection_1_gpu": {"iterations": RECIPE_ITERATIONS, "student_updates": updates, "batch_size": int(recipe_batch),
-                             "live_gpu_hours": live_hours, "cache_build_gpu_hours": build_hours,
-                             "cached_gpu_hours_with_build": cached_hours},
+        "mixed_precision": spec.mixed_precision, "lora_rank": recipe.lora_rank, "teacher_grid_steps": recipe.teacher_grid_steps,
+        "update_order": "both optimisers on every batch", "timed_updates_per_phase": timed, "runs": measured["runs"],
+        "cache_build": {"teacher_evaluations_per_s": measured["throughput"], "large_batch": spec.large_batch,
+                        "measured_targets": measured["build_targets"], "measured_seconds": measured["build_seconds"]},
+        "projection": projections(measured["runs"], recipe, measured["throughput"], spec.large_batch),
         "wall_s": time.perf_counter() - started, "command": "python -P bench/gpu.py",
     }
     out = args.out if args.out is not None else (None if args.smoke else RESULTS)
     if out is not None:
         write_json_atomic(out, results)
-
-    print(f"{results['device']}: {results['model']}, {spec.mixed_precision}, rank {recipe.lora_rank}, K = {grid}")
+    print(f"{results['device']}: {results['model']}, {spec.mixed_precision}, rank {recipe.lora_rank}, K = {recipe.teacher_grid_steps}")
     print("| batch | run | phase 1 | phase 2 | phase 3 | phase 4 | mean s / student update | peak GiB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for size, row in runs.items():
+    for size, row in results["runs"].items():
         for kind in ("live", "cached"):
             r = row[kind]
             phases = " | ".join(f"{r['phases'][p]['update_s']:.3f}" for p in range(1, 5))
             peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
             print(f"| {size} | {kind} | {phases} | {r['mean_update_s']:.3f} | {peak} |")
-    print(f"\nteacher CFG evaluations / s: {', '.join(f'batch {b}: {v:.1f}' for b, v in throughput.items())}; "
-          f"{evals_per_target:.1f} evaluations per target -> {targets_per_s:.1f} targets / s")
-    print(f"recipe on 1 GPU ({updates} student updates, batch {recipe_batch}): live {live_hours:.2f} GPU-h; cached "
-          f"{cached_hours:.2f} GPU-h (build {build_hours:.2f} + training)")
+    print_projection(results)
     print(f"wall {results['wall_s']:.0f} s" + (f"; saved {out}" if out is not None else ""))
     return 0
+
+
+def print_projection(results: dict) -> None:
+    projection = results["projection"]
+    print(f"teacher CFG evaluations / s: "
+          f"{', '.join(f'batch {b}: {v:.1f}' for b, v in results['cache_build']['teacher_evaluations_per_s'].items())}; "
+          f"{projection['mean_evaluations_per_target']:.1f} evaluations per target -> {projection['targets_per_s']:.1f} targets / s")
+    print(f"the paper's work ({PAPER_SAMPLES} student samples = {PAPER['gpus']} GPUs x batch {PAPER['batch_per_gpu']} x "
+          f"{PAPER['student_updates']} updates, {PAPER['h100_hours']:g} H100-h) on 1 GPU:")
+    for size, row in projection["one_gpu"].items():
+        print(f"  batch {size} ({row['student_updates']} updates): live {row['live_gpu_hours']:.2f} GPU-h "
+              f"({row['paper_over_live']:.1f}x less than the paper), cached {row['cached_gpu_hours_with_build']:.2f} GPU-h "
+              f"with the build's {projection['cache_build_gpu_hours']:.2f} ({row['paper_over_cached']:.1f}x less)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The same teacher (the cached digits teacher), the same settings (the demo's: LoR
   * node:     nodes.training.train (the body of FlashDistillTrain) on the MODEL / CLIP / VAE that
               FlashDiffusersLoader builds, with latents and prompts encoded by ComfyUI (VAE Encode, CLIP Text
               Encode), previews off;
-  * headless: flash_core.run on the diffusers UNet (training/digits/benchmark.py's student_run, the same
+  * headless: flash_core.run on the diffusers UNet (training/digits/benchmark.py's student_session, the same
               run the flash-distill CLI and the node drive).
 Reports seconds per step (the whole loop / steps, as the node logs it) and the process's peak RSS; prints a table
 and saves bench/results/node_overhead.json.
@@ -39,14 +39,15 @@ def peak_rss_mib() -> float:
 
 
 def run_headless(steps: int) -> dict:
-    from training.digits.benchmark import StudentSettings, student_run
+    from training.digits.benchmark import StudentSettings, student_session
     from training.digits.data import load_splits
     from training.digits.teacher import default_teacher_dir, load_teacher_pipeline
 
     pipe = load_teacher_pipeline(default_teacher_dir())
-    trainer = student_run(pipe, load_splits()[0], StudentSettings(total_steps=steps), {})
+    session = student_session(pipe, load_splits()[0], StudentSettings(total_steps=steps), {})
+    session.start()
     start = time.perf_counter()
-    trainer.train()
+    session.train()
     return {"s_per_step": (time.perf_counter() - start) / steps, "peak_rss_mib": peak_rss_mib()}
 
 

@@ -32,10 +32,10 @@ import time
 
 import torch
 
-from flash_core import run, target_cache
+from flash_core import target_cache
 from flash_core.files import write_json_atomic
 from training.fixtures.comfy_env import REPO_ROOT
-from training.digits.benchmark import DigitsDataset, StudentSettings, make_distiller
+from training.digits.benchmark import StudentSettings, student_session
 from training.digits.data import load_splits
 from training.digits.teacher import (
     TeacherConfig,
@@ -86,19 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_teacher_pipeline(train_teacher(default_teacher_dir(), TeacherConfig()))
     train, _ = load_splits()
     settings = StudentSettings(total_steps=4 * args.steps_per_phase)
-    dataset = DigitsDataset(pipe, train, settings.seed)
 
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
-        teacher = make_distiller(pipe, settings, {})  # the teacher (LoRA off) of a fresh student network
+        builder = student_session(pipe, train, settings, {})  # builds the targets with the teacher (no LoRA yet)
         start = time.perf_counter()
-        cache = target_cache.build_target_cache(folder, teacher.denoiser, teacher.config, dataset)
+        cache = builder.targets(folder, build=True)
         build_s = time.perf_counter() - start
+        dataset = builder.dataset
         count = sum(len(steps) for steps in cache.plan) * settings.batch_size
         for _ in range(args.rounds):
-            live = run.Run(make_distiller(pipe, settings, {}), dataset)  # flash_core.run, as every front end trains
+            live = student_session(pipe, train, settings, {})  # the training session every front end drives
             live.train()
-            cached = run.Run(make_distiller(pipe, settings, {}), dataset, target_cache=cache)
+            cached = student_session(pipe, train, settings, {})
+            cached.targets(folder, build=False)
             cached.train()
             bare = bare_forward_backward(pipe.unet.train(), dataset.batch(list(range(settings.batch_size)), 0))
             rounds.append({"live": per_update(live.history), "cached": per_update(cached.history), "bare": bare})

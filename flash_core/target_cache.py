@@ -368,7 +368,7 @@ def solve_targets(denoiser, config: DistillConfig, dataset, items: Sequence[tupl
         indices = batches.batch_indices(config.seed, step, len(dataset), recipe.batch_size, process, num_processes)
         batch = dataset.batch(indices, step)
         latents = batch.latents.to(device, torch.float32)
-        inputs = target_inputs(config, step, process, latents.shape)
+        inputs = target_inputs(config, step, process, latents.shape, recipe=recipe)
         z_t, _ = student_input(denoiser, grid, latents, inputs)
         cond = batch.cond.to(device)
         uncond = batch.uncond.to(device).expand_to(latents.shape[0])

@@ -1,7 +1,7 @@
 """FlashDistillTrain: distil a ComfyUI MODEL into a few-step Flash student (a LoRA) inside ComfyUI.
 
-A thin shell over the one training run, `flash_core.run.Run` (loop, batch order, checkpoints, preview rule,
-export, non-finite guard, resume contract) around `flash_core.distill.FlashDistiller`, driven through
+A thin shell over the one training session, `flash_core.session.TrainingSession` (lock, identities, student,
+target cache, resume, the loop with its checkpoints and previews, export), driven through
 `nodes.comfy_denoiser.ComfyDenoiser` (the teacher MODEL is copied, never changed). The node adds what only
 ComfyUI has: its data types (LATENT / CONDITIONING lists from VAEEncode, MakeTrainingDataset,
 LoadTrainingDataset), its progress bar with previews and Cancel, its model folders.
@@ -9,8 +9,8 @@ LoadTrainingDataset), its progress bar with previews and Cancel, its model folde
 Files (all written atomically, through flash_core.files):
   * the LoRA:        <first loras folder>/flash/<lora_name>.safetensors, kohya keys (``lora_unet_<diffusers
                      path>``) with alpha tensors, float32, loaded as is by FlashLoRALoader and by the stock
-                     LoraLoader; metadata in flash_core.run's one schema (ss_* + flash.*).
-  * the checkpoint:  <first loras folder>/flash/.checkpoints/<lora_name>/step-<N>/ in flash_core.run's format
+                     LoraLoader; metadata in the one schema (flash_core.lora_formats: ss_* + flash.*).
+  * the checkpoint:  <first loras folder>/flash/.checkpoints/<lora_name>/step-<N>/ in flash_core.checkpoints' format
                      (LoRA, discriminator, optimisers, RNG states, settings, teacher and data fingerprints, step
                      log), the newest one kept. Written every CHECKPOINT_EVERY steps, on Cancel and at the end;
                      never for a step with a non-finite loss or gradient. Queue again with resume on to continue:
@@ -26,21 +26,20 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import comfy.lora
 import comfy.model_management
 import comfy.utils
 import folder_paths
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from PIL import Image
 
-from flash_core import dependencies, files, lora_formats, run, target_cache
-from flash_core.distill import DistillConfig, FlashDistiller
-from flash_core.recipes import get_recipe
+from flash_core import dependencies, lora_formats
+from flash_core.batches import TensorDataset
+from flash_core.checkpoints import CheckpointError
+from flash_core.run import NonFiniteError, ResumeMismatchError
+from flash_core.session import PreviewSpec, TrainingSession
+from flash_core.target_cache import TargetCacheError
 
 from .comfy_denoiser import (
     ComfyDenoiser,
@@ -50,11 +49,18 @@ from .comfy_denoiser import (
 )
 from .loaders import with_flash_sampling
 from .stack import describe_stack
+from .training_inputs import (
+    NODE,
+    TrainingInputError,
+    distill_config,
+    gather_conditioning,
+    gather_latents,
+)
+from .training_progress import NodeHooks, Progress, image_output, to_images
 
 LOG = logging.getLogger(__name__)
 
 CATEGORY = "Flash Diffusion"
-NODE = "Flash Distill Train"
 OUTPUT_SUBFOLDER = "flash"
 CHECKPOINT_SUBFOLDER = ".checkpoints"
 TARGET_CACHE_SUBFOLDER = "flash_target_cache"  # under ComfyUI's output folder
@@ -62,10 +68,6 @@ CHECKPOINT_EVERY = 250  # optimiser steps between periodic checkpoints
 PREVIEW_COLUMNS = 4  # prompts / seeds shown side by side
 MAX_RECOMMENDED_STEPS = 4  # the recipe's student grid: a LoRA recommends at most the steps it was trained on
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.+=-]{0,119}$")
-
-
-class TrainingInputError(ValueError):
-    """A user-fixable problem with the node's inputs or its output folder."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,124 +161,9 @@ def ensure_writable(folder: str) -> None:
         ) from err
 
 
-def checkpoint_store(folder: str) -> run.CheckpointStore:
-    """The node's checkpoints: <folder>/step-<N>/ in flash_core.run's one format; the newest one is kept."""
-    return run.CheckpointStore(folder, keep=1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs: latents, conditioning, weights
-# --------------------------------------------------------------------------------------------------
-
-
-def gather_latents(latents: Sequence[Any]) -> torch.Tensor:
-    """All training latents as one [N, C, h, w] tensor (VAE space) from LATENT values (batches or lists)."""
-    samples = []
-    for value in latents or []:
-        tensor = value.get("samples") if isinstance(value, dict) else None
-        if tensor is None:
-            raise TrainingInputError(f"{NODE}: 'latents' must be LATENT values (from VAE Encode, Make Training Dataset ...).")
-        if getattr(tensor, "is_nested", False):
-            raise TrainingInputError(f"{NODE}: nested (multi-resolution) latents are not supported; resize the images to one size.")
-        samples.extend(tensor[i : i + 1] for i in range(tensor.shape[0]))
-    if not samples:
-        raise TrainingInputError(f"{NODE}: no training latents: connect at least one image encoded with VAE Encode.")
-    shapes = sorted({tuple(s.shape[1:]) for s in samples})
-    if len(shapes) > 1:
-        raise TrainingInputError(
-            f"{NODE}: the training latents have different sizes {shapes}; resize or crop the images to one size "
-            "(e.g. with ResizeImagesByShorterEdge + CenterCropImages) before encoding."
-        )
-    if len(shapes[0]) != 3:
-        raise TrainingInputError(f"{NODE}: expected image latents [batch, channels, height, width], got {shapes[0]}.")
-    return torch.cat([s.float() for s in samples])
-
-
-def gather_conditioning(conditionings: Sequence[Any], count: int, what: str) -> list[tuple[torch.Tensor, dict]]:
-    """One conditioning entry per training latent: N entries, or one repeated for every latent."""
-    entries = conditioning_entries(conditionings or [])
-    if not entries:
-        raise TrainingInputError(f"{NODE}: '{what}' has no conditioning; connect a CLIP Text Encode.")
-    if len(entries) == 1:
-        return entries * count
-    if len(entries) != count:
-        raise TrainingInputError(
-            f"{NODE}: {len(entries)} {what} conditionings for {count} latents; give one per latent or a single "
-            "one for all."
-        )
-    return entries
-
-
-def parse_phase_weights(text: str, name: str, num_phases: int) -> tuple[float, ...] | None:
-    """'' -> None (the recipe); 'w' -> w for every phase; 'w1, w2, w3, w4' -> one per phase."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        values = [float(v) for v in re.split(r"[,\s;]+", text) if v]
-    except ValueError:
-        raise TrainingInputError(f"{NODE}: {name} '{text}' is not a list of numbers (e.g. '0, 0.1, 0.2, 0.3').") from None
-    if len(values) == 1:
-        values = values * num_phases
-    if len(values) != num_phases or any(v < 0 for v in values):
-        raise TrainingInputError(
-            f"{NODE}: {name} needs one non-negative weight or {num_phases} (one per training phase), got '{text}'."
-        )
-    return tuple(values)
-
-
-# --------------------------------------------------------------------------------------------------
-# Preview grid
-# --------------------------------------------------------------------------------------------------
-
-
-def latent_rgb(latent_format, latents: torch.Tensor, upscale: int = 8) -> torch.Tensor:
-    """ComfyUI's latent2rgb preview (latent_format.latent_rgb_factors) of model-space latents -> [N, H, W, 3].
-    Latent formats without factors (custom VAEs) show their first three channels (or the first, in grey)."""
-    if latent_format.latent_rgb_factors is not None:
-        factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)  # [C, 3]
-    else:
-        channels = latents.shape[1]
-        factors = torch.zeros(channels, 3)
-        for rgb_channel in range(3):
-            factors[rgb_channel if channels >= 3 else 0, rgb_channel] = 1.0
-    bias = latent_format.latent_rgb_factors_bias
-    rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
-    if bias is not None:
-        rgb = rgb + torch.tensor(bias, dtype=torch.float32)
-    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1)  # -1..1 -> 0..1 as latent_preview.preview_to_image
-    return rgb.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
-
-
-def to_images(latents: torch.Tensor, latent_format, vae=None) -> torch.Tensor:
-    """Model-space latents -> IMAGE [N, H, W, 3] (VAE decode when a VAE is given, else latent2rgb)."""
-    if vae is None:
-        return latent_rgb(latent_format, latents)
-    with torch.inference_mode():  # ComfyUI's own mode for the VAE (its weights are inference tensors)
-        decoded = vae.decode(latent_format.process_out(latents.detach().float().cpu()))
-    return decoded[..., :3].float().cpu().clamp(0, 1).clone()
-
-
-def progress_preview(image: np.ndarray) -> tuple[str, Image.Image, int]:
-    """The (format, PIL image, max size) tuple ComfyUI's progress hook sends to the frontend."""
-    return ("JPEG", Image.fromarray(image), 1024)
-
-
-def image_output(image: np.ndarray) -> torch.Tensor:
-    """A uint8 [H, W, 3] grid as a ComfyUI IMAGE [1, H, W, 3] in 0..1."""
-    return torch.from_numpy(image.astype(np.float32) / 255.0)[None]
-
-
 # --------------------------------------------------------------------------------------------------
 # Output: LoRA tensors, metadata, student MODEL
 # --------------------------------------------------------------------------------------------------
-
-
-def export_lora(distiller: FlashDistiller, backbone: str, metadata: dict[str, str] | None = None) -> lora_formats.LoraExport:
-    """The student LoRA as the ComfyUI-native export (kohya ``lora_unet_<diffusers path>`` keys with alphas) in
-    flash_core.run's export dtype: the same file flash-distill writes."""
-    modules = run.lora_modules(distiller)
-    return lora_formats.build_lora_export(modules, backbone, "comfyui", metadata=metadata, dtype=run.EXPORT_DTYPE)
 
 
 def stored_lora(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, str] | None:
@@ -300,46 +187,6 @@ def student_model(model, lora: dict[str, torch.Tensor]):
     if len(patches) != expected or len(applied) != expected:
         raise RuntimeError(f"{NODE}: only {len(applied)} of {expected} trained LoRA modules map onto the model.")
     return clone
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """ComfyUI progress bar (+ previews, + Cancel check) and the loss as the node's progress text."""
-
-    def __init__(self, total: int, node_id: str | None):
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        self.node_id = node_id
-        try:
-            from server import PromptServer
-
-            self.server = PromptServer.instance if node_id is not None else None
-        except Exception:  # not running inside the ComfyUI server (in-process use)
-            self.server = None
-
-    def update(self, step: int, total: int, text: str, preview=None) -> None:
-        if self.server is not None and hasattr(self.server, "send_progress_text"):
-            self.server.send_progress_text(text, self.node_id)
-        self.bar.update_absolute(step, total, preview)  # also raises InterruptProcessingException on Cancel
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-
-class NodeHooks(run.RunHooks):
-    """flash_core.run's hooks on ComfyUI: progress bar + loss text + preview; Cancel raises from on_step (the run
-    then checkpoints the finished step and re-raises)."""
-
-    def __init__(self, progress: Progress, num_phases: int):
-        self.progress, self.num_phases = progress, num_phases
-
-    def on_step(self, report: run.StepReport) -> None:
-        logs = report.logs
-        text = (f"step {report.step}/{report.total}  loss {logs['loss']:.4f}  distill {logs['loss_distill']:.4f}  "
-                f"phase {int(logs['phase']) + 1}/{self.num_phases}  {report.seconds_per_step:.2f} s/step")
-        preview = progress_preview(report.preview) if report.preview is not None else None
-        self.progress.update(report.step, report.total, text, preview)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,9 +225,9 @@ class FlashDistillTrain(io.ComfyNode):
                 # Input ids are frozen (saved workflows and API prompts name them); the display names are the
                 # pack's words (docs/architecture.md "Words"): steps -> total_steps, nfe -> recommended_steps,
                 # teacher_steps -> teacher_grid_steps.
-                io.Int.Input("steps", display_name="total_steps", default=2000, min=1, max=1_000_000,
-                             tooltip="Training iterations in all (4 phases of equal length; student and "
-                             "discriminator alternate)."),
+                io.Int.Input("steps", display_name="total_steps", default=1000, min=1, max=1_000_000,
+                             tooltip="Training iterations = batches, each updating the student and then the "
+                             "discriminator (4 phases of equal length)."),
                 io.Int.Input("nfe", display_name="recommended_steps", default=4, min=1, max=MAX_RECOMMENDED_STEPS,
                              tooltip="Sampling steps recorded in the LoRA: Flash Sampler at steps 0 uses them. The "
                              "student is trained on the recipe's 4-step grid."),
@@ -452,31 +299,6 @@ class FlashDistillTrain(io.ComfyNode):
         return io.NodeOutput(student, lora, loss_map, grid, ui=ui.PreviewImage(grid, cls=cls))
 
 
-def distill_config(backbone: str, total_steps: int, rank: int, learning_rate: float, guidance_min: float,
-                   guidance_max: float, teacher_grid_steps: int, distill_weights: str, adversarial_weights: str,
-                   dmd_weights: str, seed: int, batch_size: int, gradient_checkpointing: bool,
-                   mixed_precision: str, device: torch.device) -> DistillConfig:
-    """The node's inputs as a flash_core DistillConfig (0 / '' = the backbone's published recipe)."""
-    recipe = get_recipe(backbone)
-    if guidance_max < guidance_min:
-        raise TrainingInputError(f"{NODE}: guidance_max ({guidance_max}) is below guidance_min ({guidance_min}).")
-    guidance = None if guidance_min == 0 and guidance_max == 0 else (guidance_min, guidance_max)
-    overrides = dict(
-        batch_size=batch_size or None, lora_rank=rank or None,  # alpha: recipes.lora_alpha_for_rank (the recipe's scale)
-        lr=learning_rate or None, guidance_range=guidance, teacher_grid_steps=teacher_grid_steps or None,
-        distill_weights=parse_phase_weights(distill_weights, "distill_weights", recipe.num_phases),
-        adversarial_weights=parse_phase_weights(adversarial_weights, "adversarial_weights", recipe.num_phases),
-        dmd_weights=parse_phase_weights(dmd_weights, "dmd_weights", recipe.num_phases),
-    )
-    try:  # flash_core checks the settings (K a multiple of the student grid, ...), as for flash-distill's config
-        return DistillConfig(
-            backbone=backbone, total_steps=total_steps, seed=seed, grad_checkpointing=gradient_checkpointing,
-            mixed_precision="bf16" if mixed_precision == "bf16" and device.type == "cuda" else "no", **overrides,
-        )
-    except ValueError as err:
-        raise TrainingInputError(f"{NODE}: {err}") from None
-
-
 def train(model, latents, positive, negative, *, lora_name: str, total_steps: int, recommended_steps: int, rank: int,
           learning_rate: float, guidance_min: float, guidance_max: float, teacher_grid_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
@@ -511,79 +333,73 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
     already_exists = TrainingInputError(
         f"{NODE}: '{lora_path}' already exists. Turn overwrite on to replace it, or choose another lora_name."
     )
-    store = checkpoint_store(checkpoint_dir)
-    resume_from = store.latest() if resume else None
+
+    # ---- the data in model space, the preview prompts, the session ---------------------------------------
+    hw = tuple(data.shape[-2:])
+    cond_all = to_conditioning(cond_entries, hw, backbone)
+    uncond_all = to_conditioning(uncond_entries, hw, backbone)
+    denoiser = ComfyDenoiser(model, device=device)  # a private copy of the teacher: the MODEL input is never changed
+    latent_format = denoiser.latent_format
+    dataset = TensorDataset(denoiser.process_in(data).to(denoiser.device),  # VAE latents -> model space
+                            cond_all.to(denoiser.device), uncond_all.to(denoiser.device))
+    columns = torch.arange(min(PREVIEW_COLUMNS, count))
+    preview = PreviewSpec(cond_all[columns], uncond_all if uncond_all.batch_size == 1 else uncond_all[columns],
+                          tuple(data.shape[1:]), decode=lambda latents: to_images(latents, latent_format, vae))
+    session = TrainingSession(
+        denoiser, config, dataset, output=checkpoint_dir, output_label=f"{NODE} '{name}'",
+        clean=[(os.path.dirname(lora_path), False, f"{name}.safetensors")],
+        checkpoints=checkpoint_dir, keep_checkpoints=1, checkpoint_every=CHECKPOINT_EVERY,
+        preview=preview, preview_every=preview_every,
+        hooks=NodeHooks(Progress(total_steps, node_id), config.recipe().num_phases),
+        settings={"base_model": type(model.model.model_config).__name__},
+        fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
+        rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
+        device=denoiser.device,
+    )
+    resume_from = session.latest_checkpoint() if resume else None
     if os.path.exists(lora_path) and not overwrite and resume_from is None:
         raise already_exists
     ensure_writable(os.path.dirname(lora_path))
     ensure_writable(checkpoint_dir)
-    # One run per output (another ComfyUI sharing these folders refuses, naming the holder); holding the lock,
-    # remove what a killed run left half-written.
-    lock = files.OutputLock(checkpoint_dir, what=f"{NODE} '{name}'").acquire()
-    try:
-        files.remove_orphaned_temporaries(checkpoint_dir)
-        files.remove_orphaned_temporaries(os.path.dirname(lora_path), recursive=False, stem=f"{name}.safetensors")
-
-        # ---- build the student over a private copy of the teacher --------------------------------------
-        hw = tuple(data.shape[-2:])
-        cond_all = to_conditioning(cond_entries, hw, backbone)
-        uncond_all = to_conditioning(uncond_entries, hw, backbone)
-        denoiser = ComfyDenoiser(model, device=device)
-        distiller = FlashDistiller(denoiser, config, device=denoiser.device)
-        latent_format = denoiser.latent_format
-        recipe = distiller.recipe
-        dataset = run.TensorDataset(denoiser.process_in(data).to(denoiser.device),  # VAE latents -> model space
-                                    cond_all.to(denoiser.device), uncond_all.to(denoiser.device))
-        columns = torch.arange(min(PREVIEW_COLUMNS, count))
-        preview = run.Preview(
-            distiller, cond_all[columns], uncond_all if uncond_all.batch_size == 1 else uncond_all[columns],
-            tuple(data.shape[1:]), seed, sum(recipe.guidance_range) / 2, recipe.teacher_grid_steps,
-            decode=lambda latents: to_images(latents, latent_format, vae),
-        )
-        cache, teacher = None, None
+    # One run per output (another ComfyUI sharing these folders refuses, naming the holder); holding the lock, the
+    # session removes what a killed run left half-written.
+    with session:
         if cache_folder is not None:
-            teacher = run.teacher_fingerprint(denoiser)
-            cache = build_target_cache(cache_folder, denoiser, config, dataset, teacher)
-        trainer = run.Run(
-            distiller, dataset, run.run_settings(config, base_model=type(model.model.model_config).__name__),
-            teacher_fingerprint=teacher, target_cache=cache,
-            store=store, hooks=NodeHooks(Progress(total_steps, node_id), recipe.num_phases), preview=preview,
-            preview_every=preview_every, checkpoint_every=CHECKPOINT_EVERY,
-            fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
-            rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
-        )
-        if resume_from is not None:
+            LOG.info("%s: solving the teacher targets into %s (finished shards are kept).", NODE, cache_folder)
             try:
-                trainer.resume(resume_from)
-            except (run.ResumeMismatchError, run.CheckpointError) as err:
+                session.targets(cache_folder, build=True,
+                                progress=lambda done, total: LOG.info("%s: target shard %d of %d", NODE, done, total))
+            except TargetCacheError as err:
                 raise TrainingInputError(f"{NODE}: {err}") from None
-            LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, distiller.step, total_steps)
-
-        start_step, started = distiller.step, time.perf_counter()
         try:
-            trainer.train()
+            session.start(resume=resume_from)
+        except (ResumeMismatchError, CheckpointError) as err:
+            raise TrainingInputError(f"{NODE}: {err}") from None
+        if resume_from is not None:
+            LOG.info("%s: resuming '%s' at step %d of %d.", NODE, name, session.step, total_steps)
+
+        start_step, started = session.step, time.perf_counter()
+        try:
+            session.train()
         except comfy.model_management.InterruptProcessingException:
-            LOG.info("%s: cancelled at step %d; checkpoint in %s.", NODE, distiller.step, checkpoint_dir)
+            LOG.info("%s: cancelled at step %d; checkpoint in %s.", NODE, session.step, checkpoint_dir)
             raise
-        except run.NonFiniteError as err:  # nothing of the bad step was saved; ComfyUI shows this in its error panel
+        except NonFiniteError as err:  # nothing of the bad step was saved; ComfyUI shows this in its error panel
             err.args = (f"{NODE}: {err}",)
             raise
         seconds = time.perf_counter() - started
-        LOG.info("%s: %d steps in %.1f s (%.3f s/step).", NODE, distiller.step - start_step, seconds,
-                 seconds / max(1, distiller.step - start_step))
+        LOG.info("%s: %d steps in %.1f s (%.3f s/step).", NODE, session.step - start_step, seconds,
+                 seconds / max(1, session.step - start_step))
 
         # ---- outputs -----------------------------------------------------------------------------------
-        metadata = run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=trainer.settings["base_model"],
-                                     teacher=trainer.fingerprints["teacher"], recommended_steps=recommended_steps,
-                                     trained_for=trained_for)
-        export = export_lora(distiller, backbone, metadata)
+        export = session.export("comfyui", recommended_steps=recommended_steps, trained_for=trained_for)
         lora = export.tensors
         stored_metadata = stored_lora(lora_path, lora) if os.path.exists(lora_path) and not overwrite else None
         if os.path.exists(lora_path) and not overwrite and stored_metadata is None:
             raise already_exists  # another file of that name, not this finished run's
         if stored_metadata == export.metadata:
             LOG.info("%s: '%s' is already this run's LoRA (step %d of %d); not written again.", NODE, lora_path,
-                     distiller.step, total_steps)
+                     session.step, total_steps)
         else:  # a new file, an overwrite, or this run's weights re-queued with other metadata (steps, stack)
             try:
                 lora_formats.save_lora(lora_path, lora, export.metadata)
@@ -594,32 +410,16 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
                 ) from err
             LOG.info("%s: wrote %s", NODE, lora_path)
         _WRITTEN[lora_path] = _file_state(lora_path)
-        grid = image_output(preview.image())
-        loss_map = trainer.loss_map()
-        del preview, trainer, dataset, distiller, denoiser
-        gc.collect()
-        comfy.model_management.soft_empty_cache()
-        student = student_model(model, lora)
-        settings = lora_formats.sampling_settings(export.metadata)
-        if settings is not None:  # Flash Sampler on the student output configures itself like after FlashLoRALoader
-            with_flash_sampling(student, settings.as_dict(), f"{OUTPUT_SUBFOLDER}/{name}.safetensors")
-        return student, lora, loss_map, grid
-    finally:
-        lock.release()
-
-
-def build_target_cache(folder: str, denoiser, config: DistillConfig, dataset, teacher: str):
-    """Build (or finish) the run's teacher-target cache in `folder` (flash_core.target_cache), one builder at a time."""
-    LOG.info("%s: solving the teacher targets into %s (finished shards are kept).", NODE, folder)
-    try:
-        with files.OutputLock(folder, what=f"{NODE} target cache"):
-            files.remove_orphaned_temporaries(folder)
-            return target_cache.build_target_cache(
-                folder, denoiser, config, dataset, teacher_fingerprint=teacher, device=denoiser.device,
-                progress=lambda done, total: LOG.info("%s: target shard %d of %d", NODE, done, total),
-            )
-    except target_cache.TargetCacheError as err:
-        raise TrainingInputError(f"{NODE}: {err}") from None
+        grid = image_output(session.preview.image())
+        loss_map = session.run.loss_map()
+    del session, dataset, denoiser
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+    student = student_model(model, lora)
+    settings = lora_formats.sampling_settings(export.metadata)
+    if settings is not None:  # Flash Sampler on the student output configures itself like after FlashLoRALoader
+        with_flash_sampling(student, settings.as_dict(), f"{OUTPUT_SUBFOLDER}/{name}.safetensors")
+    return student, lora, loss_map, grid
 
 
 NODES = [FlashDistillTrain]

@@ -132,6 +132,59 @@ def test_the_lora_loader_imports_no_training_code_and_the_cache_does_not_import_
         assert not [m for m in _imports_of(low) if m.startswith(("flash_core.run", "flash_core.target_cache"))], low
 
 
+def flash_core_import_graph() -> dict[str, set[str]]:
+    """flash_core module -> the flash_core modules it imports (module level and inside functions alike; a package's
+    import of `flash_core.x.y` counts as an import of the module that defines it)."""
+    modules = {}
+    for path in sorted((REPO_ROOT / "flash_core").rglob("*.py")):
+        parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        imported = [module for _, module in imported_modules(path)]
+        for node in ast.walk(ast.parse(path.read_text())):  # `from flash_core import run`: the module run, too
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported += [f"{node.module}.{alias.name}" for alias in node.names]
+        for module in imported:
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module and module != name:
+                targets.add(module)
+        graph[name] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as a path [a, b, ..., a], or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target):], target] if target in path else [node, target]
+            if target not in state and (cycle := visit(target, [*path, target])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_flash_core_has_no_import_cycle():
+    """Lower modules never import higher ones (late imports inside functions included), so flash_core reads bottom
+    up: e.g. the target cache below the loop, the loop below the session, lora_formats below everything training."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the finder works
+    graph = flash_core_import_graph()
+    assert {"flash_core.run", "flash_core.target_cache", "flash_core.checkpoints"} <= graph["flash_core.session"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
 def test_the_files_checked_include_every_layer():
     layers = {(_package_of(path) or ["."])[0] for path in _python_files()}
     assert {"flash_core", "nodes", "training", "tests", "bench", "workflows"} <= layers, layers

@@ -11,7 +11,7 @@ caption text-encoded ONCE; the result is cached as one safetensors file keyed by
 model and the resolution, so later runs (and resumed runs) never re-encode. Broken data fails fast with a
 `DataError` naming the folder or file.
 
-The order in which cached samples are drawn is flash_core.run.batch_indices (the one batch order of every
+The order in which cached samples are drawn is flash_core.batches.batch_indices (the one batch order of every
 front end): a function of seed, step and process, each process taking its own slice of the global batch.
 """
 

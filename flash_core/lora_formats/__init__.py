@@ -69,7 +69,14 @@ from flash_core.lora_formats.mapping import (
     lora_base_evidence,
     map_lora,
 )
-from flash_core.lora_formats.metadata import RECOMMENDED_CFG, SamplingSettings, sampling_settings
+from flash_core.lora_formats.metadata import (
+    EXPORT_DTYPE,
+    RECOMMENDED_CFG,
+    SamplingSettings,
+    lora_metadata,
+    sampling_settings,
+    sampling_timesteps,
+)
 from flash_core.lora_formats.modules import (
     BARE,
     COMFYUI,
@@ -92,7 +99,7 @@ from flash_core.lora_formats.read import find_adapter_config, load_safetensors, 
 from flash_core.lora_formats.recognise import detect_format, flatten
 
 __all__ = [
-    "RECOMMENDED_CFG", "SamplingSettings", "sampling_settings",
+    "EXPORT_DTYPE", "RECOMMENDED_CFG", "SamplingSettings", "lora_metadata", "sampling_settings", "sampling_timesteps",
     "ADAPTER_CONFIG_NAME", "BARE", "COMFYUI", "COMPONENTS", "DIFFUSERS", "DIFFUSERS_METADATA_KEY",
     "EXPORT_FORMATS", "KOHYA", "PEFT", "PICKLE_SUFFIXES", "TEXT_ENCODER", "TEXT_ENCODER_2", "UNAVAILABLE_EXPORTS",
     "UNET", "LoraExport", "LoraFile", "LoraFormatError", "LoraMappingError", "LoraModule", "LoraPlan",

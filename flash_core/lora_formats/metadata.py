@@ -1,13 +1,14 @@
 """What a Flash LoRA file says about sampling it: the reading side of the one metadata schema.
 
 Every LoRA the pack writes carries kohya's ``ss_*`` keys and Flash's ``flash.*`` keys (written by
-flash_core.run.lora_metadata). A loader reads the sampling keys back here, so it imports no training code.
+lora_metadata below). A loader reads the sampling keys back here, so it imports no training code.
 Values are checked as they are read: a file whose metadata would make the sampler produce garbage (NaN or
 negative cfg, a grid outside the model's timesteps or in the wrong order, steps outside 1-8) is refused with the
 key, the value and what to do, never used. Metadata is only advice about a file, so a malformed *optional* key
 (the stack the student was distilled from) is dropped with a warning instead of stopping the sampler.
 
     sampling_settings(metadata, source) -> SamplingSettings | None
+    lora_metadata(distiller, settings, history, base_model=..., ...) -> dict[str, str]   # the writing side
 """
 
 from __future__ import annotations
@@ -15,17 +16,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flash_core.schedules import MAX_SAMPLING_STEPS
+import numpy as np
+import torch
+
+from flash_core.backbones import get_backbone
+from flash_core.schedules import MAX_SAMPLING_STEPS, flow_sigmas, trailing_timesteps
 
 LOG = logging.getLogger("flash_core")
 
 RECOMMENDED_CFG = 1.0  # Flash students are distilled with the teacher's guidance: one model call per step
 MAX_CFG = 100.0  # far above any useful guidance scale: a larger recorded cfg is a broken file
 MAX_TIMESTEP = 1000  # model timesteps: DDPM 0..999, flow sigma x 1000 in 0..1000
+# ONE dtype policy: every LoRA file the pack writes holds exactly the trained float32 weights; ComfyUI / diffusers
+# cast to the model's dtype when they apply it.
+EXPORT_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -110,4 +118,64 @@ def _trained_for(raw: str, source: str) -> dict | None:
     return value
 
 
-__all__ = ["RECOMMENDED_CFG", "SamplingSettings", "sampling_settings"]
+
+
+# ---- the writing side -----------------------------------------------------------------------------
+def sampling_timesteps(is_flow: bool, steps: int) -> list[int]:
+    """The student's `steps`-step sampling grid in model timesteps (trailing DDPM, or flow sigmas * 1000)."""
+    if is_flow:
+        return [round(1000 * s) for s in flow_sigmas(steps)]
+    return trailing_timesteps(steps)
+
+
+def lora_metadata(distiller, settings: Mapping[str, Any], history: Sequence[Mapping[str, float]], *,
+                  base_model: str, teacher: str | None = None, recommended_steps: int | None = None,
+                  trained_for: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The one metadata schema (the writing side; `distiller` is a flash_core.distill.FlashDistiller, duck-typed so
+    that this module imports no training code): kohya's ss_* (LoRA managers show rank / alpha / base) and Flash's flash.* keys.
+
+    `trained_for` is the stack the teacher was (base checkpoint name + sha256, LoRAs with strengths: what
+    nodes/stack.describe_stack returns); lora_formats.sampling_settings reads the sampling keys back. `recommended_steps`:
+    the sampling steps FlashSampler defaults to (default: the student grid the recipe trains, 4)."""
+    recipe = distiller.recipe
+    steps = recommended_steps or recipe.student_steps
+    losses = [{k: v for k, v in h.items() if k.startswith("loss")} for h in history]
+    last = losses[-1] if losses else {}
+    window = {k: float(np.mean([h[k] for h in losses[-50:] if k in h])) for k in last}
+    backbone = settings.get("backbone", recipe.backbone)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(recipe.lora_rank),
+        "ss_network_alpha": str(recipe.lora_alpha),
+        "ss_base_model_version": get_backbone(backbone).base_model_version,
+        "ss_steps": str(distiller.step),
+        "ss_learning_rate": str(recipe.lr),
+        "ss_seed": str(settings.get("seed", "")),
+        "flash.format_version": "1",
+        "flash.backbone": backbone,
+        "flash.base_model": base_model,
+        "flash.base_fingerprint": teacher or "",
+        "flash.rank": str(recipe.lora_rank),
+        "flash.alpha": str(recipe.lora_alpha),
+        "flash.trained_steps": str(distiller.step),  # training iterations done (= ss_steps)
+        "flash.total_steps": str(settings.get("total_steps", distiller.config.total_steps)),
+        "flash.student_steps": str(recipe.student_steps),  # the student grid the timestep mixture sits on
+        "flash.timesteps": json.dumps(sampling_timesteps(distiller.denoiser.is_flow, steps)),
+        "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {steps} steps, cfg 1",
+        "flash.prediction_type": distiller.denoiser.prediction_type,
+        "flash.recommended_steps": str(steps),
+        "flash.recommended_cfg": f"{RECOMMENDED_CFG:g}",
+        "flash.trained_for": json.dumps(dict(trained_for)) if trained_for else "",
+        "flash.teacher_grid_steps": str(recipe.teacher_grid_steps),
+        "flash.guidance_range": json.dumps(list(recipe.guidance_range)),
+        "flash.loss_weights": json.dumps({"distill": list(recipe.distill_weights), "adversarial": list(recipe.adversarial_weights),
+                                          "dmd": list(recipe.dmd_weights)}),
+        "flash.learning_rate": str(recipe.lr),
+        "flash.batch_size": str(recipe.batch_size),
+        "flash.dtype": str(EXPORT_DTYPE).removeprefix("torch."),
+        "flash.losses_last": json.dumps(last),
+        "flash.losses_mean_last_50": json.dumps(window),
+    }
+
+
+__all__ = ["EXPORT_DTYPE", "RECOMMENDED_CFG", "SamplingSettings", "lora_metadata", "sampling_settings", "sampling_timesteps"]

@@ -34,7 +34,7 @@ from .conftest import REPO_ROOT, WORKFLOWS
 
 pytestmark = pytest.mark.timeout(3000)  # the shared fixture runs the whole demo (minutes on a busy 2-core machine)
 
-TOTAL_STEPS = 200  # iterations: 100 student updates (the recipe alternates student and discriminator)
+TOTAL_STEPS = 100  # iterations = 100 student updates (and 100 discriminator updates)
 # --progress-every 0: a line for every progress update the demo gets (it prints at most one per 15 s by default, and
 # how many 15 s windows a run spans depends on the machine's speed)
 DEMO_ARGS = ["--total-steps", str(TOTAL_STEPS), "--per-digit", "4", "--no-serve", "--progress-every", "0"]

@@ -233,8 +233,8 @@ def test_student_sample_uses_the_few_step_sampler():
 
 
 # ---- the recipe as published: alternation, per-sample timesteps ----------------------------------
-def test_iterations_alternate_student_and_discriminator_updates():
-    distiller = make_distiller()  # total_steps = 8 iterations
+def test_by_default_every_batch_updates_both_and_alternation_is_an_option():
+    distiller = make_distiller(alternate_updates=True)  # total_steps = 8 iterations
     updated = []
     for _ in range(8):
         lora, head = snapshot(distiller.student_params), snapshot(distiller.discriminator.parameters())
@@ -245,10 +245,10 @@ def test_iterations_alternate_student_and_discriminator_updates():
         assert {"loss", "loss_distill", "phase", "grid_index", "teacher_s", "student_s", "dmd_s",
                 "discriminator_s"} <= logs.keys()  # a discriminator iteration repeats the student's last losses
         updated.append("student" if lora_moved else "discriminator")
-    assert updated == ["student", "discriminator"] * 4  # the paper: 8 iterations = 4 student updates
+    assert updated == ["student", "discriminator"] * 4  # alternating: 8 iterations = 4 student updates
     assert distiller.step == 8
 
-    both = make_distiller(alternate_updates=False)
+    both = make_distiller()  # the reference's order, the default: the student's step, then the head's, per batch
     lora, head = snapshot(both.student_params), snapshot(both.discriminator.parameters())
     logs = both.train_step(tiny_sd15_batch())
     assert (logs["student_update"], logs["discriminator_update"]) == (1.0, 1.0)

@@ -9,19 +9,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flash_core import grid, lora_formats, run
+from flash_core import batches, checkpoints, grid, lora_formats, preview, run
 from flash_core.backends.diffusers import UNetDenoiser
 from flash_core.denoiser import Conditioning
 from flash_core.distill import FlashDistiller
+from flash_core.session import TrainingSession
 from tests.flash_core.test_backends import TEXT_DIM, tiny_config, tiny_sd15_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_dataset(count: int = 4, seed: int = 0) -> run.TensorDataset:
+def tiny_dataset(count: int = 4, seed: int = 0) -> batches.TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return run.TensorDataset(torch.randn(count, 4, 8, 8, generator=g), Conditioning(torch.randn(count, 5, TEXT_DIM, generator=g)),
+    return batches.TensorDataset(torch.randn(count, 4, 8, 8, generator=g), Conditioning(torch.randn(count, 5, TEXT_DIM, generator=g)),
                              Conditioning(torch.randn(1, 5, TEXT_DIM, generator=g)))
 
 
@@ -29,7 +30,7 @@ def make_run(tmp_path, dataset=None, unet=None, hooks=None, **overrides) -> run.
     settings = {"total_steps": 4, "batch_size": 2, "lr": 1e-3}
     settings.update(overrides)
     distiller = FlashDistiller(UNetDenoiser(unet if unet is not None else tiny_sd15_unet()), tiny_config("sd15", **settings))
-    return run.Run(distiller, dataset if dataset is not None else tiny_dataset(), store=run.CheckpointStore(tmp_path / "ckpt", keep=2),
+    return run.Run(distiller, dataset if dataset is not None else tiny_dataset(), store=checkpoints.CheckpointStore(tmp_path / "ckpt", keep=2),
                    hooks=hooks, checkpoint_every=1)
 
 
@@ -43,16 +44,16 @@ def lora(trainer: run.Run) -> dict[str, torch.Tensor]:
 
 
 def test_batch_indices_split_one_global_batch_and_depend_on_seed_and_step_only():
-    single = [run.batch_indices(3, s, 7, 4) for s in range(6)]
-    rank0 = [run.batch_indices(3, s, 7, 2, rank=0, num_processes=2) for s in range(6)]
-    rank1 = [run.batch_indices(3, s, 7, 2, rank=1, num_processes=2) for s in range(6)]
+    single = [batches.batch_indices(3, s, 7, 4) for s in range(6)]
+    rank0 = [batches.batch_indices(3, s, 7, 2, rank=0, num_processes=2) for s in range(6)]
+    rank1 = [batches.batch_indices(3, s, 7, 2, rank=1, num_processes=2) for s in range(6)]
     assert [a + b for a, b in zip(rank0, rank1)] == single  # ranks split the same global batch
     assert all(not set(a) & set(b) for a, b in zip(rank0[:1], rank1[:1]))  # within an epoch
     assert sorted(single[0] + single[1][:3]) == list(range(7))  # an epoch is a permutation
     assert sorted(single[1][3:] + single[2] + single[3][:2]) == list(range(7))  # and the next one too
-    assert [run.batch_indices(4, s, 7, 4) for s in range(2)] != single[:2]
-    assert run.batch_indices(3, 5, 7, 4) == single[5]  # a resumed run needs nothing but the step
-    assert run.batch_indices(3, 0, 1, 3) == [0, 0, 0]  # batches larger than the dataset wrap into new epochs
+    assert [batches.batch_indices(4, s, 7, 4) for s in range(2)] != single[:2]
+    assert batches.batch_indices(3, 5, 7, 4) == single[5]  # a resumed run needs nothing but the step
+    assert batches.batch_indices(3, 0, 1, 3) == [0, 0, 0]  # batches larger than the dataset wrap into new epochs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,8 +78,8 @@ def test_stop_checkpoint_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     store = reference.store
     assert [p.name for p in store.list()] == ["step-000003", "step-000004"]  # keep 2
     assert store.latest().name == "step-000004"
-    state = torch.load(store.latest() / run.STATE_FILE, weights_only=True)
-    assert state["format"] == run.CHECKPOINT_FORMAT and state["settings"]["lr"] == 1e-3
+    state = torch.load(store.latest() / checkpoints.STATE_FILE, weights_only=True)
+    assert state["format"] == checkpoints.CHECKPOINT_FORMAT and state["settings"]["lr"] == 1e-3
     assert set(state["fingerprints"]) == {"teacher", "data"} and [h["step"] for h in state["history"]] == [1, 2, 3, 4]
 
     stopped = make_run(tmp_path / "b", hooks=StopAt(2))
@@ -128,10 +129,10 @@ def test_cancel_inside_a_preview_keeps_a_checkpoint_of_the_finished_step(tmp_pat
             raise CancelledInPreview(part)
         return torch.sigmoid(latents[:, :3]).permute(0, 2, 3, 1)
 
-    trainer.preview = run.Preview(trainer.distiller, data.cond[torch.arange(2)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
+    trainer.preview = preview.Preview(trainer.distiller, data.cond[torch.arange(2)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
     trainer.preview_every = 2
     if part == "teacher solve":
-        monkeypatch.setattr(run, "teacher_target", lambda *args, **kwargs: (_ for _ in ()).throw(CancelledInPreview(part)))
+        monkeypatch.setattr(preview, "teacher_target", lambda *args, **kwargs: (_ for _ in ()).throw(CancelledInPreview(part)))
     elif part == "student samples":
         monkeypatch.setattr(trainer.distiller, "student_sample", lambda *args, **kwargs: (_ for _ in ()).throw(CancelledInPreview(part)))
     with pytest.raises(CancelledInPreview):
@@ -211,7 +212,7 @@ def test_exploding_learning_rate_stops_before_the_bad_update_and_keeps_good_chec
     saved = trainer.store.list()
     assert saved and all(int(p.name[-6:]) < step for p in saved)  # no checkpoint of the bad step
     for folder in saved:
-        state = torch.load(folder / run.STATE_FILE, weights_only=True)
+        state = torch.load(folder / checkpoints.STATE_FILE, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["distiller"]["lora"].values())
     assert str(saved[-1]) in str(caught.value)  # the message names the checkpoint that is kept
 
@@ -279,7 +280,7 @@ def test_resume_refuses_other_data(saved_run):
     other_prompts = tiny_dataset()
     other_prompts.cond.encoder_hidden_states[0] += 1.0
     with pytest.raises(run.ResumeMismatchError, match="training data"):
-        make_run(saved_run, dataset=other_prompts).resume(run.CheckpointStore(saved_run / "ckpt").latest())
+        make_run(saved_run, dataset=other_prompts).resume(checkpoints.CheckpointStore(saved_run / "ckpt").latest())
 
 
 def test_resume_allows_changes_when_asked_and_free_settings_always(saved_run):
@@ -307,10 +308,10 @@ def test_checkpoints_use_an_extension_no_model_folder_lists_and_earlier_pt_ones_
 def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     folder = tmp_path / "ckpt" / "step-000001"
     folder.mkdir(parents=True)
-    (folder / run.META_FILE).write_text("{}")
-    torch.save({"version": 1, "distiller": {}}, folder / run.STATE_FILE)
+    (folder / checkpoints.META_FILE).write_text("{}")
+    torch.save({"version": 1, "distiller": {}}, folder / checkpoints.STATE_FILE)
     trainer = make_run(tmp_path)
-    with pytest.raises(run.CheckpointError, match=f"not a version-{run.CHECKPOINT_VERSION} Flash checkpoint"):
+    with pytest.raises(run.CheckpointError, match=f"not a version-{checkpoints.CHECKPOINT_VERSION} Flash checkpoint"):
         trainer.resume(folder)
 
 
@@ -328,13 +329,13 @@ def test_preview_rows_teacher_then_students_one_column_per_prompt(tmp_path):
         decoded.append(latents)
         return torch.sigmoid(latents[:, :3]).permute(0, 2, 3, 1).repeat_interleave(2, 1).repeat_interleave(2, 2)
 
-    preview = run.Preview(trainer.distiller, data.cond[torch.arange(3)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
-    image = preview.image()
-    assert image.dtype.name == "uint8" and image.shape == (*grid.grid_layout(preview.rows()).size, 3)
-    assert [label for label, _ in preview.rows()] == preview_labels(4, 3.0)  # what the grid tests below draw
-    assert torch.equal(preview.noise, torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)))
-    assert [run.preview_due(s, 10, 4) for s in (1, 4, 8, 9, 10)] == [False, True, True, False, True]
-    assert not run.preview_due(4, 10, 0)
+    shown = preview.Preview(trainer.distiller, data.cond[torch.arange(3)], data.uncond, (4, 8, 8), 5, 3.0, 4, decode)
+    image = shown.image()
+    assert image.dtype.name == "uint8" and image.shape == (*grid.grid_layout(shown.rows()).size, 3)
+    assert [label for label, _ in shown.rows()] == preview_labels(4, 3.0)  # what the grid tests below draw
+    assert torch.equal(shown.noise, torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)))
+    assert [preview.preview_due(s, 10, 4) for s in (1, 4, 8, 9, 10)] == [False, True, True, False, True]
+    assert not preview.preview_due(4, 10, 0)
 
 
 def preview_labels(teacher_steps: int = 32, guidance: float = 3.0) -> list[str]:
@@ -410,18 +411,19 @@ def test_label_strip_and_rows_grow_with_the_labels():
 
 
 def test_every_export_has_one_schema_and_float32(tmp_path):
-    trainer = make_run(tmp_path)
-    trainer.train()
-    modules = run.lora_modules(trainer.distiller)
-    metadata = run.lora_metadata(trainer.distiller, trainer.settings, trainer.history, base_model="tiny",
-                                 teacher=trainer.fingerprints["teacher"], recommended_steps=2)
+    config = tiny_config("sd15", total_steps=4, batch_size=2, lr=1e-3)
+    session = TrainingSession(UNetDenoiser(tiny_sd15_unet()), config, tiny_dataset(), settings={"base_model": "tiny"})
+    session.train()
+    modules = session.lora_modules()
+    metadata = session.metadata(recommended_steps=2)
     assert metadata["flash.trained_steps"] == "4" and metadata["flash.rank"] == "4" and metadata["ss_network_dim"] == "4"
+    assert metadata["flash.base_fingerprint"] == session.teacher_fingerprint and metadata["flash.base_model"] == "tiny"
     assert json.loads(metadata["flash.timesteps"]) == [999, 499] and metadata["flash.dtype"] == "float32"
     assert (metadata["flash.recommended_steps"], metadata["flash.student_steps"]) == ("2", "4") and "flash.nfe" not in metadata
     assert set(json.loads(metadata["flash.losses_last"])) >= {"loss", "loss_distill"}
     for kind in ("comfyui", "diffusers", "peft"):
-        export = lora_formats.build_lora_export(modules, "sd15", kind, name="c", metadata=metadata, base_model="tiny",
-                                                dtype=run.EXPORT_DTYPE)
+        export = session.export(kind, name="c", recommended_steps=2)
+        assert {k: v for k, v in export.metadata.items() if k.startswith(("ss_", "flash."))} == metadata
         path = export.save(tmp_path)
         with safe_open(str(path), "pt") as handle:
             assert {k: v for k, v in handle.metadata().items() if k.startswith(("ss_", "flash."))} == metadata

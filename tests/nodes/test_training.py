@@ -698,6 +698,6 @@ def test_latent_preview_without_rgb_factors_shows_the_latent_channels(training):
     no_factors.latent_rgb_factors = no_factors.latent_rgb_factors_bias = None
     latents = torch.zeros(2, 4, 3, 5)
     latents[:, 1] = 1.0  # channel 1 -> green
-    rgb = training.latent_rgb(no_factors, latents, upscale=2)
+    rgb = importlib.import_module(f"{training.__package__}.training_progress").latent_rgb(no_factors, latents, upscale=2)
     assert rgb.shape == (2, 6, 10, 3)
     assert torch.allclose(rgb[..., 1], torch.ones(())) and torch.allclose(rgb[..., 0], torch.full((), 0.5))

@@ -23,45 +23,41 @@ def cache_targets(config: TrainConfig, teacher_batch: int | None, processes: int
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from flash_core import files
-    from flash_core import target_cache as targets
+    from flash_core.session import TrainingSession
+    from flash_core.target_cache import TargetCacheError
 
     accelerator = Accelerator(mixed_precision="no")
     if accelerator.num_processes > 1:
         raise ConfigError("cache-targets runs in one process; `--processes N` builds the targets of an N-process run")
     folder = cache_folder(config)
-    with files.OutputLock(folder, what=f"flash-distill cache-targets --config {config.source}"):
-        files.remove_orphaned_temporaries(folder)
-        prepared = prepare(config, accelerator)
-        denoiser, dataset, distill_config = prepared.teacher.denoiser, prepared.dataset, prepared.distill_config
-        progress = tqdm(desc="teacher targets (shards)", unit="shard", dynamic_ncols=True)
+    prepared = prepare(config, accelerator)
+    session = TrainingSession(prepared.teacher.denoiser, prepared.distill_config, prepared.dataset,
+                              output_label=f"flash-distill cache-targets --config {config.source}", device=accelerator.device)
+    progress = tqdm(desc="teacher targets (shards)", unit="shard", dynamic_ncols=True)
 
-        def advance(done: int, total: int) -> None:
-            progress.total = total
-            progress.n = done
-            progress.refresh()
+    def advance(done: int, total: int) -> None:
+        progress.total = total
+        progress.n = done
+        progress.refresh()
 
-        started = time.perf_counter()
+    started = time.perf_counter()
+    try:  # the session takes the cache folder's lock and removes a killed build's temporaries
+        cache = session.targets(folder, build=True, num_processes=processes, teacher_batch=teacher_batch, progress=advance)
+    except TargetCacheError as error:
+        raise ConfigError(f"cache-targets: {error}") from None
+    finally:
+        progress.close()
+    count = sum(len(steps) for steps in cache.plan) * session.recipe.batch_size * processes
+    print(f"flash-distill: target cache {folder}: {count} targets in {len(cache.plan)} shards "
+          f"({time.perf_counter() - started:.1f} s this session)", file=sys.stderr)
+    if verify:
         try:
-            cache = targets.build_target_cache(folder, denoiser, distill_config, dataset, num_processes=processes,
-                                               teacher_batch=teacher_batch, device=accelerator.device, progress=advance)
-        except targets.TargetCacheError as error:
-            raise ConfigError(f"cache-targets: {error}") from None
-        finally:
-            progress.close()
-        recipe = distill_config.recipe()
-        count = sum(len(steps) for steps in cache.plan) * recipe.batch_size * processes
-        print(f"flash-distill: target cache {folder}: {count} targets in {len(cache.plan)} shards "
-              f"({time.perf_counter() - started:.1f} s this session)", file=sys.stderr)
-        if verify:
-            try:
-                report = cache.verify(denoiser, distill_config, dataset, verify, device=accelerator.device,
-                                      teacher_batch=teacher_batch)
-            except targets.TargetCacheError as error:
-                print(f"flash-distill: error: {error}", file=sys.stderr)
-                return EXIT_VERIFY_FAILED
-            print(f"flash-distill: verified {report['checked']} targets: max relative error {report['max_error']:.2e} "
-                  f"(tolerance {report['tolerance']:g})", file=sys.stderr)
+            report = session.verify_targets(verify, teacher_batch=teacher_batch)
+        except TargetCacheError as error:
+            print(f"flash-distill: error: {error}", file=sys.stderr)
+            return EXIT_VERIFY_FAILED
+        print(f"flash-distill: verified {report['checked']} targets: max relative error {report['max_error']:.2e} "
+              f"(tolerance {report['tolerance']:g})", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""One flash-distill training run: prepare the teacher and the encoded data, drive flash_core.run.Run,
-checkpoints, losses log, sample grids, Ctrl-C, export."""
+"""One flash-distill training run: prepare the teacher and the encoded data, then drive the training session
+(flash_core.session.TrainingSession: lock, student, target cache, resume, loop, checkpoints, export). The CLI keeps
+what is its own: its config, the losses log, sample grids as PNG, Ctrl-C / SIGTERM and the export folder."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from flash_core.files import write_atomic, write_text_atomic
-
 from training.cli.config import TrainConfig, distill_config_for
 from training.cli.distributed import GradientAverager, any_rank
 from training.cli.errors import EXIT_INTERRUPTED, ConfigError
 from training.cli.teacher import (
-    TeacherModel, build_tiny_pipeline, conditioning_to_tensors, model_identity, tensors_to_conditioning, tiny_model_folder, weight_dtype_for,
+    TeacherModel,
+    build_tiny_pipeline,
+    conditioning_to_tensors,
+    model_identity,
+    tensors_to_conditioning,
+    tiny_model_folder,
+    weight_dtype_for,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +76,7 @@ def checkpoint_root(config: TrainConfig) -> Path:
 
 def find_resume_checkpoint(config: TrainConfig, resume: str) -> Path:
     """The checkpoint folder `--resume` means: 'latest' (the newest in output_dir) or an explicit folder."""
-    from flash_core.run import META_FILE, CheckpointStore
+    from flash_core.checkpoints import META_FILE, CheckpointStore
 
     if resume != "latest":
         folder = Path(resume)
@@ -128,7 +134,7 @@ class EncodedRows:
         return Batch(latents=latents, cond=cond, uncond=uncond)
 
     def fingerprint(self) -> str:
-        from flash_core.run import tensor_fingerprint
+        from flash_core.fingerprints import tensor_fingerprint
 
         named = [("latents", self.encoded.latents)] + sorted(self.encoded.conditioning.items())
         if self.uncond is not None:
@@ -170,38 +176,28 @@ def _pil(array):
     return Image.fromarray(array, mode="RGB")
 
 
-def sample_preview(config: TrainConfig, distiller, teacher: TeacherModel, prompts_cond: dict, prompts_uncond: dict):
-    """flash_core.run's preview (teacher | student 1 / 2 / 4 steps rows, one column per sample prompt), decoded
-    by the pipeline's VAE."""
-    from flash_core.run import Preview
+def preview_spec(config: TrainConfig, teacher: TeacherModel, prompts_cond: dict, prompts_uncond: dict):
+    """The session's preview (teacher | student 1 / 2 / 4 steps rows, one column per sample prompt), decoded by the
+    pipeline's VAE."""
+    from flash_core.session import PreviewSpec
 
     cond = tensors_to_conditioning(prompts_cond)
     uncond = prompt_uncond_conditioning(prompts_uncond, cond, cond.batch_size)
-    guidance = config.teacher_guidance if config.teacher_guidance is not None else sum(distiller.recipe.guidance_range) / 2
 
     def decode(latents):
         pixels = teacher.decode_latents(latents).float().cpu()  # [n, 3, H, W] in [-1, 1]
         return ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # -> [n, H, W, 3] in [0, 1]
 
-    return Preview(distiller, cond, uncond, teacher.sample_latent_shape, config.seed, guidance,
-                   config.teacher_sample_steps, decode, sample_steps=config.sample_steps)
+    return PreviewSpec(cond, uncond, teacher.sample_latent_shape, decode, guidance=config.teacher_guidance,
+                       teacher_sample_steps=config.teacher_sample_steps, sample_steps=config.sample_steps)
 
 
-def export_lora(config: TrainConfig, trainer, base_model: str) -> dict[str, Path]:
-    """Write the trained LoRA in the configured formats (rank 0) with flash_core.run's metadata and dtype."""
-    from flash_core import lora_formats
-    from flash_core import run as flash_run
-
-    distiller = trainer.distiller
-    modules = flash_run.lora_modules(distiller)
-    metadata = flash_run.lora_metadata(distiller, trainer.settings, trainer.history, base_model=base_model,
-                                 teacher=trainer.fingerprints["teacher"])
-    export_dir = config.output_dir / "export"
-    written: dict[str, Path] = {}
-    for export_format in config.export:
-        export = lora_formats.build_lora_export(modules, config.backbone, export_format, name=config.export_name,
-                                                metadata=metadata, base_model=base_model, dtype=flash_run.EXPORT_DTYPE)
-        written[export_format] = export.save(export_dir)
+def export_lora(config: TrainConfig, session, base_model: str) -> dict[str, Path]:
+    """Write the trained LoRA in the configured formats (rank 0) with the session's metadata and dtype."""
+    export_dir, written = config.output_dir / "export", {}
+    for kind in config.export:
+        export = session.export(kind, name=config.export_name, base_model=base_model)
+        written[kind] = export.save(export_dir)  # atomic: LoraExport.save writes through flash_core.files
     return written
 
 
@@ -283,57 +279,23 @@ def prepare(config: TrainConfig, accelerator) -> Prepared:
     return Prepared(teacher, encoded, uncond_tensors, sample_cond, distill_config, base_model)
 
 
-def open_target_cache(folder: Path):
-    from flash_core.target_cache import TargetCache, TargetCacheError
-
-    try:
-        return TargetCache(folder)
-    except TargetCacheError as error:
-        raise ConfigError(f"target_cache: {error}") from None
-
-
 def run(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool = False) -> int:
     """Train; returns the process exit code (0 done, 130 stopped by a signal after checkpointing).
     Raises NonFiniteError (main: exit EXIT_NON_FINITE), ConfigError / DataError / OutputLockedError (exit 2).
 
-    The main process holds output_dir's lock for the whole run (a second run on it refuses, naming this one)
-    and, holding it, first removes the temporaries a killed run left behind.
+    The session's main process holds output_dir's lock for the whole run (a second run on it refuses, naming this
+    one) and, holding it, first removes the temporaries a killed run left behind.
     """
-    from accelerate import PartialState
-
-    from flash_core import files
-
-    if not PartialState().is_main_process:
-        return _train(config, resume, dump_rank_lora, allow_changes)
-    with files.OutputLock(config.output_dir, what=f"flash-distill --config {config.source}"):
-        files.remove_orphaned_temporaries(config.output_dir)
-        return _train(config, resume, dump_rank_lora, allow_changes)
-
-
-def _make_run(config: TrainConfig, accelerator, distiller, prepared: Prepared, store, hooks, preview, target_cache):
-    from flash_core import run as flash_run
-
-    return flash_run.Run(
-        distiller, prepared.dataset,
-        flash_run.run_settings(prepared.distill_config, base_model=prepared.base_model, resolution=config.resolution),
-        store=store, hooks=hooks, preview=preview,
-        preview_every=config.sample_every, checkpoint_every=config.checkpoint_every,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-        fresh_hint=f"Start fresh with another output_dir (or delete {checkpoint_root(config)}), or pass --allow-changes "
-                   "to continue anyway.",
-        target_cache=target_cache,
-    )
-
-
-def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_changes: bool) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from flash_core import run as flash_run
-    from flash_core.distill import FlashDistiller
+    from flash_core.checkpoints import CheckpointError, CheckpointStore
+    from flash_core.run import ResumeMismatchError
+    from flash_core.session import Processes, TrainingSession
+    from flash_core.target_cache import TargetCacheError
 
-    existing = flash_run.CheckpointStore(checkpoint_root(config)).list()
+    existing = CheckpointStore(checkpoint_root(config)).list()
     resume_folder = find_resume_checkpoint(config, resume) if resume else None
     if resume_folder is None and existing:
         raise ConfigError(
@@ -350,64 +312,65 @@ def _train(config: TrainConfig, resume: str | None, dump_rank_lora: bool, allow_
     set_seed(config.seed)  # the same LoRA and discriminator init on every rank
 
     prepared = prepare(config, accelerator)
-    teacher, uncond_tensors = prepared.teacher, prepared.uncond_tensors
-    distill_config, base_model, sample_cond = prepared.distill_config, prepared.base_model, prepared.sample_cond
-    target_cache = open_target_cache(config.target_cache) if config.target_cache is not None else None
-
-    # -- trainer: flash_core.run drives FlashDistiller --
-    distiller = FlashDistiller(
-        teacher.denoiser, distill_config, device=accelerator.device, backward=accelerator.backward,
-        process_index=accelerator.process_index, reduce_gradients=GradientAverager(accelerator),
-    )
-    store = flash_run.CheckpointStore(checkpoint_root(config), keep=config.keep_checkpoints,
-                                      process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                                      barrier=accelerator.wait_for_everyone)
     losses_path = config.output_dir / "losses.jsonl"
     stop = StopRequest()
     hooks = CliHooks(config, accelerator, None, stop, losses_path)
-    preview = sample_preview(config, distiller, teacher, sample_cond, uncond_tensors) if main_process and config.sample_every else None
-    from flash_core.target_cache import TargetCacheError
-
-    try:
-        trainer = _make_run(config, accelerator, distiller, prepared, store, hooks, preview, target_cache)
-    except TargetCacheError as error:
-        raise ConfigError(f"target_cache: {error}") from None
-    if resume_folder is not None:
+    session = TrainingSession(
+        prepared.teacher.denoiser, prepared.distill_config, prepared.dataset,
+        output=config.output_dir, output_label=f"flash-distill --config {config.source}",
+        checkpoints=checkpoint_root(config), keep_checkpoints=config.keep_checkpoints,
+        checkpoint_every=config.checkpoint_every,
+        preview=preview_spec(config, prepared.teacher, prepared.sample_cond, prepared.uncond_tensors) if config.sample_every else None,
+        preview_every=config.sample_every, hooks=hooks,
+        settings={"base_model": prepared.base_model, "resolution": config.resolution},
+        fresh_hint=f"Start fresh with another output_dir (or delete {checkpoint_root(config)}), or pass --allow-changes "
+                   "to continue anyway.",
+        device=accelerator.device,
+        processes=Processes(accelerator.process_index, accelerator.num_processes, backward=accelerator.backward,
+                            reduce_gradients=GradientAverager(accelerator), barrier=accelerator.wait_for_everyone),
+    )
+    with session:
+        if config.target_cache is not None:
+            try:
+                session.targets(config.target_cache, build=False)
+            except TargetCacheError as error:
+                raise ConfigError(f"target_cache: {error}") from None
         try:
-            differences = trainer.resume(resume_folder, allow_changes=allow_changes)
-        except (flash_run.ResumeMismatchError, flash_run.CheckpointError) as error:
+            differences = session.start(resume=resume_folder, allow_changes=allow_changes)
+        except (ResumeMismatchError, CheckpointError) as error:
             raise ConfigError(f"--resume: {error}") from None
-        if main_process:
-            truncate_losses(losses_path, distiller.step)
+        if resume_folder is not None and main_process:
+            truncate_losses(losses_path, session.step)
             for difference in differences:
                 print(f"flash-distill: warning: continuing despite a changed {difference} (--allow-changes)", file=sys.stderr)
-            print(f"flash-distill: resumed from {resume_folder} at step {distiller.step}", file=sys.stderr)
-    elif main_process:
-        import yaml
+            print(f"flash-distill: resumed from {resume_folder} at step {session.step}", file=sys.stderr)
+        elif main_process:
+            import yaml
 
-        write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
+            write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
 
-    progress = hooks.progress = tqdm(total=config.total_steps, initial=distiller.step, desc="flash-distill",
-                                     disable=not main_process, dynamic_ncols=True)
-    stop.install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
-    try:
-        status = trainer.train()
-    finally:
-        progress.close()
-        stop.restore()
-    if status == "stopped":
+        progress = hooks.progress = tqdm(total=config.total_steps, initial=session.step, desc="flash-distill",
+                                         disable=not main_process, dynamic_ncols=True)
+        stop.install()  # from here on, Ctrl-C means: finish the step, checkpoint, exit 130
+        try:
+            status = session.train()
+        finally:
+            progress.close()
+            stop.restore()
+        if status == "stopped":
+            if main_process:
+                print(f"flash-distill: stopped at step {session.step}; checkpoint {session.store.last_saved}. "
+                      "Continue with --resume.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+        if dump_rank_lora:  # test/debug mode: every rank writes the LoRA it holds
+            from safetensors.torch import save_file
+
+            dump = config.output_dir / "debug" / f"lora-rank{accelerator.process_index}.safetensors"
+            lora = {k: v.contiguous() for k, v in session.distiller.lora_state_dict().items()}
+            write_atomic(dump, lambda tmp: save_file(lora, tmp))
         if main_process:
-            print(f"flash-distill: stopped at step {distiller.step}; checkpoint {store.last_saved}. Continue with --resume.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-    if dump_rank_lora:  # test/debug mode: every rank writes the LoRA it holds
-        from safetensors.torch import save_file
-
-        dump = config.output_dir / "debug" / f"lora-rank{accelerator.process_index}.safetensors"
-        lora = {k: v.contiguous() for k, v in distiller.lora_state_dict().items()}
-        write_atomic(dump, lambda tmp: save_file(lora, tmp))
-    if main_process:
-        for kind, path in export_lora(config, trainer, base_model).items():
-            print(f"flash-distill: exported {kind} LoRA to {path}", file=sys.stderr)
-    accelerator.wait_for_everyone()
+            for kind, path in export_lora(config, session, prepared.base_model).items():
+                print(f"flash-distill: exported {kind} LoRA to {path}", file=sys.stderr)
+        accelerator.wait_for_everyone()
     return 0

@@ -55,7 +55,7 @@ STUDENT_NFES = (1, 2, 4)
 class StudentSettings:
     """Distillation settings of the digits students (overrides of the sd15 recipe, see DistillConfig)."""
 
-    total_steps: int = 1000  # iterations: 500 student + 500 discriminator updates (the recipe alternates them)
+    total_steps: int = 500  # iterations = batches: 500 student and 500 discriminator updates
     batch_size: int = 16
     lr: float = 1e-3  # a tiny model and 500 student updates: far above SD1.5's 1e-5
     lora_rank: int = 16
@@ -151,36 +151,37 @@ class DigitsDataset:
         return Batch(latents=z0 * self.scaling, cond=cond, uncond=self.uncond)
 
     def fingerprint(self) -> str:
-        from flash_core.run import tensor_fingerprint
+        from flash_core.fingerprints import tensor_fingerprint
 
         return tensor_fingerprint([("mean", self.mean), ("std", self.std), ("digits", self.digits), ("embeds", self.embeds)])
 
 
-def make_distiller(pipe, settings: StudentSettings, weights: dict):
-    """A FlashDistiller over a fresh copy of the teacher UNet (diffusers backend), with flash_core.run's LoRA init."""
+def student_session(pipe, train, settings: StudentSettings, weights: dict, hooks=None, config: dict | None = None):
+    """The flash_core TrainingSession of one digits student over a fresh copy of the teacher UNet (diffusers backend;
+    no checkpoints, no lock: the benchmark writes nothing until its results). `train`: the training split, or None
+    for a session that only samples (a LoRA loaded into it). `config`: more DistillConfig settings (the ablations')."""
     try:
-        from flash_core import run
         from flash_core.backends.diffusers import UNetDenoiser
-        from flash_core.distill import DistillConfig, FlashDistiller
+        from flash_core.distill import DistillConfig
+        from flash_core.session import TrainingSession
     except ImportError as exc:  # the trainer is another module of this project
         raise RuntimeError(
-            f"the Flash student rows need flash_core.distill.FlashDistiller and flash_core.backends.diffusers "
+            f"the Flash student rows need flash_core's training session and flash_core.backends.diffusers "
             f"({exc}); the teacher rows above were computed without them"
         ) from exc
 
-    unet = copy.deepcopy(pipe.unet)
     denoiser = UNetDenoiser(
-        unet, prediction_type=pipe.scheduler.config.prediction_type,
+        copy.deepcopy(pipe.unet), prediction_type=pipe.scheduler.config.prediction_type,
         alphas_cumprod=pipe.scheduler.alphas_cumprod.double(),
     )
     config = DistillConfig(
         backbone="sd15", total_steps=settings.total_steps, seed=settings.seed, batch_size=settings.batch_size,
         lora_rank=settings.lora_rank, lora_alpha=settings.lora_rank, lr=settings.lr,
         guidance_range=settings.guidance_range, teacher_grid_steps=settings.teacher_grid_steps,
-        distill_loss="l2", **{k: v for k, v in weights.items() if v is not None},
+        distill_loss="l2", **{k: v for k, v in weights.items() if v is not None}, **(config or {}),
     )
-    distiller = FlashDistiller(denoiser, config, device="cpu")
-    return distiller
+    dataset = DigitsDataset(pipe, train, settings.seed) if train is not None else None
+    return TrainingSession(denoiser, config, dataset, hooks=hooks, device="cpu")
 
 
 class BarHooks:
@@ -200,29 +201,21 @@ class BarHooks:
         return False
 
 
-def student_run(pipe, train, settings: StudentSettings, weights: dict, hooks=None):
-    """The flash_core.run Run of one digits student (no checkpoints)."""
-    from flash_core import run
-
-    distiller = make_distiller(pipe, settings, weights)
-    return run.Run(distiller, DigitsDataset(pipe, train, settings.seed), hooks=hooks)
-
-
-def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: str):
-    """Distil one student through flash_core.run; returns (distiller, seconds, last losses)."""
+def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: str, config: dict | None = None):
+    """Distil one student through its TrainingSession; returns (distiller, seconds, last losses)."""
     hooks = BarHooks(settings.total_steps, desc)
-    trainer = student_run(pipe, train, settings, weights, hooks)
+    session = student_session(pipe, train, settings, weights, hooks, config)
     start = time.perf_counter()
     try:
-        trainer.train()
+        session.train()
     finally:
         hooks.bar.close()
     seconds = time.perf_counter() - start
-    history = trainer.history
+    history = session.history
     tail = history[-max(1, settings.total_steps // 10):]
     summary = {k: float(np.mean([h[k] for h in tail if k in h])) for k in tail[-1] if k.startswith("loss")}
     summary["teacher_s_per_step"] = float(np.mean([h["teacher_s"] for h in history]))
-    return trainer.distiller, seconds, summary
+    return session.distiller, seconds, summary
 
 
 def student_generate(distiller, pipe, cond_embeds: torch.Tensor, noise: torch.Tensor, nfe: int, seed: int):

@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps, help="teacher UNet steps (first run)")
     parser.add_argument("--teacher-vae-steps", type=int, default=TeacherConfig.vae_steps)
     parser.add_argument("--teacher-batch-size", type=int, default=TeacherConfig.batch_size)
-    add_total_steps_flag(parser, 1000, "FlashDistillTrain total_steps (iterations: half student, half discriminator updates)")
+    add_total_steps_flag(parser, 500, "FlashDistillTrain total_steps (iterations = batches: a student and a discriminator update each)")
     parser.add_argument("--per-digit", type=int, default=10, help="images per digit and path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=None)
