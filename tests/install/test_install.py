@@ -162,8 +162,9 @@ def test_a_flash_sampler_graph_runs(server):
 
 def test_a_short_flash_distill_train_graph_runs(server, models_root):
     """The shipped distillation workflow at its smallest: 2 teacher latents, 2 steps, then Flash Sampler on the
-    student."""
+    student. Less ComfyUI's own Plot Loss Graph (8): it divides by the loss range, zero over so few steps."""
     workflow = _workflow("flash_distill_train")
+    del workflow["8"]
     workflow["4"]["inputs"]["batch_size"] = 2
     workflow["5"]["inputs"]["steps"] = 2
     workflow["6"]["inputs"].update(lora_name="installed_student", steps=2, rank=4, learning_rate=1e-4,
