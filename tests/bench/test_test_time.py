@@ -35,3 +35,20 @@ def test_the_record_splits_setup_and_the_two_suites_and_says_whether_they_passed
     assert fresh["comfyui_0.3.75_nodes_and_e2e"]["failed"] == 1 and fresh["comfyui_0.3.75_nodes_and_e2e"]["skipped"] == 4
     assert fresh["pytest_total_s"] == 1671.7 and fresh["setup_and_startup_s"] == 228.3 and fresh["commit"] == "abc"
     assert fresh["passed"] is False and "previous" not in fresh  # nothing to compare with
+
+
+def test_the_newest_lane_printed_last_is_recorded_beside_the_two_suites(tmp_path):
+    """`make test` runs the newest lane in the background and prints its output last: a third summary line."""
+    log = LOG.replace("1 failed, 216 passed", "216 passed") + (
+        "== newest lane on ComfyUI 0.30.0, .venv-newest: torch 2.14.1, transformers 5.25.0, peft 0.21.2, ...\n"
+        "503 passed, 1 deselected, 246 warnings in 168.37s (0:02:48)\n")
+    (tmp_path / "make_test.log").write_text(log)
+    out = tmp_path / "test_time.json"
+    command = [sys.executable, "-P", str(REPO_ROOT / "bench" / "test_time.py"), "--log", str(tmp_path / "make_test.log"),
+               "--wall-s", "1900", "--commit", "abc", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fresh = json.loads(out.read_text())["fresh_clone"]
+    assert fresh["newest_lane_in_the_background"] == {"pytest_s": 168.37, "passed": 503, "deselected": 1,
+                                                      "warnings": 246}
+    assert fresh["pytest_total_s"] == 1671.7 and fresh["passed"] is True
