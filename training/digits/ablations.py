@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
     "more_updates": ("1000 batches (twice the student updates)", {"total_steps": 1000}, {}, {}),
     "lower_lr": ("learning rate 3e-4 instead of 1e-3", {"lr": 3e-4}, {}, {}),
     "guidance_fixed": ("teacher guidance w = 3 (the evaluation's) instead of U[2, 4]", {"guidance_range": (3.0, 3.0)}, {}, {}),
+    "lower_guidance": ("teacher guidance w ~ U[1, 2] instead of U[2, 4] (is guidance compounded over re-entries?)",
+                       {"guidance_range": (1.0, 2.0)}, {}, {}),
 }
 OUT = DEFAULT_OUT / "ablations.json"
 
