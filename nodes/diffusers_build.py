@@ -112,16 +112,28 @@ class SD20Pipeline(_FromPipeline, comfy.supported_models.SD20):
 
 
 def tokenizer_folder(folder: Path) -> Path:
-    """The pipeline's tokenizer/ folder, or ComfyUI's copy of the SD1 CLIP tokenizer when it has none."""
+    """The pipeline's tokenizer/ folder, or ComfyUI's copy of the SD1 CLIP tokenizer when it has none. A CLIP BPE
+    tokenizer is vocab.json + merges.txt (transformers 4 saves them) or tokenizer.json (transformers 5 saves only
+    that)."""
     own = folder / "tokenizer"
     if own.is_dir():
         missing = [f for f in ("vocab.json", "merges.txt") if not (own / f).is_file()]
-        if missing:
-            raise _fail(f"'{folder}' tokenizer/ lacks {', '.join(missing)} (a CLIP BPE tokenizer); re-save it with "
-                        "CLIPTokenizer.save_pretrained, or remove the folder to use SD1's tokenizer.")
+        if missing and not (own / "tokenizer.json").is_file():
+            raise _fail(f"'{folder}' tokenizer/ lacks {', '.join(missing)} and tokenizer.json (a CLIP BPE tokenizer); "
+                        "re-save it with CLIPTokenizer.save_pretrained, or remove the folder to use SD1's tokenizer.")
         return own
     LOG.info("%s: '%s' has no tokenizer/, using ComfyUI's SD1 CLIP tokenizer.", NODE, folder)
     return Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer"
+
+
+def tokenizer_class(path: Path):
+    """transformers' class that reads the CLIP tokenizer files in `path`: CLIPTokenizer (what ComfyUI uses) for
+    vocab.json + merges.txt, CLIPTokenizerFast for a tokenizer.json alone (under transformers 5 the same class)."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return CLIPTokenizer
+    return CLIPTokenizerFast
 
 
 class PipelineTokenizer(comfy.sd1_clip.SD1Tokenizer):
@@ -130,7 +142,8 @@ class PipelineTokenizer(comfy.sd1_clip.SD1Tokenizer):
     def __init__(self, embedding_directory=None, tokenizer_data=None, *, tokenizer_path: str, max_length: int,
                  embedding_size: int, pad_token: int):
         tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=tokenizer_path, max_length=max_length,
-                                      embedding_size=embedding_size, pad_token=pad_token)
+                                      embedding_size=embedding_size, pad_token=pad_token,
+                                      tokenizer_class=tokenizer_class(Path(tokenizer_path)))
         super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {}, clip_name="l",
                          tokenizer=tokenizer)
 
@@ -183,8 +196,6 @@ def load_pipeline(folder: str | os.PathLike, embedding_directory=None, model_opt
     a comfy.sd.VAE. model_options / te_model_options are ComfyUI's (dtype, custom_operations ...), as for
     comfy.sd.load_checkpoint_guess_config. model_only: (MODEL, None, None), the UNet's weights only.
     disable_dynamic: a plain ModelPatcher even where ComfyUI's core patcher is the dynamic-VRAM one (0.18+)."""
-    from transformers import CLIPTokenizer
-
     model_options = dict(model_options or {})
     te_model_options = dict(te_model_options or {})
     folder = Path(folder)
@@ -209,7 +220,7 @@ def load_pipeline(folder: str | os.PathLike, embedding_directory=None, model_opt
     ddconfig = vae_ddconfig(vae_cfg, folder)
     model_type, sampling_settings = sampling_from_scheduler(scheduler_cfg, folder)
     tokenizer_path = tokenizer_folder(folder)
-    hf_tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path))
+    hf_tokenizer = tokenizer_class(tokenizer_path).from_pretrained(str(tokenizer_path))
     clip_config = text_model_config(te_cfg, folder, hf_tokenizer.eos_token_id)
     if clip_config["hidden_size"] != unet_config["context_dim"]:
         raise _fail(f"'{folder}' the text encoder's hidden_size ({clip_config['hidden_size']}) differs from the "

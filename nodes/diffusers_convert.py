@@ -357,8 +357,11 @@ def text_model_config(config: dict, folder: Path, eos_token_id: int) -> dict:
 
 
 def convert_text_encoder_state_dict(state: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel keys are ComfyUI's CLIPTextModel keys (text_model.*). position_ids is a buffer
-    ComfyUI does not have; an SD1 text encoder has no text_projection (identity, as ComfyUI has for SD1)."""
+    """transformers CLIPTextModel keys are ComfyUI's CLIPTextModel keys (text_model.*); transformers 5 saves them
+    without the text_model. prefix (embeddings.*, encoder.*, final_layer_norm.*), which gets it back here.
+    position_ids is a buffer ComfyUI does not have; an SD1 text encoder has no text_projection (identity, as
+    ComfyUI has for SD1)."""
+    state = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in state.items()}
     out = {k: v for k, v in state.items() if k != "text_model.embeddings.position_ids"}
     out.setdefault("text_projection.weight", torch.eye(hidden))
     return out
