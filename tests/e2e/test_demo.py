@@ -167,8 +167,9 @@ def test_student_two_steps_beats_teacher_two_steps(demo_run: DemoRun):
     student, teacher = results["student_2"], results["teacher_2"]
     assert student["frechet_distance"] < 0.75 * teacher["frechet_distance"], (student, teacher)
     assert student["accuracy"] > 0.3, student  # far above chance (10 %): the student follows the prompt
-    # and the student is far cheaper than the teacher's reference path
-    assert results["student_2"]["seconds_per_image"] < results["teacher_25"]["seconds_per_image"]
+    # and the student is far cheaper than the teacher's reference path: counted in model calls, not timed (a busy
+    # machine's timings belong in the demo's table, not in an assertion)
+    assert (results["student_2"]["unet_evals"], results["teacher_25"]["unet_evals"]) == (2, 50)
 
 
 def combo_options(server: ComfyServer, node_type: str, name: str) -> list[str]:
