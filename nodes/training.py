@@ -36,7 +36,7 @@ from comfy_api.latest import io, ui
 
 from flash_core import dependencies, lora_formats
 from flash_core.batches import TensorDataset
-from flash_core.checkpoints import CheckpointError
+from flash_core.checkpoints import CheckpointError, CheckpointStore
 from flash_core.run import NonFiniteError, ResumeMismatchError
 from flash_core.session import PreviewSpec, TrainingSession
 from flash_core.target_cache import TargetCacheError
@@ -333,6 +333,11 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
     already_exists = TrainingInputError(
         f"{NODE}: '{lora_path}' already exists. Turn overwrite on to replace it, or choose another lora_name."
     )
+    resume_from = CheckpointStore(checkpoint_dir).latest() if resume else None  # read only: the session owns the run
+    if os.path.exists(lora_path) and not overwrite and resume_from is None:
+        raise already_exists  # before any work: no copy of the teacher is made for a refused run
+    ensure_writable(os.path.dirname(lora_path))
+    ensure_writable(checkpoint_dir)
 
     # ---- the data in model space, the preview prompts, the session ---------------------------------------
     hw = tuple(data.shape[-2:])
@@ -356,11 +361,6 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
         rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops
         device=denoiser.device,
     )
-    resume_from = session.latest_checkpoint() if resume else None
-    if os.path.exists(lora_path) and not overwrite and resume_from is None:
-        raise already_exists
-    ensure_writable(os.path.dirname(lora_path))
-    ensure_writable(checkpoint_dir)
     # One run per output (another ComfyUI sharing these folders refuses, naming the holder); holding the lock, the
     # session removes what a killed run left half-written.
     with session:
