@@ -10,6 +10,7 @@ diffusers export reproduces the student in diffusers; the SDXL path (pooled embe
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -441,6 +442,7 @@ def test_two_ddp_processes_end_with_identical_lora_and_resume_exactly(tmp_path, 
 
     # Resuming both ranks from the middle (each with its own RNG and data-order state) ends on the same LoRA.
     halfway = tmp_path / "out" / "checkpoints" / "step-000004"
+    shutil.rmtree(checkpoint)  # going back to step 4: the later checkpoint is deleted first (resume refuses otherwise)
     again = run_cli(["--config", str(config), "--dump-rank-lora", "--resume", str(halfway)], launcher=launcher, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     for rank in (0, 1):
