@@ -10,8 +10,8 @@ diffusers export reproduces the student in diffusers; the SDXL path (pooled embe
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
