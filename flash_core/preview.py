@@ -57,13 +57,19 @@ class Preview:
 
     def student_latents(self, steps: int) -> Tensor:
         generator = torch.Generator(self.distiller.device).manual_seed(self.seed + steps)
+        if self.distiller.guided_student:  # guidance mode "cfg": the student's own CFG at the teacher row's w
+            return self.distiller.student_sample(self.noise, self.cond, steps, generator=generator,
+                                                 negative=self.uncond, guidance=self.guidance)
         return self.distiller.student_sample(self.noise, self.cond, steps, generator=generator)
 
     def rows(self) -> list[tuple[str, Tensor]]:
         with torch.random.fork_rng(devices=[]):  # previews never change the training's random stream
             rows = [(f"teacher\nK={self.teacher_sample_steps}\ncfg {self.guidance:g}", self.teacher_images())]
             for steps in self.sample_steps:
-                rows.append((f"student\n{steps} step{'s' if steps > 1 else ''}", self.decode(self.student_latents(steps))))
+                label = f"student\n{steps} step{'s' if steps > 1 else ''}"
+                if self.distiller.guided_student:
+                    label += f"\ncfg {self.guidance:g}"
+                rows.append((label, self.decode(self.student_latents(steps))))
         return rows
 
     def image(self) -> np.ndarray:

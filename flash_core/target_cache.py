@@ -53,6 +53,8 @@ from flash_core import batches, fingerprints
 from flash_core.denoiser import Conditioning
 from flash_core.distill import (
     DistillConfig,
+    guidance_pair,
+    sample_guidance,
     student_input,
     student_updates,
     target_inputs,
@@ -106,6 +108,8 @@ def cache_manifest(config: DistillConfig, teacher_fingerprint: str, data_fingerp
         "guidance_range": [float(v) for v in recipe.guidance_range],
         "phase_mode_weights": [[float(w) for w in phase] for phase in recipe.phase_mode_weights],
         "mixed_precision": config.mixed_precision,
+        # guidance mode "cfg" draws each sample's prompt pair; the key is absent in mode "baked" (older caches fit)
+        **({"guidance_mode": config.guidance_mode} if config.guidance_mode != "baked" else {}),
     }
 
 
@@ -300,12 +304,13 @@ class TargetCache:
     def target(self, step: int, process: int, inputs, shape: Sequence[int]) -> Tensor:
         """The teacher target of (step, process); its stored grid index / guidance must equal the run's draws."""
         rows = self.rows(step, process)
-        grid, guidance = set(rows["grid_index"].tolist()), set(rows["guidance"].tolist())
-        if grid != {inputs.grid_index} or guidance != {inputs.guidance} or tuple(rows["targets"].shape) != tuple(shape):
+        grid, guidance = set(rows["grid_index"].tolist()), rows["guidance"].tolist()
+        drawn = sample_guidance(inputs, len(guidance)).tolist()
+        if grid != {inputs.grid_index} or guidance != drawn or tuple(rows["targets"].shape) != tuple(shape):
             raise TargetCacheError(
                 f"the target cache {self.folder} disagrees with this run at iteration {step}, process {process}: "
-                f"cache grid index {sorted(grid)}, guidance {sorted(guidance)}, shape {tuple(rows['targets'].shape)}; "
-                f"run {inputs.grid_index}, {inputs.guidance}, {tuple(shape)}. The run draws differently from the "
+                f"cache grid index {sorted(grid)}, guidance {sorted(set(guidance))}, shape {tuple(rows['targets'].shape)}; "
+                f"run {inputs.grid_index}, {sorted(set(drawn))}, {tuple(shape)}. The run draws differently from the "
                 "build (another flash_core version?): build the cache again"
             )
         return rows["targets"]
@@ -370,12 +375,12 @@ def solve_targets(denoiser, config: DistillConfig, dataset, items: Sequence[tupl
         latents = batch.latents.to(device, torch.float32)
         inputs = target_inputs(config, step, process, latents.shape, recipe=recipe)
         z_t, _ = student_input(denoiser, grid, latents, inputs)
-        cond = batch.cond.to(device)
-        uncond = batch.uncond.to(device).expand_to(latents.shape[0])
+        cond, uncond = guidance_pair(inputs, batch.cond.to(device), batch.uncond.to(device))  # positive, negative
+        guidance = sample_guidance(inputs, latents.shape[0]).tolist()
         for position, row in enumerate(indices):
             samples.append({"z_t": z_t[position : position + 1], "cond": cond[position], "uncond": uncond[position],
                             "steps": step, "process": process, "position": position, "sample_index": row,
-                            "grid_index": inputs.grid_index, "guidance": inputs.guidance})
+                            "grid_index": inputs.grid_index, "guidance": guidance[position]})
     batch_limit = teacher_batch or CPU_TEACHER_BATCH
     targets: list[Tensor | None] = [None] * len(samples)
     by_grid: dict[int, list[int]] = {}

@@ -23,7 +23,8 @@ MODEL_OPTIONS_KEY = "flash"  # model_options[MODEL_OPTIONS_KEY]: what FlashLoRAL
 
 def with_flash_sampling(model, settings: dict, lora_name: str):
     """`model` (a fresh clone) carrying the Flash LoRA's sampling settings in model_options[MODEL_OPTIONS_KEY]
-    ({"lora_name", "steps", "cfg", "timesteps", "prediction_type", "trained_for"}); clones downstream keep it."""
+    ({"lora_name", "steps", "cfg", "timesteps", "prediction_type", "trained_for", "guidance_mode", "guidance_range"});
+    clones downstream keep it."""
     model.model_options[MODEL_OPTIONS_KEY] = {"lora_name": lora_name, **settings}
     return model
 

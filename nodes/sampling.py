@@ -277,7 +277,27 @@ def sampling_defaults(model, steps: int, cfg: float, prompt=None, node_id=None) 
     if settings is not None:
         LOG.info("FlashSampler: %d steps, cfg %g (Flash LoRA '%s' recommends %s steps, cfg %s).", steps, cfg,
                  settings.get("lora_name"), settings.get("steps"), settings.get("cfg"))
+        guidance_note = guidance_mismatch(settings, cfg)
+        if guidance_note is not None:
+            LOG.warning("FlashSampler: %s", guidance_note)
     return steps, cfg, (settings or {}).get("timesteps") or None
+
+
+def guidance_mismatch(settings: dict, cfg: float) -> str | None:
+    """A note when cfg is not what the Flash LoRA's guidance mode was trained for (advice, never an error)."""
+    name, low_high = settings.get("lora_name"), settings.get("guidance_range") or None
+    if settings.get("guidance_mode") == "cfg":
+        if cfg == 1.0:
+            return (f"the Flash LoRA '{name}' was distilled for CFG (guidance mode 'cfg'); at cfg 1 the negative "
+                    f"prompt is unused and the images are unguided. Set cfg to 0 (its recommended {settings.get('cfg')}).")
+        if low_high and not low_high[0] <= cfg <= low_high[1]:
+            return (f"cfg {cfg:g} is outside the range {low_high[0]:g}-{low_high[1]:g} the Flash LoRA '{name}' was "
+                    "distilled over: its images may drift from the teacher's at that guidance.")
+    elif cfg > 1.0:
+        return (f"the Flash LoRA '{name}' has the guidance baked in (one model call per step at cfg 1); cfg {cfg:g} "
+                "applies guidance twice (and the negative prompt) on top of it. Train with guidance mode 'cfg' for a "
+                "student that takes the cfg dial and a negative prompt.")
+    return None
 
 
 class FlashSampler(io.ComfyNode):
@@ -294,7 +314,8 @@ class FlashSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A model with a Flash LoRA applied (Flash LoRA Loader)."),
                 io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative", tooltip="Only used when cfg is above 1."),
+                io.Conditioning.Input("negative", tooltip="Used when cfg is not 1: a Flash LoRA distilled with "
+                                      "guidance mode 'cfg' is trained for it; baked-guidance LoRAs are not."),
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input(
@@ -304,8 +325,9 @@ class FlashSampler(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "cfg", default=AUTO, min=0.0, max=100.0, step=0.1, round=0.01,
-                    tooltip="0 = the Flash LoRA's recommended cfg (1.0: Flash students are distilled with guidance, "
-                    "one model call per step); any other value is used as it is.",
+                    tooltip="0 = the Flash LoRA's recommended cfg (1.0 for guidance baked in: one model call per step; "
+                    "the middle of the trained range for guidance mode 'cfg', where cfg and the negative prompt act as "
+                    "on the teacher at two calls per step); any other value is used as it is.",
                 ),
                 _denoise_input(),
             ],

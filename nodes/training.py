@@ -37,6 +37,7 @@ from comfy_api.latest import io, ui
 from flash_core import dependencies, lora_formats
 from flash_core.batches import TensorDataset
 from flash_core.checkpoints import CheckpointError, CheckpointStore
+from flash_core.lora_formats.metadata import GUIDANCE_MODES
 from flash_core.run import NonFiniteError, ResumeMismatchError
 from flash_core.session import PreviewSpec, TrainingSession
 from flash_core.target_cache import TargetCacheError
@@ -258,6 +259,12 @@ class FlashDistillTrain(io.ComfyNode):
                                 "run are solved there first in large batches (an interrupted build continues), then read "
                                 "instead of solved. Students with other rank / learning rate / loss weights reuse it; "
                                 "empty = solve during training."),
+                io.Combo.Input("guidance_mode", options=list(GUIDANCE_MODES), default="baked", optional=True,
+                               tooltip="baked: the teacher's guidance is distilled in (cfg 1, one model call per step; "
+                               "the negative prompt is unused at sampling). cfg: the student keeps a cfg dial and honours "
+                               "any negative prompt at sampling (its own CFG matched to the teacher's over "
+                               "guidance_min-max; two model calls per step). Recorded in the LoRA; Flash Sampler "
+                               "follows it."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="Teacher + trained LoRA: sample it with Flash Sampler."),
@@ -277,7 +284,7 @@ class FlashDistillTrain(io.ComfyNode):
     def execute(cls, model, latents, positive, negative, lora_name, steps, nfe, rank, learning_rate, guidance_min,
                 guidance_max, teacher_steps, distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
                 resume, overwrite, preview_every, gradient_checkpointing, mixed_precision, vae=None,
-                target_cache="") -> io.NodeOutput:
+                target_cache="", guidance_mode="baked") -> io.NodeOutput:
         one = lambda v: v[0] if isinstance(v, list) else v
         model, vae = one(model), one(vae)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -291,7 +298,7 @@ class FlashDistillTrain(io.ComfyNode):
             dmd_weights=one(dmd_weights), seed=int(one(seed)), batch_size=int(one(batch_size)),
             resume=bool(one(resume)), overwrite=bool(one(overwrite)), preview_every=int(one(preview_every)),
             gradient_checkpointing=bool(one(gradient_checkpointing)), mixed_precision=one(mixed_precision),
-            target_cache=one(target_cache) or "",
+            target_cache=one(target_cache) or "", guidance_mode=one(guidance_mode) or "baked",
         )
         with torch.inference_mode(False), torch.enable_grad():
             student, lora, loss_map, grid = train(model, latents, positive, negative, vae=vae, node_id=node_id,
@@ -303,7 +310,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
           learning_rate: float, guidance_min: float, guidance_max: float, teacher_grid_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
           preview_every: int, gradient_checkpointing: bool, mixed_precision: str, vae=None, node_id=None,
-          target_cache: str = "", trained_for: dict | None = None):
+          target_cache: str = "", trained_for: dict | None = None, guidance_mode: str = "baked"):
     """The whole node run (in ComfyUI's grad mode). Returns (student MODEL, LORA_MODEL, LOSS_MAP, IMAGE).
     `trained_for` (nodes.stack.describe_stack of the MODEL input) goes into the LoRA's metadata."""
     # ---- validate everything before any work -------------------------------------------------------
@@ -315,7 +322,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
     device = comfy.model_management.get_torch_device()
     config = distill_config(backbone, total_steps, rank, learning_rate, guidance_min, guidance_max, teacher_grid_steps,
                             distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
-                            gradient_checkpointing, mixed_precision, device)
+                            gradient_checkpointing, mixed_precision, device, guidance_mode)
     data = gather_latents(latents)
     count = data.shape[0]
     latent_channels = model.model.latent_format.latent_channels

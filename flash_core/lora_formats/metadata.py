@@ -29,6 +29,14 @@ from flash_core.schedules import MAX_SAMPLING_STEPS, flow_sigmas, trailing_times
 LOG = logging.getLogger("flash_core")
 
 RECOMMENDED_CFG = 1.0  # Flash students are distilled with the teacher's guidance: one model call per step
+# How a student takes guidance (DistillConfig.guidance_mode, recorded as flash.guidance_mode; absent = "baked";
+# docs/architecture.md, "Guidance modes"):
+#   "baked": the teacher's CFG at w ~ U[guidance_range] is distilled into one model call per step (cfg 1 at sampling:
+#            the negative prompt is not used, guidance fixed), the published Flash recipe;
+#   "cfg":   CFG-aware distillation: the student's own CFG w*s(x, positive) + (1-w)*s(x, negative) at the teacher's w
+#            matches the teacher's guided solve at that w and negative, so at sampling the negative prompt and the cfg
+#            dial mean what they mean for the teacher (2 model calls per step, batched as one by ComfyUI).
+GUIDANCE_MODES = ("baked", "cfg")
 MAX_CFG = 100.0  # far above any useful guidance scale: a larger recorded cfg is a broken file
 MAX_TIMESTEP = 1000  # model timesteps: DDPM 0..999, flow sigma x 1000 in 0..1000
 # ONE dtype policy: every LoRA file the pack writes holds exactly the trained float32 weights; ComfyUI / diffusers
@@ -45,10 +53,16 @@ class SamplingSettings:
     timesteps: tuple[int, ...]  # the grid of `steps` steps in model timesteps (trailing DDPM, or flow sigma * 1000)
     prediction_type: str | None
     trained_for: dict | None  # the stack the student was distilled from, None when not recorded (or unreadable)
+    # "baked": guidance distilled in (cfg 1, the negative unused); "cfg": the student's own CFG, trained over
+    # guidance_range (the cfg dial and the negative prompt act as on the teacher)
+    guidance_mode: str = "baked"
+    guidance_range: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "cfg": self.cfg, "timesteps": list(self.timesteps),
-                "prediction_type": self.prediction_type, "trained_for": self.trained_for}
+                "prediction_type": self.prediction_type, "trained_for": self.trained_for,
+                "guidance_mode": self.guidance_mode,
+                "guidance_range": list(self.guidance_range) if self.guidance_range else None}
 
 
 def sampling_settings(metadata: Mapping[str, str], source: str = "the LoRA") -> SamplingSettings | None:
@@ -93,9 +107,19 @@ def sampling_settings(metadata: Mapping[str, str], source: str = "the LoRA") -> 
     if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
         refuse("flash.timesteps", metadata["flash.timesteps"], "is not strictly decreasing (a sampler runs from noise to data)")
 
+    mode = metadata.get("flash.guidance_mode", "") or "baked"
+    if mode not in GUIDANCE_MODES:
+        refuse("flash.guidance_mode", mode, f"is not one of {GUIDANCE_MODES}")
+    guidance_range = parse("flash.guidance_range", json.loads, None)
+    if guidance_range is not None and not (
+            isinstance(guidance_range, list) and len(guidance_range) == 2
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in guidance_range)
+            and 0 <= guidance_range[0] <= guidance_range[1] <= MAX_CFG):
+        refuse("flash.guidance_range", metadata["flash.guidance_range"], f"is not a range [low, high] in [0, {MAX_CFG:g}]")
     return SamplingSettings(steps=steps, cfg=cfg, timesteps=tuple(timesteps),
                             prediction_type=metadata.get("flash.prediction_type") or None,
-                            trained_for=_trained_for(metadata.get("flash.trained_for", ""), source))
+                            trained_for=_trained_for(metadata.get("flash.trained_for", ""), source),
+                            guidance_mode=mode, guidance_range=tuple(float(w) for w in guidance_range) if guidance_range else None)
 
 
 def _trained_for(raw: str, source: str) -> dict | None:
@@ -121,6 +145,14 @@ def _trained_for(raw: str, source: str) -> dict | None:
 
 
 # ---- the writing side -----------------------------------------------------------------------------
+def recommended_cfg(guidance_mode: str, guidance_range: Sequence[float]) -> float:
+    """FlashSampler's cfg for a student: 1 (one call per step) when guidance is baked in; for guidance mode "cfg"
+    the middle of the trained range, rounded to 0.5 (SD1.5's 3-13: 8; the digits benchmark's 1-8: 4.5)."""
+    if guidance_mode != "cfg":
+        return RECOMMENDED_CFG
+    return round(float(guidance_range[0] + guidance_range[1])) / 2.0  # (low + high) / 2 to the nearest 0.5
+
+
 def sampling_timesteps(is_flow: bool, steps: int) -> list[int]:
     """The student's `steps`-step sampling grid in model timesteps (trailing DDPM, or flow sigmas * 1000)."""
     if is_flow:
@@ -143,6 +175,11 @@ def lora_metadata(distiller, settings: Mapping[str, Any], history: Sequence[Mapp
     last = losses[-1] if losses else {}
     window = {k: float(np.mean([h[k] for h in losses[-50:] if k in h])) for k in last}
     backbone = settings.get("backbone", recipe.backbone)
+    mode = getattr(distiller.config, "guidance_mode", "baked")
+    cfg = recommended_cfg(mode, recipe.guidance_range)
+    calls = "cfg 1: one model call per step" if mode != "cfg" else (
+        f"cfg {cfg:g} (trained {recipe.guidance_range[0]:g}-{recipe.guidance_range[1]:g}) with the negative prompt: "
+        "two model calls per step")
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(recipe.lora_rank),
@@ -161,10 +198,11 @@ def lora_metadata(distiller, settings: Mapping[str, Any], history: Sequence[Mapp
         "flash.total_steps": str(settings.get("total_steps", distiller.config.total_steps)),
         "flash.student_steps": str(recipe.student_steps),  # the student grid the timestep mixture sits on
         "flash.timesteps": json.dumps(sampling_timesteps(distiller.denoiser.is_flow, steps)),
-        "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {steps} steps, cfg 1",
+        "flash.sampling": f"FlashSampler (LCM-style few-step sampling on the trailing grid), {steps} steps, {calls}",
         "flash.prediction_type": distiller.denoiser.prediction_type,
         "flash.recommended_steps": str(steps),
-        "flash.recommended_cfg": f"{RECOMMENDED_CFG:g}",
+        "flash.recommended_cfg": f"{cfg:g}",
+        "flash.guidance_mode": mode,
         "flash.trained_for": json.dumps(dict(trained_for)) if trained_for else "",
         "flash.teacher_grid_steps": str(recipe.teacher_grid_steps),
         "flash.guidance_range": json.dumps(list(recipe.guidance_range)),
@@ -178,4 +216,5 @@ def lora_metadata(distiller, settings: Mapping[str, Any], history: Sequence[Mapp
     }
 
 
-__all__ = ["EXPORT_DTYPE", "RECOMMENDED_CFG", "SamplingSettings", "lora_metadata", "sampling_settings", "sampling_timesteps"]
+__all__ = ["EXPORT_DTYPE", "GUIDANCE_MODES", "RECOMMENDED_CFG", "SamplingSettings", "lora_metadata", "recommended_cfg",
+           "sampling_settings", "sampling_timesteps"]

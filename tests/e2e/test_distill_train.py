@@ -9,6 +9,7 @@ message in the error panel.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import uuid
@@ -25,9 +26,9 @@ from .conftest import TINY_CHECKPOINT, error_text, load_api_workflow
 TRAIN_NODE = "6"
 
 
-def training_workflow(name: str, steps: int = 3, preview_every: int = 3) -> dict:
-    """The shipped workflow at test size: 4 latents of 8x8, 2-step data, K=4 teacher, rank 4, batch 2."""
-    workflow = load_api_workflow("flash_distill_train")
+def training_workflow(name: str, steps: int = 3, preview_every: int = 3, shipped: str = "flash_distill_train") -> dict:
+    """A shipped training workflow at test size: 4 latents of 8x8, 2-step data, K=4 teacher, rank 4, batch 2."""
+    workflow = load_api_workflow(shipped)
     for node in workflow.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
@@ -36,7 +37,9 @@ def training_workflow(name: str, steps: int = 3, preview_every: int = 3) -> dict
     workflow[TRAIN_NODE]["inputs"].update(
         lora_name=name, steps=steps, rank=4, learning_rate=1e-4, teacher_steps=4, batch_size=2,
         preview_every=preview_every, overwrite=True, gradient_checkpointing=False)
-    workflow["10"]["inputs"]["steps"] = 2
+    for node in workflow.values():
+        if node["class_type"] == "FlashSampler":
+            node["inputs"]["steps"] = 2
     for key, node in workflow.items():
         if node["class_type"] in ("SaveImage", "LossGraphNode"):
             node["inputs"]["filename_prefix"] = f"{name}/{key}"
@@ -95,6 +98,26 @@ def test_saved_lora_samples_identically_through_flash_and_stock_loaders(server, 
         pixels[loader] = np.asarray(Image.open(server.output_images(entry)[0]))
     assert np.array_equal(pixels["FlashLoRALoader"], pixels["LoraLoader"])
     assert "lora key not loaded" not in server.log_tail(10**9)[log_before:]
+
+
+def test_guidance_workflow_trains_a_cfg_student_that_samples_at_its_cfg_with_the_negative(server, models_root):
+    """workflows/flash_distill_guidance.json (issue 24): Flash Distill Train in guidance mode "cfg", then Flash
+    Sampler at cfg 0 (the LoRA's recommended cfg) and at cfg 4, both with a negative prompt."""
+    workflow = training_workflow("e2e_guidance", shipped="flash_distill_guidance")
+    assert workflow[TRAIN_NODE]["inputs"]["guidance_mode"] == "cfg"
+    explicit = copy.deepcopy(workflow["13"])  # a third sampler at cfg 8, the middle of the recipe's 3-13, by hand
+    explicit["inputs"]["cfg"] = 8.0
+    workflow["20"], workflow["21"] = explicit, {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}}
+    workflow["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "e2e_guidance/22"}}
+    entry = server.run(workflow, timeout=600)
+    assert entry["status"]["status_str"] == "success", error_text(entry) or entry
+    with safe_open(str(lora_file(models_root, "e2e_guidance")), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["flash.guidance_mode"] == "cfg" and metadata["flash.recommended_cfg"] == "8"
+    images = {p.parent.name + "/" + p.name.split("_")[0]: np.asarray(Image.open(p)) for p in server.output_images(entry)}
+    recommended, dial, by_hand = images["e2e_guidance/12"], images["e2e_guidance/15"], images["e2e_guidance/22"]
+    assert np.array_equal(recommended, by_hand)  # cfg 0 took the LoRA's cfg 8
+    assert not np.array_equal(recommended, dial)  # the dial acts
 
 
 class ProgressWatcher:

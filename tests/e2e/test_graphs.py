@@ -51,7 +51,7 @@ NEW_WORKFLOWS = RUNNABLE + list(NOT_RUNNABLE)
 TESTED_ELSEWHERE = {
     "flash_txt2img": "test_txt2img.py", "flash_distill_train": "test_distill_train.py",
     "flash_demo_distill": "test_demo.py", "flash_demo_compare": "test_demo.py",
-    "flash_distill_my_stack": "test_distill_my_stack.py",
+    "flash_distill_my_stack": "test_distill_my_stack.py", "flash_distill_guidance": "test_distill_train.py",
 }
 TINY_NAMES = (TINY_CHECKPOINT, TINY_LORA, tiny_controlnet.CONTROLNET_NAME, STYLE_LORA)
 

@@ -4,7 +4,8 @@ The node library shows the Flash nodes; every shipped UI workflow opens without 
 to exactly its API twin; the UI workflows carry the model downloads of workflows/downloads/models.json, and
 opening one on a server without those files brings up the frontend's "Missing Models" report offering them
 (the legacy dialogs of frontend 1.32, ComfyUI 0.3.75; the error panel of frontend 1.47+, ComfyUI 0.30);
-pressing Run on flash_txt2img renders an image in the UI; /workflow_templates serves the UI workflows as this
+pressing Run on flash_txt2img renders an image in the UI, and on flash_distill_guidance trains a guidance-mode
+"cfg" student and samples it; /workflow_templates serves the UI workflows as this
 pack's templates.
 """
 
@@ -207,6 +208,37 @@ def test_run_button_renders_an_image(frontend: Frontend, server):
     assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == pixels.shape[1]  # the file itself
     frontend.screenshot(SCREENSHOT)
     frontend.toggle_job_queue()
+
+
+def test_guidance_workflow_runs_in_the_browser(frontend: Frontend, server, models_root):
+    """The flash_distill_guidance template (issue 24) opened and run from the UI at test size: the queued prompt
+    trains in guidance mode cfg and its two Flash Samplers (negative prompt; cfg 0 and 4) render."""
+    from safetensors import safe_open
+
+    workflow = json.loads((WORKFLOWS / "flash_distill_guidance.json").read_text())
+    frontend.load_graph(workflow)
+    assert frontend.missing_nodes_reported() is None
+    for node_id in _node_ids(workflow, "EmptyLatentImage"):
+        frontend.set_widget(node_id, "width", LATENT_SIZE)
+        frontend.set_widget(node_id, "height", LATENT_SIZE)
+    for node_id in _node_ids(workflow, "KSampler") + _node_ids(workflow, "FlashSampler"):
+        frontend.set_widget(node_id, "steps", 2)
+    (train,) = _node_ids(workflow, "FlashDistillTrain")
+    for name, value in {"lora_name": "ui_guidance", "steps": 3, "rank": 4, "learning_rate": 1e-4, "teacher_steps": 4,
+                        "batch_size": 2, "preview_every": 3, "overwrite": True, "gradient_checkpointing": False}.items():
+        frontend.set_widget(train, name, value)
+    with frontend.page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
+        frontend.click_run()
+    queued = json.loads(answer.value.request.post_data)["prompt"]
+    assert queued[str(train)]["inputs"]["guidance_mode"] == "cfg"
+    reply = answer.value.json()
+    assert "prompt_id" in reply, reply
+    entry = server.wait(reply["prompt_id"], timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = _node_ids(workflow, "SaveImage")  # the preview grid and the two student samples
+    assert len(saved) == 3 and all(entry["outputs"].get(str(i), {}).get("images") for i in saved), entry["outputs"]
+    with safe_open(str(models_root / "loras" / "flash" / "ui_guidance.safetensors"), "pt") as handle:
+        assert handle.metadata()["flash.guidance_mode"] == "cfg"
 
 
 def test_workflow_templates_serve_the_ui_workflows(server):

@@ -41,12 +41,15 @@ def sd15_unet_bf16() -> torch.nn.Module:
         torch.set_default_dtype(default)
 
 
-def test_full_size_sd15_bf16_mixed_precision_step():
+@pytest.mark.parametrize("guidance_mode", ["baked", "cfg"])
+def test_full_size_sd15_bf16_mixed_precision_step(guidance_mode):
+    """Both guidance modes: "cfg" runs the student's own CFG (a batch of 2 through the LoRA with gradients)."""
     started = time.perf_counter()
     unet = sd15_unet_bf16()
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's UNet
     denoiser = UNetDenoiser(unet)
-    config = DistillConfig(backbone="sd15", total_steps=8, teacher_grid_steps=4, batch_size=1, mixed_precision="bf16")
+    config = DistillConfig(backbone="sd15", total_steps=8, teacher_grid_steps=4, batch_size=1, mixed_precision="bf16",
+                           guidance_mode=guidance_mode)
     distiller = FlashDistiller(denoiser, config)  # the recipe's rank 128, alpha 128, lr 1e-5
     distiller.sample_grid_index = lambda phase=None, generator=None: 3  # the last of K = 4: one teacher CFG evaluation
 
@@ -77,5 +80,5 @@ def test_full_size_sd15_bf16_mixed_precision_step():
     assert logs["discriminator_update"] == 1.0 and torch.isfinite(torch.tensor(logs["loss_discriminator"]))
     assert all(v.dtype == torch.float32 for s in distiller.discriminator_optimizer.state.values()
                for v in s.values() if v.ndim)
-    print(f"full-size SD1.5 on CPU: build {built - started:.1f} s, student iteration {stepped - built:.1f} s, "
+    print(f"full-size SD1.5 on CPU, guidance mode {guidance_mode}: build {built - started:.1f} s, student iteration {stepped - built:.1f} s, "
           f"discriminator iteration {time.perf_counter() - stepped:.1f} s")

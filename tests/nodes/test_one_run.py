@@ -6,7 +6,7 @@ data (the CLI's encoded latents and prompt embeddings handed to the node as LATE
 seed and settings: both front ends drive flash_core.run, so the loss log and the exported LoRA file (the same
 kohya keys, diffusers module paths, float32) agree to float tolerance. The networks are two implementations
 of one UNet (diffusers' and ComfyUI's LDM code, ComfyUI's VE sigma parameterisation), so they agree to float
-rounding, not bit for bit.
+rounding, not bit for bit. Both guidance modes: "baked" and "cfg" (the student's own CFG over drawn prompt pairs).
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ def make_dataset(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """flash-distill on the tiny model (in-process): its output folder and cache folder."""
+@pytest.fixture(scope="module", params=["baked", "cfg"])
+def cli_run(tmp_path_factory, request):
+    """flash-distill on the tiny model (in-process), in one guidance mode: its output folder, cache folder, teacher
+    folder and the mode."""
     from training.cli import main
 
     root = tmp_path_factory.mktemp("cli")
@@ -74,13 +75,14 @@ def cli_run(tmp_path_factory):
         model={"path": str(build_teacher(root / "teacher"))}, sample_prompts=None, output_dir=str(root / "out"), total_steps=STEPS, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"],
         rank=SETTINGS["rank"], seed=SETTINGS["seed"], checkpoint_every=0, sample_every=0,
         log_every=1, export=["comfyui"], export_name="cli",
-        distill={"teacher_grid_steps": SETTINGS["teacher_grid_steps"], "guidance_range": list(SETTINGS["guidance"])},
+        distill={"teacher_grid_steps": SETTINGS["teacher_grid_steps"], "guidance_range": list(SETTINGS["guidance"]),
+                 **({"guidance_mode": request.param} if request.param != "baked" else {})},
     )
     config.pop("alpha")  # tiny_sd15.yaml's explicit alpha: here the rank -> alpha rule must make node and CLI agree
     config["data"].update(path=str(make_dataset(root / "data")), cache_dir=str(root / "cache"), resolution=IMAGE)
     (root / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["--config", str(root / "config.yaml")]) == 0
-    return root / "out", root / "cache", root / "teacher"
+    return root / "out", root / "cache", root / "teacher", request.param
 
 
 @pytest.fixture(params=["live", "target_cache"])
@@ -93,7 +95,7 @@ def node_run(cli_run, tmp_path, monkeypatch, request):
 
     from training.data import load_cache
 
-    _, cache, teacher = cli_run
+    _, cache, teacher, guidance_mode = cli_run
     pack = load_pack()
     diffusers_build = importlib.import_module(f"{pack.__name__}.nodes.diffusers_build")
     training = importlib.import_module(f"{pack.__name__}.nodes.training")
@@ -117,6 +119,7 @@ def node_run(cli_run, tmp_path, monkeypatch, request):
             teacher_grid_steps=SETTINGS["teacher_grid_steps"], distill_weights="", adversarial_weights="", dmd_weights="",
             seed=SETTINGS["seed"], batch_size=SETTINGS["batch_size"], resume=False, overwrite=True, preview_every=0,
             gradient_checkpointing=False, mixed_precision="fp32", target_cache="students" if cached else "",
+            guidance_mode=guidance_mode,
         )
     cache = tmp_path / "output" / training.TARGET_CACHE_SUBFOLDER / "students"
     assert (cache / "manifest.json").is_file() == cached and len(list(cache.glob("targets-*.safetensors"))) == cached
@@ -154,5 +157,8 @@ def test_node_and_cli_give_the_same_loss_log_and_lora(cli_run, node_run):
     schema = {k for k in cli_meta if k.startswith(("ss_", "flash."))}
     assert schema == {k for k in node_meta if k.startswith(("ss_", "flash."))}  # one metadata schema
     assert node_meta["flash.alpha"] == "4" and node_meta["flash.rank"] == "4"  # SD1.5's scale 1.0 at rank 4
-    for key in ("flash.rank", "flash.alpha", "flash.trained_steps", "flash.recommended_steps", "flash.student_steps", "flash.timesteps", "flash.dtype", "ss_network_dim"):
+    for key in ("flash.rank", "flash.alpha", "flash.trained_steps", "flash.recommended_steps", "flash.student_steps",
+                "flash.timesteps", "flash.dtype", "ss_network_dim", "flash.guidance_mode", "flash.recommended_cfg"):
         assert node_meta[key] == cli_meta[key], key
+    assert node_meta["flash.guidance_mode"] == cli_run[3]  # the one setting reached both front ends
+    assert node_meta["flash.recommended_cfg"] == ("3" if cli_run[3] == "cfg" else "1")  # the middle of 2-4

@@ -351,6 +351,34 @@ def test_broken_recommended_steps_are_not_reported_as_the_users_steps(sampling_n
     _flash(sampling_nodes, broken, cond, {"samples": torch.zeros(1, 4, 8, 8)}, steps=2)  # the user's steps win
 
 
+def test_a_cfg_mode_lora_samples_at_its_cfg_with_the_negative(sampling_nodes, model, cond, caplog):
+    """Guidance mode "cfg" (issue 24): cfg 0 takes the LoRA's recommended cfg, the negative then acts; a cfg outside
+    the trained range, or 1 on such a LoRA, and a cfg above 1 on a baked LoRA, each log a note (never an error)."""
+    guided = model.clone()
+    guided.model_options["flash"] = {"lora_name": "cfg.safetensors", "steps": 2, "cfg": 4.5, "timesteps": [],
+                                     "guidance_mode": "cfg", "guidance_range": [1.0, 8.0]}
+    negative = [[torch.zeros_like(cond[0][0]), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def sample(m, cfg, neg):
+        return sampling_nodes.FlashSampler.execute(m, cond, neg, latent, SEED, 0, cfg, 1.0).result[0]["samples"]
+
+    auto = sample(guided, 0.0, negative)
+    assert torch.equal(auto, sample(guided, 4.5, negative))  # cfg 0 = the recorded 4.5
+    assert not torch.equal(auto, sample(guided, 4.5, cond))  # the negative prompt acts
+    assert not torch.equal(auto, sample(guided, 2.0, negative))  # the dial acts
+    with caplog.at_level("WARNING"):
+        sample(guided, 12.0, negative)
+        sample(guided, 1.0, negative)
+        baked = model.clone()
+        baked.model_options["flash"] = {**guided.model_options["flash"], "guidance_mode": "baked", "cfg": 1.0}
+        sample(baked, 3.0, negative)
+    notes = [r.getMessage() for r in caplog.records if "FlashSampler" in r.getMessage()]
+    assert any("cfg 12 is outside the range 1-8" in n for n in notes), notes
+    assert any("at cfg 1 the negative prompt is unused" in n for n in notes), notes
+    assert any("has the guidance baked in" in n for n in notes), notes
+
+
 def test_wrong_latent_channels_raise(sampling_nodes, model, cond):
     sd3_latent = {"samples": torch.ones(1, 16, 8, 8)}
     expected = "the latent has 16 channels but this model \\(SD15\\) expects 4: use the VAE / Empty Latent Image"

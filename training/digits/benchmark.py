@@ -100,8 +100,10 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
         return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-def teacher_generate(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
-    """The teacher pipeline with DPM-Solver++ (2M, trailing spacing) and CFG; images in [-1, 1]."""
+def teacher_generate(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float,
+                     negative_prompts: list[str] | None = None) -> torch.Tensor:
+    """The teacher pipeline with DPM-Solver++ (2M, trailing spacing) and CFG (negative: the empty prompt, or
+    `negative_prompts`); images in [-1, 1]."""
     from diffusers import DPMSolverMultistepScheduler
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
@@ -110,8 +112,8 @@ def teacher_generate(pipe, prompts: list[str], noise: torch.Tensor, steps: int, 
     size = noise.shape[-1] * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     with torch.no_grad():
         images = pipe(
-            prompt=prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-            latents=noise.clone(), output_type="pt",
+            prompt=prompts, negative_prompt=negative_prompts, height=size, width=size, num_inference_steps=steps,
+            guidance_scale=guidance, latents=noise.clone(), output_type="pt",
         ).images
     return images * 2.0 - 1.0  # pipeline returns [0, 1]
 
@@ -218,12 +220,16 @@ def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: s
     return session.distiller, seconds, summary
 
 
-def student_generate(distiller, pipe, cond_embeds: torch.Tensor, noise: torch.Tensor, nfe: int, seed: int):
-    """Few-step student latents (flash_core's LCM-style sampler on the trailing grid), decoded."""
+def student_generate(distiller, pipe, cond_embeds: torch.Tensor, noise: torch.Tensor, nfe: int, seed: int,
+                     negative_embeds: torch.Tensor | None = None, guidance: float = 1.0):
+    """Few-step student latents (flash_core's LCM-style sampler on the trailing grid), decoded; with
+    `negative_embeds`, the student's CFG at `guidance` (a student of guidance mode "cfg")."""
     from flash_core.denoiser import Conditioning
 
     generator = torch.Generator().manual_seed(seed)
-    latents = distiller.student_sample(noise, Conditioning(encoder_hidden_states=cond_embeds), nfe, generator)
+    negative = Conditioning(encoder_hidden_states=negative_embeds) if negative_embeds is not None else None
+    latents = distiller.student_sample(noise, Conditioning(encoder_hidden_states=cond_embeds), nfe, generator,
+                                       negative=negative, guidance=guidance)
     return decode(pipe, latents)
 
 
@@ -241,8 +247,9 @@ def write_pngs(out: Path, method: str, nfe: int, images: torch.Tensor, prompts, 
 
 
 def write_grid(path: Path, rows: list[tuple[str, torch.Tensor]], digits: torch.Tensor, per_digit: int,
-               samples: int = 2, scale: int = 4) -> None:
-    """One row per method; columns: the first `samples` images of each digit, upscaled `scale`x."""
+               samples: int = 2, scale: int = 4, digit_labels: bool = True) -> None:
+    """One row per method; columns: the first `samples` images of each digit, upscaled `scale`x (digit_labels:
+    the digit above each column)."""
     from PIL import Image, ImageDraw
 
     columns = [int(d) * per_digit + s for d in range(10) for s in range(min(samples, per_digit))]
@@ -250,7 +257,7 @@ def write_grid(path: Path, rows: list[tuple[str, torch.Tensor]], digits: torch.T
     label_w, pad = 230, 2
     grid = Image.new("RGB", (label_w + len(columns) * (cell + pad), len(rows) * (cell + pad) + 16), "white")
     draw = ImageDraw.Draw(grid)
-    for c, index in enumerate(columns):
+    for c, index in enumerate(columns if digit_labels else []):
         draw.text((label_w + c * (cell + pad) + cell // 3, 2), str(int(digits[index])), fill="black")
     for r, (label, images) in enumerate(rows):
         y = 16 + r * (cell + pad)

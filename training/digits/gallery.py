@@ -73,6 +73,7 @@ ORDER = [
     "flash_sd15_txt2img", "flash_sdxl_txt2img", "flash_txt2img", "flash_sd15_lora_stack", "flash_img2img",
     "flash_hires_fix", "flash_inpaint_noise_mask", "flash_inpaint_vae_encode", "flash_inpaint_model_conditioning",
     "flash_controlnet", "flash_ip_adapter", "flash_demo_compare", "flash_demo_distill", "flash_distill_train", "flash_distill_my_stack",
+    "flash_distill_guidance",
 ]
 
 SKIPPED = {
@@ -86,6 +87,9 @@ SKIPPED = {
                           "LoRA it trained makes every digits image in this gallery (see flash_demo_compare).",
     "flash_distill_my_stack": "not rendered: a training graph (the student of a checkpoint + style LoRA stack); "
                               "`make bench-stack` measures it on the digits model, see Benchmarks: Distil your own stack.",
+    "flash_distill_guidance": "not rendered: a training graph (a student of guidance mode cfg on an SD1.5 teacher, "
+                              "then Flash Sampler with a negative prompt at the LoRA's cfg and at cfg 4); `make "
+                              "bench-guidance` measures the mode on the digits model.",
     "flash_txt2img": "not rendered: the same graph as flash_sd15_txt2img with the test fixtures' file names; its "
                      "image would be identical to that one.",
 }
