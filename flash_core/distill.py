@@ -79,7 +79,6 @@ Everything trainable is reachable: `student_params`, `discriminator`, `student_o
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +125,7 @@ from flash_core.schedules import (
     trailing_timesteps,
 )
 from flash_core.teacher_solve import guided_output, teacher_target, training_grid
+from flash_core.trainer_state import load_trainer_state, trainer_state
 
 
 @dataclass
@@ -487,48 +487,8 @@ class FlashDistiller:
         return self.denoiser.lora_state_dict()
 
     def state_dict(self) -> dict:
-        """Everything for an exact resume (weights_only-loadable; the training draws are counter-based, so the
-        step is all a resume needs of them). The settings are not here: flash_core.run stores them beside this
-        state and compares them on resume (Run.differences), their one home."""
-        state = {
-            "step": self.step,
-            "lora": {n: p.detach().cpu().clone() for n, p in self.denoiser.named_lora_parameters()},
-            "discriminator": {k: v.detach().cpu().clone() for k, v in _unwrap(self.discriminator).state_dict().items()},
-            "student_optimizer": self.student_optimizer.state_dict(),
-            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_random": random.getstate(),
-            "student_logs": dict(self._student_logs),
-            "discriminator_logs": dict(self._discriminator_logs),
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
+        """Everything for an exact resume (flash_core.trainer_state.trainer_state)."""
+        return trainer_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        params = dict(self.denoiser.named_lora_parameters())
-        missing = set(params) - set(state["lora"])
-        if missing:
-            raise KeyError(f"checkpoint lacks LoRA tensors, e.g. {sorted(missing)[:3]}: rank/targets differ?")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state["lora"][name])
-        _unwrap(self.discriminator).load_state_dict(state["discriminator"])
-        self.student_optimizer.load_state_dict(state["student_optimizer"])
-        self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(_as_tuple(state["python_random"]))
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = int(state["step"])
-        self._student_logs = dict(state.get("student_logs", {}))
-        self._discriminator_logs = dict(state.get("discriminator_logs", {}))
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP / accelerate wrapper."""
-    return getattr(module, "module", module)
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+        load_trainer_state(self, state)

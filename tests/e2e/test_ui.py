@@ -50,6 +50,15 @@ def _node_ids(workflow: dict, node_type: str) -> list[int]:
     return [node["id"] for node in workflow["nodes"] if node["type"] == node_type]
 
 
+def _click_run(frontend: Frontend) -> tuple[dict, dict]:
+    """Press Run: the API prompt the frontend queued and the server's reply (which has a prompt_id)."""
+    with frontend.page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
+        frontend.click_run()
+    reply = answer.value.json()
+    assert "prompt_id" in reply, reply
+    return json.loads(answer.value.request.post_data)["prompt"], reply
+
+
 def test_flash_nodes_are_in_the_node_library(frontend: Frontend, server):
     registered = frontend.registered_node_types()
     for node_type in FLASH_NODES:
@@ -184,13 +193,8 @@ def test_run_button_renders_an_image(frontend: Frontend, server):
         frontend.set_widget(node_id, "height", LATENT_SIZE)
     (save_node,) = _node_ids(workflow, "SaveImage")
 
-    page = frontend.page
-    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
-        frontend.click_run()
-    queued = json.loads(answer.value.request.post_data)["prompt"]
+    queued, reply = _click_run(frontend)
     assert {queued[str(i)]["inputs"]["width"] for i in _node_ids(workflow, "EmptyLatentImage")} == {LATENT_SIZE}
-    reply = answer.value.json()
-    assert "prompt_id" in reply, reply
 
     entry = server.wait(reply["prompt_id"], timeout=150)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -227,12 +231,8 @@ def test_guidance_workflow_runs_in_the_browser(frontend: Frontend, server, model
     for name, value in {"lora_name": "ui_guidance", "steps": 3, "rank": 4, "learning_rate": 1e-4, "teacher_steps": 4,
                         "batch_size": 2, "preview_every": 3, "overwrite": True, "gradient_checkpointing": False}.items():
         frontend.set_widget(train, name, value)
-    with frontend.page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
-        frontend.click_run()
-    queued = json.loads(answer.value.request.post_data)["prompt"]
+    queued, reply = _click_run(frontend)
     assert queued[str(train)]["inputs"]["guidance_mode"] == "cfg"
-    reply = answer.value.json()
-    assert "prompt_id" in reply, reply
     entry = server.wait(reply["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = _node_ids(workflow, "SaveImage")  # the preview grid and the two student samples
