@@ -53,14 +53,14 @@ and its own DMD timestep; the student's grid index and the teacher guidance w ar
 sample in guidance mode "cfg").
 
 Guidance modes (DistillConfig.guidance_mode). "baked" (the paper's): the student s(x, c) is one model call and
-learns the teacher's CFG output at the batch's w. "cfg" (CFG-aware): the student's output is its own CFG,
-w*s(x, positive) + (1-w)*s(x, negative) (two calls, one batched forward), with a w and a prompt pair per sample
-(draws.sample_guidance; draws.guidance_pair: the own or the empty prompt as positive, the empty or another
-sample's prompt as negative); the teacher target, the DMD scores (real: teacher CFG, fake: student CFG, same w and pair) and the
-discriminator's condition (the positive) use the same pair, so at sampling cfg and the negative prompt act on
-the student as they act on the teacher. The student's CFG error grows with w, so its distillation error is measured in
-units of w (l2: divided by w^2, every w weighs alike; on the digits model the student without it followed the
-teacher at large w only).
+learns the teacher's CFG output at the batch's w. "cfg" (CFG-aware): the student's output is its own CFG, w*s(x,
+positive) + (1-w)*s(x, negative) (two calls, one batched forward), with a w and a prompt pair per sample
+(draws.sample_guidance; draws.guidance_pair: the own or the empty prompt as positive, the empty or another sample's
+prompt as negative); the teacher target, the DMD scores (real: teacher CFG, fake: student CFG, same w and pair) and
+the discriminator's condition (the positive) use the same pair, and its real sample is the teacher's guided target
+(a dataset image knows neither w nor the negative), so at sampling cfg and the negative act as on the teacher. The
+student's CFG error grows with w, so its distillation error is measured in units of w (l2: divided by w^2, every w
+weighs alike; on the digits model the student without it followed the teacher at large w only).
 
 Randomness is counter-based (flash_core.draws); the teacher's grid and solve are flash_core.teacher_solve.
 
@@ -311,18 +311,21 @@ class FlashDistiller:
         # 3. The student's update, or (discriminator iteration) its fake sample without gradient.
         fake_features = None
         if update_student:
-            x, fake_features = self._student_update(latents, z_t, t, inputs, positive, negative, phase, t_adv,
-                                                    adv_noise, timings)
-        else:
+            x, fake_features, x0_teacher = self._student_update(z_t, t, inputs, positive, negative, phase, t_adv,
+                                                                adv_noise, timings)
+        else:  # (alternate_updates; DistillConfig refuses it with guidance mode "cfg")
             start = self._sync()
             with torch.no_grad():
                 x = self.student_x0(z_t, t, positive, student_negative, sample_guidance(inputs, size))
             timings["discriminator_s"] += self._sync() - start
 
-        # 4. The discriminator head's LSGAN update: real latents vs the student's x0.
+        # 4. The discriminator head's LSGAN update: real vs the student's x0. Real: the dataset latents ("baked");
+        #    "cfg": the teacher's guided target, so the head compares guided outputs at the same w and prompt pair
+        #    (dataset images know neither w nor the negative prompt).
         if update_discriminator:
             start = self._sync()
-            loss_disc = self._discriminator_step(latents, x.detach(), fake_features, adv_noise, t_adv, positive)
+            real = x0_teacher if self.guided_student else latents
+            loss_disc = self._discriminator_step(real, x.detach(), fake_features, adv_noise, t_adv, positive)
             self._discriminator_logs = {"loss_discriminator": loss_disc}
             timings["discriminator_s"] += self._sync() - start
 
@@ -334,12 +337,12 @@ class FlashDistiller:
         }
 
     def _student_update(
-        self, latents: Tensor, z_t: Tensor, t: Tensor, inputs: TargetInputs, cond: Conditioning, uncond: Conditioning,
+        self, z_t: Tensor, t: Tensor, inputs: TargetInputs, cond: Conditioning, uncond: Conditioning,
         phase: int, t_adv: Tensor, adv_noise: Tensor, timings: dict[str, float],
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Teacher target (solved, or read from the target cache), the weighted losses, one AdamW step of the
-        LoRA. `cond` / `uncond`: each sample's positive and negative (draws.guidance_pair). Returns x and its
-        encoder features."""
+        LoRA. `cond` / `uncond`: each sample's positive and negative (draws.guidance_pair). Returns x, its
+        encoder features and the teacher target."""
         den, recipe = self.denoiser, self.recipe
         w_distill, w_adv, w_dmd = recipe.distill_weights[phase], recipe.adversarial_weights[phase], recipe.dmd_weights[phase]
         per_sample = sample_guidance(inputs, z_t.shape[0])  # w ~ U[min, max]: once per batch ("cfg": per sample)
@@ -402,7 +405,7 @@ class FlashDistiller:
         self.discriminator.zero_grad(set_to_none=True)  # the generator pass also reached the head
         timings["student_s"] += self._sync() - start
         self._student_logs = logs
-        return x, fake_features
+        return x, fake_features, x0_teacher.float()
 
     def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning,
                                    student_guidance: float | Tensor | None = None) -> Tensor:
@@ -431,13 +434,14 @@ class FlashDistiller:
         return dmd_loss(x, grad)
 
     def _discriminator_step(
-        self, latents: Tensor, fake_x0: Tensor, fake_features: Tensor | None, noise: Tensor, t: Tensor,
+        self, real_x0: Tensor, fake_x0: Tensor, fake_features: Tensor | None, noise: Tensor, t: Tensor,
         cond: Conditioning,
     ) -> float:
-        """LSGAN step of the head: real = dataset latents, fake = student x0, same noise and t (per sample)."""
+        """LSGAN step of the head: real x0 (dataset latents, or the teacher's guided target in guidance mode "cfg")
+        vs the student's x0, same noise and t (per sample)."""
         den = self.denoiser
         with torch.no_grad(), den.teacher(), self._autocast():
-            real_features = den.encoder_features(add_noise(den, latents, noise, t), t, cond)
+            real_features = den.encoder_features(add_noise(den, real_x0, noise, t), t, cond)
             if fake_features is None:
                 fake_features = den.encoder_features(add_noise(den, fake_x0, noise, t), t, cond)
         logits = self.discriminator(torch.cat([real_features, fake_features]).float())

@@ -51,6 +51,10 @@ class DistillConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
+        if self.guidance_mode == "cfg" and self.alternate_updates:
+            raise ValueError(
+                "guidance_mode 'cfg' trains the discriminator on the teacher's guided target, which only a student "
+                "iteration computes: set alternate_updates to false (the default) for guidance_mode 'cfg'")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         self.recipe()  # the overrides make a valid recipe (per-phase weights, K a multiple of the 4-step grid)

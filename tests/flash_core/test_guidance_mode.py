@@ -93,6 +93,26 @@ def test_the_mode_trains_every_phase_with_finite_losses_and_moves_the_lora():
     assert any(not torch.equal(before[k], v) for k, v in distiller.lora_state_dict().items())
 
 
+@pytest.mark.parametrize("mode", ["baked", "cfg"])
+def test_the_discriminators_real_sample_is_the_data_or_in_mode_cfg_the_teachers_guided_target(mode, monkeypatch):
+    distiller = FlashDistiller(UNetDenoiser(tiny_sd15_unet()), tiny_config("sd15", guidance_mode=mode, total_steps=4))
+    distiller.step = 2  # phase 2: the adversarial loss is on
+    targets, reals = [], []
+    solve, step = distill.teacher_target, distiller._discriminator_step
+    monkeypatch.setattr(distill, "teacher_target", lambda *a, **k: targets.append(solve(*a, **k)) or targets[-1])
+    monkeypatch.setattr(distiller, "_discriminator_step", lambda real, *a: reals.append(real) or step(real, *a))
+    batch = tiny_sd15_batch()
+    distiller.train_step(batch)
+    expected = targets[0].float() if mode == "cfg" else batch.latents  # "cfg": real = w-guided, negative included
+    assert torch.equal(reals[0], expected)
+    assert not torch.equal(targets[0].float(), batch.latents)
+
+
+def test_the_mode_refuses_alternate_updates():
+    with pytest.raises(ValueError, match="set alternate_updates to false"):
+        DistillConfig(guidance_mode="cfg", alternate_updates=True)
+
+
 def test_dmd_of_the_mode_vanishes_when_student_equals_teacher_at_any_w():
     distiller = cfg_distiller(guidance_range=(2.0, 9.0))
     batch = tiny_sd15_batch()

@@ -157,6 +157,14 @@ def test_distill_overrides_of_the_wrong_type_stop_before_any_work(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_guidance_mode_cfg_with_alternate_updates_stops_before_any_work(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"),
+                          distill={"guidance_mode": "cfg", "alternate_updates": True},
+                          data={"path": str(make_dataset(tmp_path / "d", 1))})
+    assert_one_line(*main_in_process(["--config", str(config)], capsys), "distill:", "set alternate_updates to false")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["../../x", "a/b", "..", "c\\d"])
 def test_an_export_name_with_folders_stops_before_any_work(tmp_path, capsys, name):
     config = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), export_name=name,
