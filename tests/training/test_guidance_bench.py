@@ -1,0 +1,57 @@
+"""The goals of `make bench-guidance` (training/digits/guidance.py) on made-up rows: the negative prompt's effect as
+the fraction of each method's own images of the digit it removes, the dial's distances and accuracies."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.digits import guidance
+
+NEGATIVE = "a handwritten digit seven"
+
+
+def negative_rows(student_with: float, student_without: float) -> list[dict]:
+    rows = [{"method": "teacher", "nfe": guidance.TEACHER_STEPS, "negative": NEGATIVE, "negated_share": 0.002,
+             "negated_share_without": 0.066}]
+    rows += [{"method": method, "nfe": nfe, "negative": NEGATIVE, "negated_share": with_, "negated_share_without": without}
+             for nfe in guidance.STUDENT_NFES
+             for method, with_, without in (("student", student_with, student_without), ("baseline", 0.026, 0.026))]
+    return rows
+
+
+def dial_rows(student_fd: float = 10.0, baseline_fd: float = 20.0, student_accuracy=None) -> list[dict]:
+    teacher_accuracy = dict(zip(guidance.DIAL, (0.67, 0.87, 0.94, 0.97)))
+    student_accuracy = student_accuracy or teacher_accuracy
+    rows = []
+    for w in guidance.DIAL:
+        rows.append({"method": "teacher", "nfe": guidance.TEACHER_STEPS, "w": w, "negative": "",
+                     "accuracy": teacher_accuracy[w], "frechet_to_teacher": None})
+        for nfe in guidance.STUDENT_NFES:
+            rows.append({"method": "student", "nfe": nfe, "w": w, "negative": "", "accuracy": student_accuracy[w],
+                         "frechet_to_teacher": student_fd})
+            rows.append({"method": "baseline", "nfe": nfe, "w": w, "negative": "", "accuracy": 0.85,
+                         "frechet_to_teacher": baseline_fd})
+    return rows
+
+
+def test_a_student_that_removes_its_own_negated_digit_meets_the_goal_whatever_its_unconditional_share():
+    checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows())
+    result = checks["negative"][f"{NEGATIVE} @4"]
+    assert result["teacher_removed_fraction"] == pytest.approx(0.064 / 0.066)
+    assert result["student_removed_fraction"] == 1.0 and result["student_removed_points"] == pytest.approx(0.036)
+    assert result["met"] and checks["met"]
+
+
+@pytest.mark.parametrize("with_,without", [(0.018, 0.036), (0.026, 0.026), (0.0, 0.0)])
+def test_a_weak_or_absent_effect_misses_the_goal(with_, without):
+    checks = guidance.goals(negative_rows(with_, without) + dial_rows())
+    assert not checks["negative"][f"{NEGATIVE} @2"]["met"] and not checks["met"]
+
+
+def test_the_dial_needs_the_student_nearer_than_the_baseline_and_accuracy_near_the_teachers():
+    assert guidance.goals(negative_rows(0.0, 0.036) + dial_rows())["dial"]["@4"]["met"]
+    farther = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_fd=25.0))["dial"]["@4"]
+    assert not farther["met"] and farther["nearer_than_baseline"] == {str(w): False for w in guidance.DIAL}
+    flat = dict(zip(guidance.DIAL, (0.97, 0.97, 0.97, 0.97)))  # does not move with w as the teacher's does
+    checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_accuracy=flat))["dial"]["@2"]
+    assert not checks["accuracy_same_direction"] and not checks["accuracy_within_10_points"] and not checks["met"]
