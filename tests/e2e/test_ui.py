@@ -184,13 +184,19 @@ def test_missing_models_dialog_offers_the_downloads(frontend: Frontend):
         assert download["title"] == title and not download["disabled"], row
 
 
-def test_run_button_renders_an_image(frontend: Frontend, server):
-    workflow = json.loads((WORKFLOWS / "flash_txt2img.json").read_text())
+def _open_at_test_size(frontend: Frontend, name: str) -> dict:
+    """Open workflows/<name> in the UI (no missing nodes) with every Empty Latent Image set to the test size."""
+    workflow = json.loads((WORKFLOWS / name).read_text())
     frontend.load_graph(workflow)
     assert frontend.missing_nodes_reported() is None
     for node_id in _node_ids(workflow, "EmptyLatentImage"):
         frontend.set_widget(node_id, "width", LATENT_SIZE)
         frontend.set_widget(node_id, "height", LATENT_SIZE)
+    return workflow
+
+
+def test_run_button_renders_an_image(frontend: Frontend, server):
+    workflow = _open_at_test_size(frontend, "flash_txt2img.json")
     (save_node,) = _node_ids(workflow, "SaveImage")
 
     queued, reply = _click_run(frontend)
@@ -219,12 +225,7 @@ def test_guidance_workflow_runs_in_the_browser(frontend: Frontend, server, model
     trains in guidance mode cfg and its two Flash Samplers (negative prompt; cfg 0 and 4) render."""
     from safetensors import safe_open
 
-    workflow = json.loads((WORKFLOWS / "flash_distill_guidance.json").read_text())
-    frontend.load_graph(workflow)
-    assert frontend.missing_nodes_reported() is None
-    for node_id in _node_ids(workflow, "EmptyLatentImage"):
-        frontend.set_widget(node_id, "width", LATENT_SIZE)
-        frontend.set_widget(node_id, "height", LATENT_SIZE)
+    workflow = _open_at_test_size(frontend, "flash_distill_guidance.json")
     for node_id in _node_ids(workflow, "KSampler") + _node_ids(workflow, "FlashSampler"):
         frontend.set_widget(node_id, "steps", 2)
     (train,) = _node_ids(workflow, "FlashDistillTrain")
