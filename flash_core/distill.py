@@ -31,8 +31,9 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
         .train_step(batch) -> dict[str, float]        # one iteration: the student, then the discriminator, update
                                                       # (or alternating), losses, student_update / discriminator_update
                                                       # flags, seconds: teacher_s, student_s, discriminator_s, dmd_s
-        .student_sample(noise, cond, num_steps=4, generator=None, negative=None, guidance=None) -> Tensor
-                                                      # LoRA merged while sampling; CFG with negative at guidance
+        .student_sample(noise, cond, num_steps=4, generator=None, negative=None, guidance=None,
+                        renoise=None) -> Tensor       # LoRA merged while sampling; CFG with negative at guidance;
+                                                      # re-noise by the guidance mode (sampling.renoise_rule)
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
         .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
 
@@ -459,10 +460,11 @@ class FlashDistiller:
     @torch.no_grad()
     def student_sample(
         self, noise: Tensor, cond: Conditioning, num_steps: int = 4, generator: torch.Generator | None = None,
-        negative: Conditioning | None = None, guidance: float = 1.0,
+        negative: Conditioning | None = None, guidance: float = 1.0, renoise: str | None = None,
     ) -> Tensor:
-        """Few-step latents from the student (flash_core.sampling's LCM-style loop on the training grid); with a
+        """Few-step latents from the student (flash_core.sampling's loop on the training grid); with a
         `negative`, each step is the CFG w*s(x, cond) + (1-w)*s(x, negative) at w = `guidance` (two calls).
+        renoise: "fresh" or "deterministic"; None = the rule of the student's guidance mode (sampling.renoise_rule).
 
         The LoRA is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
         the weights restored exactly afterwards.
@@ -478,11 +480,14 @@ class FlashDistiller:
                 return guided_output(den, x, self._timestep(t, x.shape[0]), cond, negative, guidance).float()
 
         noise = noise.to(self.device, torch.float32)
+        renoise = renoise or sampling.renoise_rule(self.config.guidance_mode)
         with den.merged_lora():
             if den.is_flow:
-                return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator)
+                return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator,
+                                            renoise=renoise)
             return sampling.sample_discrete(
-                model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator
+                model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator,
+                renoise=renoise,
             )
 
     # ---- checkpointing ----

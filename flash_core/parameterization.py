@@ -97,6 +97,12 @@ def add_noise(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
     return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
 
 
+def implied_noise(x_t: Tensor, x0: Tensor, alpha, sigma) -> Tensor:
+    """The noise a sample implies given its x0, at x_t = alpha x0 + sigma eps (VP, flow, and ComfyUI's VE with
+    alpha 1): the deterministic (DDIM eta 0) re-noise of the few-step sampler reuses it."""
+    return (x_t - alpha * x0) / sigma  # eps = (x_t - alpha_t x0) / sigma_t
+
+
 def x0_and_eps(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """(x0, eps) from a raw model output at x_t = alpha x0 + sigma eps; prediction_type epsilon, v_prediction
     or flow (velocity)."""

@@ -1,9 +1,12 @@
-"""The Flash few-step sampler: LCM-style "predict x0, re-noise to the next level with fresh noise".
+"""The Flash few-step sampler: "predict x0, re-noise to the next level", LCM-style with fresh noise (the published
+Flash sampler) or deterministically with the noise the step's input implies (DDIM eta 0; students of guidance mode
+"cfg", RENOISE_OF_GUIDANCE_MODE below).
 
-One loop (`few_step_loop`) serves every path. It only knows four callables:
+One loop (`few_step_loop`) serves every path. It only knows these callables:
 
   * ``denoise_fn(x, level) -> x0``: the student's (boundary-conditioned) clean prediction at `level`,
   * ``noise_fn(level, next_level) -> eps``: fresh standard Gaussian noise for the re-noise step,
+  * ``implied_noise_fn(x, x0, level) -> eps`` (deterministic re-noise only): the noise x implies given x0,
   * ``renoise_fn(x0, eps, next_level) -> x``: put x0 back at the noise level `next_level`,
   * ``callback(i, x, x0)``: optional progress / preview hook.
 
@@ -31,6 +34,7 @@ from flash_core.parameterization import (
     discrete_renoise,
     flow_renoise,
     flow_x0,
+    implied_noise,
     predicted_x0,
     vp_sample_from_ve,  # noqa: F401
 )
@@ -40,6 +44,25 @@ DenoiseFn = Callable[[torch.Tensor, Any], torch.Tensor]
 NoiseFn = Callable[[Any, Any], torch.Tensor]
 RenoiseFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+ImpliedNoiseFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+# How the sampler re-noises x0 between steps, by the student's guidance mode (docs/architecture.md, "Guidance modes"):
+#   "fresh":         fresh Gaussian noise, LCM-style: the published Flash sampler, for students with guidance baked in;
+#   "deterministic": the noise the step's input implies given its x0 (DDIM eta 0, Euler in ComfyUI's sigma space):
+#                    the CFG student's. Fresh noise puts a guided x0 back off the guided trajectory, and the next
+#                    step's CFG guides it again: guidance compounds (make bench-guidance, "renoise_ablation").
+RENOISE_RULES = ("fresh", "deterministic")
+RENOISE_OF_GUIDANCE_MODE = {"baked": "fresh", "cfg": "deterministic"}
+
+
+def renoise_rule(guidance_mode: str | None) -> str:
+    """The re-noise rule of a student of `guidance_mode` (None or unknown: "baked", the published sampler's)."""
+    return RENOISE_OF_GUIDANCE_MODE.get(guidance_mode or "baked", "fresh")
+
+
+def _check_renoise(renoise: str) -> None:
+    if renoise not in RENOISE_RULES:
+        raise ValueError(f"renoise must be one of {RENOISE_RULES}, got {renoise!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,13 +78,15 @@ def few_step_loop(
     noise_fn: NoiseFn,
     callback: StepCallback | None = None,
     end_level: Any = None,
+    implied_noise_fn: ImpliedNoiseFn | None = None,
 ) -> torch.Tensor:
-    """Run the LCM-style few-step chain and return the final sample.
+    """Run the few-step chain and return the final sample.
 
     `x` is the sample at ``levels[0]`` (pure noise for text-to-image). For each level: x0 = denoise(x, level);
-    then, unless this was the last level, x = renoise(x0, fresh noise, next level). After the last level the
-    result is x0 itself, or x0 re-noised to `end_level` when one is given (a partial ComfyUI schedule whose
-    last sigma is not 0).
+    then, unless this was the last level, x = renoise(x0, eps, next level) with fresh noise eps = noise_fn(...),
+    or, given `implied_noise_fn`, the noise x implies (deterministic: noise_fn is never called). After the last
+    level the result is x0 itself, or x0 re-noised to `end_level` when one is given (a partial ComfyUI schedule
+    whose last sigma is not 0).
     """
     if len(levels) == 0:
         return x
@@ -73,7 +98,11 @@ def few_step_loop(
         if next_level is None:
             x = x0  # last step: return the clean prediction
         else:
-            x = renoise_fn(x0, noise_fn(level, next_level), next_level)  # fresh noise to the next level
+            if implied_noise_fn is None:
+                eps = noise_fn(level, next_level)  # fresh noise (LCM)
+            else:
+                eps = implied_noise_fn(x, x0, level)  # the noise x carries (DDIM eta 0)
+            x = renoise_fn(x0, eps, next_level)
     return x
 
 
@@ -115,15 +144,18 @@ def sample_discrete(
     prediction_type: PredictionType = "epsilon",
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    renoise: str = "fresh",
 ) -> torch.Tensor:
     """Few-step sampling of a discrete VP model (SD1.5 / SDXL / PixArt students).
 
     model_fn(z_t, t) returns the model's raw output (eps or v) for integer timestep t; `latents` is z at
     ``timesteps[0]`` (pure Gaussian noise at t=999); `timesteps` e.g. schedules.trailing_timesteps(4).
-    Re-noise noise is drawn from `generator` once per intermediate step, in order.
+    renoise "fresh": re-noise noise is drawn from `generator` once per intermediate step, in order (diffusers'
+    LCMScheduler); "deterministic": the noise z_t implies (diffusers' DDIMScheduler, eta 0).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    _check_renoise(renoise)
     timesteps = [int(t) for t in timesteps]
 
     def alpha_bar(t: int) -> float:
@@ -139,7 +171,11 @@ def sample_discrete(
     def noise_fn(t: int, t_next: int) -> torch.Tensor:
         return _gaussian_noise(latents, generator)
 
-    return few_step_loop(latents, timesteps, denoise_fn, renoise_fn, noise_fn, callback)
+    def implied_noise_fn(z_t: torch.Tensor, x0: torch.Tensor, t: int) -> torch.Tensor:
+        return implied_noise(z_t, x0, alpha_bar(t) ** 0.5, (1.0 - alpha_bar(t)) ** 0.5)
+
+    return few_step_loop(latents, timesteps, denoise_fn, renoise_fn, noise_fn, callback,
+                         implied_noise_fn=implied_noise_fn if renoise == "deterministic" else None)
 
 
 def sample_flow(
@@ -149,12 +185,15 @@ def sample_flow(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    renoise: str = "fresh",
 ) -> torch.Tensor:
     """Few-step sampling of a flow-matching model (SD3 students).
 
     model_fn(x, timestep) returns the velocity v for diffusers' timestep convention timestep = sigma * T;
     `latents` is x at ``sigmas[0]`` (pure noise at sigma 1); `sigmas` e.g. schedules.flow_sigmas(4).
+    renoise "fresh": diffusers' stochastic flow step; "deterministic": its Euler step.
     """
+    _check_renoise(renoise)
     sigmas = [float(s) for s in sigmas]
 
     def denoise_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -163,4 +202,8 @@ def sample_flow(
     def noise_fn(sigma: float, sigma_next: float) -> torch.Tensor:
         return _gaussian_noise(latents, generator)
 
-    return few_step_loop(latents, sigmas, denoise_fn, flow_renoise, noise_fn, callback)
+    def implied_noise_fn(x: torch.Tensor, x0: torch.Tensor, sigma: float) -> torch.Tensor:
+        return implied_noise(x, x0, 1.0 - sigma, sigma)  # x = sigma eps + (1 - sigma) x0
+
+    return few_step_loop(latents, sigmas, denoise_fn, flow_renoise, noise_fn, callback,
+                         implied_noise_fn=implied_noise_fn if renoise == "deterministic" else None)

@@ -31,8 +31,12 @@ def with_flash_sampling(model, settings: dict, lora_name: str):
 
 def flash_sampling_of(model) -> dict | None:
     """The Flash LoRA settings a MODEL carries (FlashLoRALoader / FlashDistillTrain), or None."""
-    options = getattr(model, "model_options", None) or {}
-    settings = options.get(MODEL_OPTIONS_KEY)
+    return flash_sampling_in(getattr(model, "model_options", None))
+
+
+def flash_sampling_in(model_options: dict | None) -> dict | None:
+    """The Flash LoRA settings in a MODEL's model_options (a sampler function reads them from its extra_args)."""
+    settings = (model_options or {}).get(MODEL_OPTIONS_KEY)
     return settings if isinstance(settings, dict) else None
 
 

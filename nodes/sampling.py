@@ -34,7 +34,7 @@ from flash_core.schedules import (
     denoise_timesteps,
 )
 
-from .loaders import flash_sampling_of
+from .loaders import flash_sampling_in, flash_sampling_of
 from .stack import stack_mismatch, warn_mismatch
 
 CATEGORY = "Flash Diffusion"
@@ -174,7 +174,9 @@ def sample_flash(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """KSAMPLER function in ComfyUI's sigma space: model(x, sigma) returns x0, noise_scaling re-noises.
 
     `model` is ComfyUI's wrapper (inpainting mask, CFG, ControlNet, patches); it is the only model call.
-    Re-noise noise comes from ComfyUI's seeded default noise sampler, as for the stock "lcm" sampler.
+    Re-noise noise comes from ComfyUI's seeded default noise sampler, as for the stock "lcm" sampler; for a Flash
+    LoRA of guidance mode "cfg" (the settings the MODEL carries, in model_options) the re-noise is deterministic
+    (flash_core.sampling.renoise_rule: the noise x implies, DDIM eta 0 / the stock "euler" step).
     """
     extra_args = {} if extra_args is None else extra_args
     base_model = model.inner_model.inner_model
@@ -208,6 +210,16 @@ def sample_flash(model, x, sigmas, extra_args=None, callback=None, disable=None,
     def noise_fn(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         return noise_sampler(sigma, sigma_next)
 
+    def implied_noise_fn(x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        # x = a x0 + b eps in ComfyUI's space (VP models: a = 1, b = sigma; flow: 1 - sigma, sigma), both read off
+        # noise_scaling, the model's own re-noise, so the deterministic step is exactly its inverse
+        alpha_x0 = model_sampling.noise_scaling(sigma, torch.zeros_like(x0), x0)
+        scale = model_sampling.noise_scaling(sigma, torch.ones_like(x0), torch.zeros_like(x0))
+        return parameterization.implied_noise(x_sigma, alpha_x0, 1.0, scale)
+
+    settings = flash_sampling_in(extra_args.get("model_options"))
+    deterministic = flash_sampling.renoise_rule((settings or {}).get("guidance_mode")) == "deterministic"
+
     progress = tqdm(total=len(levels), disable=disable)
 
     def step_callback(i: int, x_i: torch.Tensor, x0: torch.Tensor) -> None:
@@ -216,7 +228,8 @@ def sample_flash(model, x, sigmas, extra_args=None, callback=None, disable=None,
             callback({"x": x_i, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
 
     try:
-        return flash_sampling.few_step_loop(x, levels, denoise_fn, renoise_fn, noise_fn, step_callback, end_level)
+        return flash_sampling.few_step_loop(x, levels, denoise_fn, renoise_fn, noise_fn, step_callback, end_level,
+                                            implied_noise_fn=implied_noise_fn if deterministic else None)
     finally:
         progress.close()
 
@@ -310,7 +323,8 @@ class FlashSampler(io.ComfyNode):
             display_name="Flash Sampler",
             category=CATEGORY,
             description="Few-step (1-8) sampling of a Flash Diffusion student on its training grid "
-            "(999/749/499/249 for 4 steps), LCM-style: predict x0, re-noise, repeat.",
+            "(999/749/499/249 for 4 steps): predict x0, re-noise, repeat. Re-noise with fresh noise (LCM-style), or "
+            "for a Flash LoRA of guidance mode 'cfg' with the noise the sample carries (as stock euler).",
             inputs=[
                 io.Model.Input("model", tooltip="A model with a Flash LoRA applied (Flash LoRA Loader)."),
                 io.Conditioning.Input("positive"),
@@ -372,8 +386,8 @@ class FlashSamplerSelect(io.ComfyNode):
             node_id="FlashSamplerSelect",
             display_name="Flash Sampler Select",
             category=CATEGORY,
-            description="The Flash few-step sampler (LCM-style with the LCM boundary condition) as a SAMPLER; "
-            "pair it with Flash Scheduler.",
+            description="The Flash few-step sampler (LCM-style with the LCM boundary condition; deterministic "
+            "re-noise for a Flash LoRA of guidance mode 'cfg') as a SAMPLER; pair it with Flash Scheduler.",
             inputs=[],
             outputs=[io.Sampler.Output()],
         )

@@ -123,7 +123,9 @@ def test_dmd_of_the_mode_vanishes_when_student_equals_teacher_at_any_w():
     assert float(distiller.distribution_matching_loss(x, batch.cond, batch.uncond, 7.0)) > 1e-6
 
 
-def test_student_sample_with_a_negative_runs_cfg_at_each_step():
+def test_student_sample_with_a_negative_runs_cfg_at_each_step_re_noised_deterministically():
+    """The mode's sampler (sampling.renoise_rule): CFG at each step, the re-noise the noise z_t implies (DDIM eta 0),
+    so the generator changes nothing; renoise="fresh" gives today's LCM-style sampler back."""
     from flash_core import sampling
 
     distiller = cfg_distiller()
@@ -140,8 +142,14 @@ def test_student_sample_with_a_negative_runs_cfg_at_each_step():
 
     with torch.no_grad():
         reference = sampling.sample_discrete(cfg, noise, schedules.trailing_timesteps(2),
-                                             schedules.scaled_linear_alphas_cumprod(), generator=torch.Generator().manual_seed(1))
+                                             schedules.scaled_linear_alphas_cumprod(), renoise="deterministic")
+        fresh = sampling.sample_discrete(cfg, noise, schedules.trailing_timesteps(2),
+                                         schedules.scaled_linear_alphas_cumprod(), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(out, reference, atol=1e-4)
+    assert torch.equal(out, distiller.student_sample(noise, batch.cond, 2, torch.Generator().manual_seed(2), batch.uncond, 4.0))
+    assert not torch.allclose(out, fresh, atol=1e-3)
+    assert torch.allclose(fresh, distiller.student_sample(noise, batch.cond, 2, torch.Generator().manual_seed(1),
+                                                          batch.uncond, 4.0, renoise="fresh"), atol=1e-4)
     plain = distiller.student_sample(noise, batch.cond, 2, torch.Generator().manual_seed(1))
     assert not torch.allclose(out, plain, atol=1e-3)
 

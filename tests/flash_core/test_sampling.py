@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
     SD3Transformer2DModel,
@@ -20,6 +21,7 @@ from diffusers import (
 )
 
 from flash_core import sampling, schedules
+from flash_core.lora_formats.metadata import GUIDANCE_MODES
 
 NOISE_SEED = 1234
 BATCH = 2
@@ -197,6 +199,80 @@ def test_flow_sampler_equals_diffusers_flow_match_stochastic_step(tiny_sd3, num_
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- deterministic re-noise (guidance mode "cfg")
+
+
+DETERMINISTIC_RUNS = [pytest.param(steps, prediction, id=f"{steps} steps-{prediction}")
+                      for steps in (4, 2, 1) for prediction in ("epsilon", "v_prediction")]
+
+
+@pytest.mark.parametrize("num_steps,prediction_type", DETERMINISTIC_RUNS)
+def test_deterministic_discrete_sampler_equals_diffusers_ddim(tiny_unet, num_steps, prediction_type):
+    """renoise "deterministic" is DDIM at eta 0 on the trailing grid (the LCM boundary condition is ~1e-8 at these
+    timesteps), and draws nothing from the generator."""
+    unet = tiny_unet.to(torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    cond = torch.randn(BATCH, 5, 32, generator=gen)
+    latents = torch.randn(BATCH, 4, 8, 8, generator=gen)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=True, timestep_spacing="trailing", prediction_type=prediction_type)
+    scheduler.set_timesteps(num_steps)
+    timesteps = schedules.trailing_timesteps(num_steps)
+    assert [int(t) for t in scheduler.timesteps] == timesteps
+
+    def model_fn(z, t):
+        return unet(z, t, encoder_hidden_states=cond).sample
+
+    with torch.no_grad():
+        reference = latents.clone()
+        for t in scheduler.timesteps:
+            reference = scheduler.step(model_fn(reference, t), t, reference, eta=0.0, return_dict=False)[0]
+
+        def ours(seed):
+            return sampling.sample_discrete(model_fn, latents, timesteps, schedules.scaled_linear_alphas_cumprod(),
+                                            prediction_type, torch.Generator().manual_seed(seed), renoise="deterministic")
+
+        deterministic = ours(NOISE_SEED)
+        assert torch.equal(deterministic, ours(NOISE_SEED + 1))
+        fresh = sampling.sample_discrete(model_fn, latents, timesteps, schedules.scaled_linear_alphas_cumprod(),
+                                         prediction_type, torch.Generator().manual_seed(NOISE_SEED))
+    torch.testing.assert_close(deterministic, reference, atol=1e-5, rtol=1e-5)
+    if num_steps > 1:
+        assert not torch.allclose(deterministic, fresh, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_steps", [4, 2])
+def test_deterministic_flow_sampler_equals_diffusers_flow_match_euler(tiny_sd3, num_steps):
+    model = tiny_sd3.to(torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    cond = torch.randn(BATCH, 6, 16, generator=gen)
+    pooled = torch.randn(BATCH, 16, generator=gen)
+    latents = torch.randn(BATCH, 4, 8, 8, generator=gen)
+
+    def velocity(x, timestep):
+        t = torch.full((x.shape[0],), timestep, dtype=x.dtype)
+        return model(hidden_states=x, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t).sample
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # deterministic Euler steps
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / 1000, num_steps))
+    with torch.no_grad():
+        reference = latents.clone()
+        for t in scheduler.timesteps:
+            reference = scheduler.step(velocity(reference, float(t)), t, reference).prev_sample
+        ours = sampling.sample_flow(velocity, latents, schedules.flow_sigmas(num_steps, 3.0), renoise="deterministic")
+    # diffusers' last Euler step lands on sigma 0, ours returns that step's x0: the same point
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_renoise_rule_of_every_guidance_mode():
+    assert set(sampling.RENOISE_OF_GUIDANCE_MODE) == set(GUIDANCE_MODES)
+    assert sampling.renoise_rule("cfg") == "deterministic"
+    assert sampling.renoise_rule("baked") == sampling.renoise_rule(None) == "fresh"  # files without the key
+    with pytest.raises(ValueError, match="renoise must be one of"):
+        sampling.sample_discrete(lambda z, t: z, torch.zeros(1, 4, 8, 8), [999], schedules.scaled_linear_alphas_cumprod(),
+                                 renoise="ddim")
+
+
 # ---------------------------------------------------------------- the loop itself
 
 
@@ -234,6 +310,18 @@ def test_few_step_loop_order_of_calls():
     assert float(out) == 3.0 + 5.0
     # no levels: nothing to do
     assert float(sampling.few_step_loop(torch.tensor(0.5), [], denoise_fn, renoise_fn, noise_fn)) == 0.5
+
+    # deterministic re-noise: the noise x implies given x0, and no fresh noise drawn
+    calls.clear()
+
+    def implied_noise_fn(x, x0, level):
+        calls.append(("implied", level, float(x), float(x0)))
+        return torch.tensor(2.0)
+
+    out = sampling.few_step_loop(torch.tensor(0.5), [30, 20], denoise_fn, renoise_fn, noise_fn,
+                                 implied_noise_fn=implied_noise_fn)
+    assert calls == [("denoise", 30, 0.5), ("implied", 30, 0.5, 3.0), ("renoise", 20), ("denoise", 20, 43.0)]
+    assert float(out) == 2.0
 
 
 # ---------------------------------------------------------------- step maths

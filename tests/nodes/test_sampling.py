@@ -379,6 +379,35 @@ def test_a_cfg_mode_lora_samples_at_its_cfg_with_the_negative(sampling_nodes, mo
     assert any("has the guidance baked in" in n for n in notes), notes
 
 
+def test_a_cfg_mode_lora_re_noises_deterministically_as_stock_euler(sampling_nodes, model, cond):
+    """Guidance mode "cfg": the re-noise reuses the noise x implies (flash_core.sampling.renoise_rule), which in
+    ComfyUI's sigma space is the stock "euler" step: the same samples as euler + "simple" at the same cfg, in
+    FlashSampler and in the SAMPLER SamplerCustom runs, and no re-noise draws (the seed of the noise sampler
+    changes nothing). Without the mode (a baked LoRA) the seed keeps changing the re-noise."""
+    guided = model.clone()
+    guided.model_options["flash"] = {"lora_name": "cfg.safetensors", "steps": 4, "cfg": 4.5, "timesteps": [],
+                                     "guidance_mode": "cfg", "guidance_range": [1.0, 8.0]}
+    negative = [[torch.zeros_like(cond[0][0]), {}]]
+    latent = torch.zeros(2, 4, 8, 8)
+    ours = sampling_nodes.FlashSampler.execute(guided, cond, negative, {"samples": latent}, SEED, 4, 4.5,
+                                               1.0).result[0]["samples"]
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    euler = comfy.sample.sample(guided, noise, 4, 4.5, "euler", "simple", cond, negative, latent, seed=SEED)
+    torch.testing.assert_close(ours, euler, rtol=1e-4, atol=5e-4)  # float32 at cfg 4.5: two formulas of one step
+    lcm = comfy.sample.sample(guided, noise, 4, 4.5, "lcm", "simple", cond, negative, latent, seed=SEED)
+    assert not torch.allclose(ours, lcm, atol=1e-2)  # the fresh-noise sampler is another one
+
+    sampler = sampling_nodes.FlashSamplerSelect.execute().result[0]
+    sigmas = sampling_nodes.FlashScheduler.execute(guided, 4, 1.0).result[0]
+
+    def custom(m, seed):
+        return comfy.sample.sample_custom(m, noise, 4.5, sampler, sigmas, cond, negative, latent, seed=seed)
+
+    assert torch.equal(custom(guided, SEED), ours)
+    assert torch.equal(custom(guided, SEED + 1), ours)  # no fresh noise drawn
+    assert not torch.equal(custom(model, SEED), custom(model, SEED + 1))  # baked: fresh noise from the seed
+
+
 def test_wrong_latent_channels_raise(sampling_nodes, model, cond):
     sd3_latent = {"samples": torch.ones(1, 16, 8, 8)}
     expected = "the latent has 16 channels but this model \\(SD15\\) expects 4: use the VAE / Empty Latent Image"

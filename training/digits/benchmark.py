@@ -221,15 +221,15 @@ def train_student(pipe, train, settings: StudentSettings, weights: dict, desc: s
 
 
 def student_generate(distiller, pipe, cond_embeds: torch.Tensor, noise: torch.Tensor, nfe: int, seed: int,
-                     negative_embeds: torch.Tensor | None = None, guidance: float = 1.0):
-    """Few-step student latents (flash_core's LCM-style sampler on the trailing grid), decoded; with
-    `negative_embeds`, the student's CFG at `guidance` (a student of guidance mode "cfg")."""
+                     negative_embeds: torch.Tensor | None = None, guidance: float = 1.0, renoise: str | None = None):
+    """Few-step student latents (flash_core's sampler on the trailing grid), decoded; with `negative_embeds`, the
+    student's CFG at `guidance` (a student of guidance mode "cfg"). renoise: None = its guidance mode's rule."""
     from flash_core.denoiser import Conditioning
 
     generator = torch.Generator().manual_seed(seed)
     negative = Conditioning(encoder_hidden_states=negative_embeds) if negative_embeds is not None else None
     latents = distiller.student_sample(noise, Conditioning(encoder_hidden_states=cond_embeds), nfe, generator,
-                                       negative=negative, guidance=guidance)
+                                       negative=negative, guidance=guidance, renoise=renoise)
     return decode(pipe, latents)
 
 

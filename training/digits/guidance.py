@@ -3,10 +3,10 @@ negative prompt and a guidance dial at few steps, as the teacher does with CFG?
 
 Three methods, the same prompts and initial noise for all (flash_core.distill_config.GUIDANCE_MODES):
   * teacher:  DPM-Solver++ 25 steps with CFG at w (2 UNet calls per step);
-  * student:  a Flash student distilled with guidance_mode "cfg" over w ~ U[1, 8], sampled with its own CFG at the
-              same w and negative (2 UNet calls per step);
+  * student:  a Flash student distilled with guidance_mode "cfg" over w ~ U[1, 8], sampled as FlashSampler samples
+              it: its own CFG at the same w and negative (2 UNet calls per step), deterministic re-noise;
   * baseline: today's student (guidance_mode "baked", w ~ U[2, 4] baked in), sampled at cfg 1 as FlashSampler
-              samples it: the negative prompt and w do nothing (1 UNet call per step).
+              samples it: the negative prompt and w do nothing (1 UNet call per step), fresh re-noise (LCM).
 Two experiments (classifier: training/digits/evaluator.py):
   * negative prompt: positive "" (unconditional), negative "a handwritten digit seven" / "... zero", at w = 3:
     the share of images read as the negated digit, with and without the negative. Goal: at 4 and 2 steps the
@@ -17,6 +17,8 @@ Two experiments (classifier: training/digits/evaluator.py):
     every w and step count the student is nearer the teacher than the baseline, and the student's accuracy moves
     with w the way the teacher's does (the same sign from the smallest to the largest w, and at every w within
     10 points of the teacher's).
+    Beside the dial (summary.json "renoise_ablation", not a goal): each student with the other one's re-noise rule
+    (flash_core.sampling.RENOISE_OF_GUIDANCE_MODE), to tell the guidance mode's share from the sampler's.
 
 Writes bench/results/guidance/: results.json (rows: method, nfe, w, negative, negated_share,
 negated_share_without, accuracy, frechet_to_teacher; plus settings and goals), results.md, grid.png (the dial at
@@ -60,6 +62,8 @@ NEGATIVE_W = 3.0
 NEGATED_DIGITS = (7, 0)
 STUDENT_GUIDANCE_RANGE = (1.0, 8.0)  # the cfg student's training range: covers the dial
 SAMPLING_SEED = 1  # the few-step samplers' re-noising (make bench-quality's)
+# the re-noise ablation: each method with the rule of the other guidance mode (flash_core.sampling.renoise_rule)
+OTHER_RENOISE = {"student": "fresh", "baseline": "deterministic"}
 REMOVED_SHARE_GOAL = 0.8
 ACCURACY_TOLERANCE = 0.10
 
@@ -100,24 +104,34 @@ def negative_rows(pipe, evaluator, students: dict, count: int, seed: int) -> lis
     return rows
 
 
-def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> list[dict]:
-    """The guidance dial: every digit's canonical prompt at each w; distances to the teacher's images at that w."""
+def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """The guidance dial: every digit's canonical prompt at each w; distances to the teacher's images at that w.
+    Returns (rows, the re-noise ablation's rows: each student with the other re-noise rule)."""
     digits = torch.arange(10).repeat_interleave(per_digit)
     prompts = [canonical_prompt(int(d)) for d in digits]
     noise = _noise(pipe, len(prompts), seed)
     cond, empty = encode_prompts(pipe, prompts), encode_prompts(pipe, [""] * len(prompts))
-    baseline = {nfe: student_generate(students["baseline"], pipe, cond, noise, nfe, SAMPLING_SEED) for nfe in STUDENT_NFES}
-    rows = []
+    baseline = {(nfe, renoise): student_generate(students["baseline"], pipe, cond, noise, nfe, SAMPLING_SEED,
+                                                 renoise=renoise)
+                for nfe in STUDENT_NFES for renoise in (None, OTHER_RENOISE["baseline"])}
+    rows, ablation = [], []
     for w in DIAL:
         teacher = teacher_generate(pipe, prompts, noise, TEACHER_STEPS, w)
         rows.append(_dial_row("teacher", TEACHER_STEPS, w, teacher, evaluator, digits, None))
         for nfe in STUDENT_NFES:
             student = student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
             rows.append(_dial_row("student", nfe, w, student, evaluator, digits, teacher))
-            rows.append(_dial_row("baseline", nfe, w, baseline[nfe], evaluator, digits, teacher))
+            rows.append(_dial_row("baseline", nfe, w, baseline[(nfe, None)], evaluator, digits, teacher))
+            other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
+                                                 renoise=OTHER_RENOISE["student"]),
+                     "baseline": baseline[(nfe, OTHER_RENOISE["baseline"])]}
+            for method, images in other.items():
+                row = _dial_row(method, nfe, w, images, evaluator, digits, teacher)
+                ablation.append({k: row[k] for k in ("method", "nfe", "w", "accuracy", "frechet_to_teacher")}
+                                | {"renoise": OTHER_RENOISE[method]})
         print("  w " + f"{w:g}: " + "  ".join(f"{r['method']}@{r['nfe']} acc {100 * r['accuracy']:.1f} "
                                              f"FD {r['frechet_to_teacher'] or 0:.1f}" for r in rows[-5:]), flush=True)
-    return rows
+    return rows, ablation
 
 
 def _dial_row(method, nfe, w, images, evaluator, digits, teacher_images) -> dict:
@@ -223,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_s[name] = time.perf_counter() - start
         print(f"  distilled {name} in {train_s[name]:.0f} s", flush=True)
     rows = negative_rows(pipe, evaluator, students, args.negative_images, args.seed)
-    rows += dial_rows(pipe, evaluator, students, args.per_digit, args.seed)
+    dial, renoise_ablation = dial_rows(pipe, evaluator, students, args.per_digit, args.seed)
+    rows += dial
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(args.out, rows, args.per_digit)
     checks = goals(rows)
@@ -234,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -P -m training.digits.guidance", "per_digit": args.per_digit,
         "negative_images": args.negative_images, "teacher_steps": TEACHER_STEPS, "negative_w": NEGATIVE_W,
         "students": {name: {**asdict(s), **config} for name, (s, config) in settings.items()},
-        "train_s": train_s, "goals": checks, "total_s": time.perf_counter() - started})
+        "train_s": train_s, "goals": checks, "renoise_ablation": renoise_ablation,
+        "total_s": time.perf_counter() - started})
     write_text_atomic(args.out / "results.md", table + "\n")
     print(table)
     print("goals met:", checks["met"])
