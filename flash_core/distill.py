@@ -31,9 +31,8 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
         .train_step(batch) -> dict[str, float]        # one iteration: the student, then the discriminator, update
                                                       # (or alternating), losses, student_update / discriminator_update
                                                       # flags, seconds: teacher_s, student_s, discriminator_s, dmd_s
-        .student_sample(noise, cond, num_steps=4, generator=None, negative=None, guidance=None,
-                        renoise=None) -> Tensor       # LoRA merged while sampling; CFG with negative at guidance;
-                                                      # re-noise by the guidance mode (sampling.renoise_rule)
+        .student_sample(noise, cond, num_steps=4, generator=None, negative=None, guidance=None, renoise=None)
+                                                      # LoRA merged; CFG with negative; sampling.renoise_rule
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
         .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
 
@@ -483,12 +482,9 @@ class FlashDistiller:
         renoise = renoise or sampling.renoise_rule(self.config.guidance_mode)
         with den.merged_lora():
             if den.is_flow:
-                return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator=generator,
-                                            renoise=renoise)
-            return sampling.sample_discrete(
-                model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod, den.prediction_type, generator,
-                renoise=renoise,
-            )
+                return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator, renoise=renoise)
+            return sampling.sample_discrete(model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod,
+                                            den.prediction_type, generator, renoise=renoise)
 
     # ---- checkpointing ----
     def lora_state_dict(self) -> dict[str, Tensor]:
