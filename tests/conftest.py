@@ -30,12 +30,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`make test` / `make test-fast` run two workers on two cores) each worker gets one torch
-    thread: two workers with a thread per core each would oversubscribe the machine."""
+    """Under pytest-xdist (`make test` / `make test-fast` run two workers on two cores, beside the newest lane's two)
+    each worker gets one torch thread, and so does every process a test starts (ComfyUI servers, the demo, comfy-cli,
+    the CLI), through OMP_NUM_THREADS unless it is set: a process with a thread per core beside the others
+    oversubscribes the machine, and OpenMP threads that wait for a busy core slow a run ten times over (the demo's
+    dataset step: 6 s alone, over 100 s beside two busy workers)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
 
 
 @pytest.fixture(scope="session")
