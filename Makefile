@@ -136,8 +136,8 @@ teacher: setup
 # torch, transformers, peft, diffusers and accelerate.
 PYTEST_ARGS := -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 PYTEST := $(PY) $(PYTEST_ARGS)
-STACK := -P -c 'import importlib.metadata as m, sys; print("== " + sys.argv[1] + ": " + ", ".join(p + " " \
-	+ m.version(p) for p in ("torch", "transformers", "peft", "diffusers", "accelerate")), flush=True)'
+STACK := -P -c 'import importlib.metadata as m, sys, time; print("== " + time.strftime("%H:%M:%S ") + sys.argv[1] + ": " \
+	+ ", ".join(p + " " + m.version(p) for p in ("torch", "transformers", "peft", "diffusers", "accelerate")), flush=True)'
 
 test-fast: setup
 	@$(PY) $(STACK) "ComfyUI $(COMFYUI_VERSION), .venv"
@@ -150,7 +150,8 @@ test: setup comfyui-floor
 	trap 'kill -- -$$lane 2>/dev/null; wait $$lane 2>/dev/null' EXIT; \
 	$(PY) $(STACK) "whole suite on ComfyUI $(COMFYUI_VERSION), .venv" && $(PYTEST) tests --durations=15 \
 	  && $(MAKE) --no-print-directory test-floor || exit 1; \
-	echo "== waiting for the newest lane"; wait $$lane; status=$$?; trap - EXIT; cat $$lane_log; exit $$status
+	echo "== $$(date +%T) waiting for the newest lane"; wait $$lane; status=$$?; trap - EXIT; cat $$lane_log; \
+	echo "== $$(date +%T) done"; exit $$status
 
 test-floor: comfyui-floor
 	@if [ "$(COMFYUI_VERSION)" != "$(FLOOR_VERSION)" ]; then \
@@ -164,6 +165,7 @@ test-newest: newest
 	  -m "not slow or install_check" --durations=10
 
 newest-lane:
+	@echo "== $$(date +%T) newest lane: building .venv-newest"
 	@$(MAKE) --no-print-directory newest > $(ROOT)/.cache/newest-build.log 2>&1 \
 	  || { tail -40 $(ROOT)/.cache/newest-build.log; echo "make newest failed (log: .cache/newest-build.log)"; exit 1; }
 	@$(MAKE) --no-print-directory test-newest

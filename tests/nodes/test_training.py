@@ -114,12 +114,12 @@ class PromptWorld:
         return 0.8 * torch.tanh(2 * (context.mean(1) @ self.projection)).reshape(-1, *LATENT)
 
 
-def pretrain_teacher(model, world: PromptWorld, steps: int = 200, seed: int = 0) -> None:
+def pretrain_teacher(model, world: PromptWorld, steps: int = 100, seed: int = 0) -> None:
     """Plain eps-prediction training of the micro UNet on the prompt world (15% empty-prompt dropout)."""
     dm = model.model.diffusion_model
     dm.requires_grad_(True)  # ComfyUI 0.30 builds model weights frozen
     abar = 1.0 / (1.0 + model.model.model_sampling.sigmas.double() ** 2)
-    optimizer = torch.optim.AdamW(dm.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(dm.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode(False), torch.enable_grad():
         for _ in range(steps):
@@ -187,7 +187,7 @@ def flash_sample(sampling, model, context: torch.Tensor, seed: int, steps: int =
 # --------------------------------------------------------------------------------------------------
 
 
-DISTILL_STEPS = 120
+DISTILL_STEPS = 80
 DISTILL_LR = 1e-3
 EVAL_BATCH = 16  # seeds per held-out prompt (the 2-step output depends on its re-noise draw)
 
@@ -251,10 +251,10 @@ def distilled(training, sampling, tmp_path_factory):
 
 def test_distillation_brings_2_step_student_closer_to_multi_step_cfg_teacher(distilled):
     # Held-out prompts and seeds; distance = mean squared latent error of the 2-step FlashSampler output
-    # (cfg 1) to the teacher's 4-step DPM-Solver++ output at cfg 3, 4 prompts x 16 seeds. Observed: -25%.
+    # (cfg 1) to the teacher's 4-step DPM-Solver++ output at cfg 3, 4 prompts x 16 seeds. Observed: -28%.
     assert distilled["after"] < 0.85 * distilled["before"], (distilled["before"], distilled["after"])
     losses = distilled["loss_map"]["loss"]
-    assert len(losses) == 120 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == DISTILL_STEPS and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_teacher_model_is_bit_identical_after_training(distilled):
@@ -288,7 +288,7 @@ def test_saved_file_gives_identical_samples_through_flash_and_stock_loaders(dist
         name = "flash/distilled.safetensors"
         with safe_open(str(distilled["folder"] / name), "pt") as handle:
             metadata = handle.metadata()
-        assert metadata["flash.trained_steps"] == "120" and metadata["flash.rank"] == "8" and metadata["flash.recommended_steps"] == "2"
+        assert metadata["flash.trained_steps"] == str(DISTILL_STEPS) and metadata["flash.rank"] == "8" and metadata["flash.recommended_steps"] == "2"
         assert metadata["flash.base_model"] == "SD15" and json.loads(metadata["flash.timesteps"]) == [999, 499]
         assert metadata["ss_network_dim"] == "8" and metadata["flash.dtype"] == "float32"
         loaders = importlib.import_module(f"{pack.__name__}.nodes.loaders")

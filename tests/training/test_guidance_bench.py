@@ -1,5 +1,6 @@
 """The goals of `make bench-guidance` (training/digits/guidance.py) on made-up rows: the negative prompt's effect as
-the fraction of each method's own images of the digit it removes, the dial's distances and accuracies."""
+the fraction of each method's own images of the digit it removes, the dial's distances and accuracies (the closeness
+of the accuracy reported beside the goal), and the DMD ablation's checks on its own rows."""
 
 from __future__ import annotations
 
@@ -48,10 +49,28 @@ def test_a_weak_or_absent_effect_misses_the_goal(with_, without):
     assert not checks["negative"][f"{NEGATIVE} @2"]["met"] and not checks["met"]
 
 
-def test_the_dial_needs_the_student_nearer_than_the_baseline_and_accuracy_near_the_teachers():
+def test_the_dial_needs_the_student_nearer_than_the_baseline_and_accuracy_moving_the_teachers_way():
     assert guidance.goals(negative_rows(0.0, 0.036) + dial_rows())["dial"]["@4"]["met"]
     farther = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_fd=25.0))["dial"]["@4"]
     assert not farther["met"] and farther["nearer_than_baseline"] == {str(w): False for w in guidance.DIAL}
     flat = dict(zip(guidance.DIAL, (0.97, 0.97, 0.97, 0.97)))  # does not move with w as the teacher's does
     checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_accuracy=flat))["dial"]["@2"]
-    assert not checks["accuracy_same_direction"] and not checks["accuracy_within_10_points"] and not checks["met"]
+    assert not checks["accuracy_same_direction"] and not checks["met"]
+    assert checks["beside_the_goal"]["largest_accuracy_gap"] == pytest.approx(0.30)
+
+
+def test_closeness_to_the_teachers_accuracy_is_reported_beside_the_goal_not_in_it():
+    lower = dict(zip(guidance.DIAL, (0.51, 0.78, 0.91, 0.95)))  # rises with w, 16 points under at w 1.5
+    checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_accuracy=lower))
+    assert checks["met"] and checks["dial"]["@4"]["met"]
+    beside = checks["dial"]["@4"]["beside_the_goal"]
+    assert not beside["accuracy_within_10_points"] and beside["largest_accuracy_gap"] == pytest.approx(0.16)
+
+
+def test_the_dmd_ablation_is_checked_on_its_own_rows():
+    rows = dial_rows()
+    other = [{**r, "frechet_to_teacher": 30.0} for r in rows if r["method"] == "student" and r["nfe"] == 2]
+    other += [r for r in rows if r["method"] == "student" and r["nfe"] == 4]
+    checks = guidance.dial_checks(rows, other)
+    assert checks["@4"]["met"] and not checks["@2"]["met"]
+    assert guidance.dial_checks(rows)["@2"]["met"]

@@ -13,12 +13,14 @@ Two experiments (classifier: training/digits/evaluator.py):
     student removes at least 80 % of the effect the teacher shows, the effect being the fraction of the method's
     own images of that digit the negative removes (the drop in points is reported beside it).
   * guidance dial: the canonical prompt of every digit at w in {1.5, 3, 5, 8}: Frechet distance (classifier
-    features) of the student's and the baseline's images to the teacher's at that w, and the accuracy. Goals: at
-    every w and step count the student is nearer the teacher than the baseline, and the student's accuracy moves
-    with w the way the teacher's does (the same sign from the smallest to the largest w, and at every w within
-    10 points of the teacher's).
-    Beside the dial (summary.json "renoise_ablation", not a goal): each student with the other one's re-noise rule
-    (flash_core.sampling.RENOISE_OF_GUIDANCE_MODE), to tell the guidance mode's share from the sampler's.
+    features) of the student's and the baseline's images to the teacher's at that w, and the accuracy. Goals (the
+    issue's): at every w and step count the student is nearer the teacher than the baseline, and the student's
+    accuracy moves with w the way the teacher's does (the same sign from the smallest to the largest w). Reported
+    beside them, not a goal: whether the accuracy is within 10 points of the teacher's at every w.
+    Beside the dial (summary.json, not goals): "renoise_ablation", each student with the other one's re-noise rule
+    (flash_core.sampling.RENOISE_OF_GUIDANCE_MODE), to tell the guidance mode's share from the sampler's; and
+    "dmd_ablation", a cfg student with the recipe's DMD weights x DMD_ABLATION_SCALE (the change that closed the
+    accuracy gap at small w in exploration), its dial rows and the same checks.
 
 Writes bench/results/guidance/: results.json (rows: method, nfe, w, negative, negated_share,
 negated_share_without, accuracy, frechet_to_teacher; plus settings and goals), results.md, grid.png (the dial at
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from flash_core.files import write_json_atomic, write_text_atomic
+from flash_core.recipes import get_recipe
 from training.digits.benchmark import (
     DEFAULT_OUT,
     StudentSettings,
@@ -65,7 +68,8 @@ SAMPLING_SEED = 1  # the few-step samplers' re-noising (make bench-quality's)
 # the re-noise ablation: each method with the rule of the other guidance mode (flash_core.sampling.renoise_rule)
 OTHER_RENOISE = {"student": "fresh", "baseline": "deterministic"}
 REMOVED_SHARE_GOAL = 0.8
-ACCURACY_TOLERANCE = 0.10
+ACCURACY_TOLERANCE = 0.10  # reported beside the goals: |student - teacher| accuracy at every w
+DMD_ABLATION_SCALE = 3.0  # the dmd_ablation student: the recipe's DMD weights per phase x 3
 
 
 def calls_per_image(method: str, nfe: int) -> int:
@@ -104,9 +108,10 @@ def negative_rows(pipe, evaluator, students: dict, count: int, seed: int) -> lis
     return rows
 
 
-def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tuple[list[dict], list[dict]]:
+def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
     """The guidance dial: every digit's canonical prompt at each w; distances to the teacher's images at that w.
-    Returns (rows, the re-noise ablation's rows: each student with the other re-noise rule)."""
+    Returns (rows, the re-noise ablation's rows: each student with the other re-noise rule, the DMD ablation's rows:
+    the students["dmd_ablation"] student's, when there is one)."""
     digits = torch.arange(10).repeat_interleave(per_digit)
     prompts = [canonical_prompt(int(d)) for d in digits]
     noise = _noise(pipe, len(prompts), seed)
@@ -114,7 +119,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tup
     baseline = {(nfe, renoise): student_generate(students["baseline"], pipe, cond, noise, nfe, SAMPLING_SEED,
                                                  renoise=renoise)
                 for nfe in STUDENT_NFES for renoise in (None, OTHER_RENOISE["baseline"])}
-    rows, ablation = [], []
+    rows, ablation, dmd = [], [], []
     for w in DIAL:
         teacher = teacher_generate(pipe, prompts, noise, TEACHER_STEPS, w)
         rows.append(_dial_row("teacher", TEACHER_STEPS, w, teacher, evaluator, digits, None))
@@ -122,6 +127,11 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tup
             student = student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
             rows.append(_dial_row("student", nfe, w, student, evaluator, digits, teacher))
             rows.append(_dial_row("baseline", nfe, w, baseline[(nfe, None)], evaluator, digits, teacher))
+            if "dmd_ablation" in students:
+                images = student_generate(students["dmd_ablation"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
+                row = _dial_row("student", nfe, w, images, evaluator, digits, teacher)
+                dmd.append({k: row[k] for k in ("method", "nfe", "w", "accuracy", "frechet_to_teacher")}
+                           | {"dmd_scale": DMD_ABLATION_SCALE})
             other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
                                                  renoise=OTHER_RENOISE["student"]),
                      "baseline": baseline[(nfe, OTHER_RENOISE["baseline"])]}
@@ -131,7 +141,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tup
                                 | {"renoise": OTHER_RENOISE[method]})
         print("  w " + f"{w:g}: " + "  ".join(f"{r['method']}@{r['nfe']} acc {100 * r['accuracy']:.1f} "
                                              f"FD {r['frechet_to_teacher'] or 0:.1f}" for r in rows[-5:]), flush=True)
-    return rows, ablation
+    return rows, ablation, dmd
 
 
 def _dial_row(method, nfe, w, images, evaluator, digits, teacher_images) -> dict:
@@ -167,20 +177,31 @@ def goals(rows: list[dict]) -> dict:
                 "teacher_removed_points": removed_by_teacher, "student_removed_points": removed,
                 "met": bool(teacher_fraction and student_fraction is not None
                             and student_fraction >= REMOVED_SHARE_GOAL * teacher_fraction)}
-    dial = [r for r in rows if not r["negative"]]
+    checks["dial"] = dial_checks([r for r in rows if not r["negative"]])
+    checks["met"] = all(c["met"] for part in ("negative", "dial") for c in checks[part].values())
+    return checks
+
+
+def dial_checks(dial: list[dict], students: list[dict] | None = None) -> dict:
+    """The dial's goal per step count on the rows (`students`: other student rows in place of the "student" ones):
+    nearer the teacher than the baseline at every w, accuracy moving the teacher's way; beside it (not in "met"),
+    the accuracy within ACCURACY_TOLERANCE of the teacher's at every w and the largest gap."""
     teacher_accuracy = {r["w"]: r["accuracy"] for r in dial if r["method"] == "teacher"}
     low, high = min(DIAL), max(DIAL)
+    checks = {}
     for nfe in STUDENT_NFES:
         of = {(r["method"], r["w"]): r for r in dial if r["nfe"] == nfe}
+        if students is not None:
+            of |= {("student", r["w"]): r for r in students if r["nfe"] == nfe}
         nearer = {w: of[("student", w)]["frechet_to_teacher"] < of[("baseline", w)]["frechet_to_teacher"] for w in DIAL}
         accuracy = {w: of[("student", w)]["accuracy"] for w in DIAL}
         same_direction = np.sign(accuracy[high] - accuracy[low]) == np.sign(teacher_accuracy[high] - teacher_accuracy[low])
-        close = all(abs(accuracy[w] - teacher_accuracy[w]) <= ACCURACY_TOLERANCE for w in DIAL)
-        checks["dial"][f"@{nfe}"] = {"nearer_than_baseline": {str(w): v for w, v in nearer.items()},
-                                     "accuracy_same_direction": bool(same_direction),
-                                     "accuracy_within_10_points": close,
-                                     "met": all(nearer.values()) and bool(same_direction) and close}
-    checks["met"] = all(c["met"] for part in ("negative", "dial") for c in checks[part].values())
+        gap = max(abs(accuracy[w] - teacher_accuracy[w]) for w in DIAL)
+        checks[f"@{nfe}"] = {"nearer_than_baseline": {str(w): v for w, v in nearer.items()},
+                             "accuracy_same_direction": bool(same_direction),
+                             "met": all(nearer.values()) and bool(same_direction),
+                             "beside_the_goal": {"accuracy_within_10_points": gap <= ACCURACY_TOLERANCE,
+                                                 "largest_accuracy_gap": gap}}
     return checks
 
 
@@ -229,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": (replace(base, total_steps=args.total_steps, seed=args.seed), {}),
         "student": (replace(base, total_steps=args.total_steps, seed=args.seed, guidance_range=STUDENT_GUIDANCE_RANGE),
                     {"guidance_mode": "cfg"}),
+        "dmd_ablation": (replace(base, total_steps=args.total_steps, seed=args.seed,
+                                 guidance_range=STUDENT_GUIDANCE_RANGE),
+                         {"guidance_mode": "cfg",
+                          "dmd_weights": tuple(DMD_ABLATION_SCALE * w for w in get_recipe("sd15").dmd_weights)}),
     }
     students, train_s = {}, {}
     for name, (student_settings, config) in settings.items():
@@ -237,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_s[name] = time.perf_counter() - start
         print(f"  distilled {name} in {train_s[name]:.0f} s", flush=True)
     rows = negative_rows(pipe, evaluator, students, args.negative_images, args.seed)
-    dial, renoise_ablation = dial_rows(pipe, evaluator, students, args.per_digit, args.seed)
+    dial, renoise_ablation, dmd_ablation = dial_rows(pipe, evaluator, students, args.per_digit, args.seed)
     rows += dial
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(args.out, rows, args.per_digit)
@@ -250,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "negative_images": args.negative_images, "teacher_steps": TEACHER_STEPS, "negative_w": NEGATIVE_W,
         "students": {name: {**asdict(s), **config} for name, (s, config) in settings.items()},
         "train_s": train_s, "goals": checks, "renoise_ablation": renoise_ablation,
+        "dmd_ablation": {"rows": dmd_ablation, "checks": dial_checks(dial, dmd_ablation)},
         "total_s": time.perf_counter() - started})
     write_text_atomic(args.out / "results.md", table + "\n")
     print(table)
