@@ -184,6 +184,14 @@ def test_missing_models_dialog_offers_the_downloads(frontend: Frontend):
         assert download["title"] == title and not download["disabled"], row
 
 
+# An <img>'s natural width once it has loaded (0 if it fails, or is still loading after 15 s: a hang guard only).
+LOADED_WIDTH = """img => (img.complete && img.naturalWidth) ? img.naturalWidth : new Promise(done => {
+    img.addEventListener("load", () => done(img.naturalWidth), {once: true});
+    img.addEventListener("error", () => done(0), {once: true});
+    setTimeout(() => done(img.naturalWidth), 15000);
+})"""
+
+
 def _open_at_test_size(frontend: Frontend, name: str) -> dict:
     """Open workflows/<name> in the UI (no missing nodes) with every Empty Latent Image set to the test size."""
     workflow = json.loads((WORKFLOWS / name).read_text())
@@ -215,7 +223,8 @@ def test_run_button_renders_an_image(frontend: Frontend, server):
     frontend.toggle_job_queue()
     thumbnail = frontend.job_thumbnail(image.name)
     thumbnail.wait_for(state="visible", timeout=15_000)
-    assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == pixels.shape[1]  # the file itself
+    # the file itself, once the browser has it: the thumbnail can be visible before its bytes have loaded
+    assert thumbnail.evaluate(LOADED_WIDTH) == pixels.shape[1]
     frontend.screenshot(SCREENSHOT)
     frontend.toggle_job_queue()
 
