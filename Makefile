@@ -165,7 +165,7 @@ test-newest: newest
 	  -m "not slow or install_check" --durations=10
 
 newest-lane:
-	@echo "== $$(date +%T) newest lane: building .venv-newest"
+	@echo "== $$(date +%T) newest lane starts (building .venv-newest)"
 	@$(MAKE) --no-print-directory newest > $(ROOT)/.cache/newest-build.log 2>&1 \
 	  || { tail -40 $(ROOT)/.cache/newest-build.log; echo "make newest failed (log: .cache/newest-build.log)"; exit 1; }
 	@$(MAKE) --no-print-directory test-newest

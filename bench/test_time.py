@@ -10,7 +10,8 @@ bench/results/test_time.json (the README's numbers).
 A clone gets its own venv, both ComfyUI versions and an empty .cache, so it pays for everything a fresh machine
 pays for. The `fresh_clone` record splits the wall time into setup (everything before the first pytest line) and
 the two pytest runs (ComfyUI 0.30.0, then the floor 0.3.75), whose own summary lines give their seconds and counts;
-the newest lane's summary (run in the background, printed last) is recorded beside them.
+the newest lane's summary (run in the background, printed last) is recorded beside them, and the seconds from the
+main lane's start to each `== HH:MM:SS` stamp `make test` prints (the floor's start, the wait for the newest lane).
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ def pytest_runs(log: str) -> list[dict]:
     return runs
 
 
+STAMP = re.compile(r"^== (?P<time>\d\d:\d\d:\d\d) (?P<what>.*)")
+
+
+def lane_stamps(log: str) -> dict[str, int]:
+    """Seconds from the first `== HH:MM:SS ...` line of `make test` (the main lane's start) to each later one: the
+    floor's start, the wait for the newest lane, the end (the newest lane's own lines are printed last)."""
+    stamps = [(m["time"], m["what"].split(":")[0].split(" (")[0]) for m in map(STAMP.match, log.splitlines()) if m]
+    if not stamps:
+        return {}
+
+    def seconds(clock: str) -> int:
+        h, m, s = (int(part) for part in clock.split(":"))
+        return h * 3600 + m * 60 + s
+
+    start = seconds(stamps[0][0])
+    return {what: (seconds(clock) - start) % 86400 for clock, what in stamps}
+
+
 def record(log: str, wall_s: float, commit: str, how: str) -> dict:
     runs = pytest_runs(log)
     if len(runs) not in (2, 3):
@@ -65,6 +84,9 @@ def record(log: str, wall_s: float, commit: str, how: str) -> dict:
         "total_wall_s": round(wall_s, 1),
         "passed": all(not run.get("failed") and not run.get("error") and not run.get("errors") for run in runs + newest),
     }
+    stamps = lane_stamps(log)
+    if stamps:
+        made["seconds_from_the_main_lane_start"] = stamps
     if newest:
         made["newest_lane_in_the_background"] = newest[0]
         made["note"] += ("; the newest lane (.venv-newest) is built and run in the background, so setup_and_startup_s "

@@ -52,3 +52,24 @@ def test_the_newest_lane_printed_last_is_recorded_beside_the_two_suites(tmp_path
     assert fresh["newest_lane_in_the_background"] == {"pytest_s": 168.37, "passed": 503, "deselected": 1,
                                                       "warnings": 246}
     assert fresh["pytest_total_s"] == 1671.7 and fresh["passed"] is True
+
+
+def test_the_lane_stamps_give_each_lane_its_start_and_the_wait_for_the_newest_lane(tmp_path):
+    """`make test` stamps each lane's first line (== HH:MM:SS ...); the record keeps the seconds from the main lane's."""
+    log = (LOG.replace("1 failed, 216 passed", "216 passed")
+           .replace("== node and end-to-end", "== 23:59:30 node and end-to-end")
+           .replace("/tmp/x/.venv/bin/python -P -m pytest tests",
+                    "== 23:38:14 whole suite on ComfyUI 0.30.0, .venv: torch 2.14.1\n/tmp/x/.venv/bin/python -P -m pytest tests"))
+    log += ("== 00:06:05 waiting for the newest lane\n== 23:38:14 newest lane starts (building .venv-newest)\n"
+            "== 23:40:20 newest lane on ComfyUI 0.30.0, .venv-newest: torch 2.14.1\n"
+            "503 passed, 246 warnings in 168.37s (0:02:48)\n== 00:06:06 done\n")
+    (tmp_path / "make_test.log").write_text(log)
+    out = tmp_path / "test_time.json"
+    command = [sys.executable, "-P", str(REPO_ROOT / "bench" / "test_time.py"), "--log", str(tmp_path / "make_test.log"),
+               "--wall-s", "1900", "--commit", "abc", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stamps = json.loads(out.read_text())["fresh_clone"]["seconds_from_the_main_lane_start"]
+    assert stamps == {"whole suite on ComfyUI 0.30.0, .venv": 0, "node and end-to-end suites on ComfyUI 0.3.75": 1276,
+                      "waiting for the newest lane": 1671, "newest lane starts": 0,
+                      "newest lane on ComfyUI 0.30.0, .venv-newest": 126, "done": 1672}
