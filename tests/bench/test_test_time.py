@@ -20,13 +20,18 @@ LOG = """\
 """
 
 
-def test_the_record_splits_setup_and_the_two_suites_and_says_whether_they_passed(tmp_path):
-    (tmp_path / "make_test.log").write_text(LOG)
+def record_log(tmp_path: Path, log: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`bench/test_time.py fresh --log` on `log` (wall 1900 s, commit abc): (the run, the results file it wrote)."""
+    (tmp_path / "make_test.log").write_text(log)
     out = tmp_path / "test_time.json"
-    out.write_text(json.dumps({"cached_models": {"total_wall_s": 1}}))
     command = [sys.executable, "-P", str(REPO_ROOT / "bench" / "test_time.py"), "--log", str(tmp_path / "make_test.log"),
                "--wall-s", "1900", "--commit", "abc", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False), out
+
+
+def test_the_record_splits_setup_and_the_two_suites_and_says_whether_they_passed(tmp_path):
+    (tmp_path / "test_time.json").write_text(json.dumps({"cached_models": {"total_wall_s": 1}}))
+    result, out = record_log(tmp_path, LOG)
     assert result.returncode == 1, result.stdout + result.stderr  # the floor run had a failure
     written = json.loads(out.read_text())
     fresh = written["fresh_clone"]
@@ -42,11 +47,7 @@ def test_the_newest_lane_printed_last_is_recorded_beside_the_two_suites(tmp_path
     log = LOG.replace("1 failed, 216 passed", "216 passed") + (
         "== newest lane on ComfyUI 0.30.0, .venv-newest: torch 2.14.1, transformers 5.25.0, peft 0.21.2, ...\n"
         "503 passed, 1 deselected, 246 warnings in 168.37s (0:02:48)\n")
-    (tmp_path / "make_test.log").write_text(log)
-    out = tmp_path / "test_time.json"
-    command = [sys.executable, "-P", str(REPO_ROOT / "bench" / "test_time.py"), "--log", str(tmp_path / "make_test.log"),
-               "--wall-s", "1900", "--commit", "abc", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result, out = record_log(tmp_path, log)
     assert result.returncode == 0, result.stdout + result.stderr
     fresh = json.loads(out.read_text())["fresh_clone"]
     assert fresh["newest_lane_in_the_background"] == {"pytest_s": 168.37, "passed": 503, "deselected": 1,
@@ -63,11 +64,7 @@ def test_the_lane_stamps_give_each_lane_its_start_and_the_wait_for_the_newest_la
     log += ("== 00:06:05 waiting for the newest lane\n== 23:38:14 newest lane starts (building .venv-newest)\n"
             "== 23:40:20 newest lane on ComfyUI 0.30.0, .venv-newest: torch 2.14.1\n"
             "503 passed, 246 warnings in 168.37s (0:02:48)\n== 00:06:06 done\n")
-    (tmp_path / "make_test.log").write_text(log)
-    out = tmp_path / "test_time.json"
-    command = [sys.executable, "-P", str(REPO_ROOT / "bench" / "test_time.py"), "--log", str(tmp_path / "make_test.log"),
-               "--wall-s", "1900", "--commit", "abc", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result, out = record_log(tmp_path, log)
     assert result.returncode == 0, result.stdout + result.stderr
     stamps = json.loads(out.read_text())["fresh_clone"]["seconds_from_the_main_lane_start"]
     assert stamps == {"whole suite on ComfyUI 0.30.0, .venv": 0, "node and end-to-end suites on ComfyUI 0.3.75": 1276,
