@@ -28,7 +28,10 @@ from flash_core.schedules import phase_of_step, timestep_mixture_probs
 TARGET_STREAM, REST_STREAM = "target", "rest"
 # guidance_mode "cfg": the prompts the student's CFG is trained on, drawn per sample (so any negative works at
 # sampling, and an empty positive: unconditional generation pushed away from the negative)
-EMPTY_POSITIVE_SHARE = 0.1  # positive = the empty prompt (as CFG training drops prompts), else the sample's own
+# positive = the empty prompt, else the sample's own: 0.3, not CFG training's usual 0.1, as the unconditional branch
+# is what a negative prompt under an empty positive samples (digits bench: a 4-step student's unconditional share of
+# zeros 11.5 % at 0.1, 14.3 % at 0.3, the teacher's 14.5 %)
+EMPTY_POSITIVE_SHARE = 0.3
 PROMPT_NEGATIVE_SHARE = 0.5  # negative = the prompt of a random sample of the batch, else the empty prompt
 
 

@@ -175,12 +175,20 @@ def test_a_cache_of_the_mode_equals_the_live_run(tmp_path, monkeypatch):
     saved = cache.manifest
     baked = target_cache.cache_manifest(tiny_config("sd15", **{**settings, "guidance_mode": "baked"}),
                                         saved["teacher_fingerprint"], saved["data_fingerprint"])
-    assert target_cache.manifest_differences(saved, baked) == ["guidance_mode: cache 'cfg', run None"]
+    assert [d.split(":")[0] for d in target_cache.manifest_differences(saved, baked)] == [
+        "guidance_mode", "prompt_pair_shares"]
+    # a cache of the mode drawn with other prompt-pair shares (or before they were recorded) holds other pairs under
+    # the same guidance values: it is refused, naming the key, not trained on
+    older = {k: v for k, v in saved.items() if k != "prompt_pair_shares"}
+    assert target_cache.manifest_differences(older, saved) == [
+        f"prompt_pair_shares: cache None, run {[EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE]!r}"]
 
 
 def test_the_mode_is_a_run_setting_a_resume_compares():
-    assert run.run_settings(tiny_config("sd15", guidance_mode="cfg"))["guidance_mode"] == "cfg"
-    assert run.run_settings(tiny_config("sd15"))["guidance_mode"] == "baked"
+    cfg, baked = run.run_settings(tiny_config("sd15", guidance_mode="cfg")), run.run_settings(tiny_config("sd15"))
+    assert cfg["guidance_mode"] == "cfg" and baked["guidance_mode"] == "baked"
+    # and the shares its prompt pairs are drawn with: a checkpoint of other shares (or none recorded) is a difference
+    assert cfg["prompt_pair_shares"] == [EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE] and "prompt_pair_shares" not in baked
 
 
 @pytest.mark.parametrize("mode,cfg", [("baked", 1.0), ("cfg", 8.0)])

@@ -99,8 +99,13 @@ def test_targets_built_by_one_session_train_another_like_the_live_teacher(tmp_pa
     monkeypatch.setattr(distill, "teacher_target", no_solve)  # read, not solved
     cached.train()
     monkeypatch.undo()
+    for a, b in zip(live.history, cached.history, strict=True):  # the same targets: the same losses at every step
+        assert {k: v for k, v in a.items() if k.startswith("loss")} == pytest.approx(
+            {k: v for k, v in b.items() if k.startswith("loss")}, rel=1e-5)
+    # the cache's targets are solved in other batches than the live run's: rounding apart, which Adam's step (lr 1e-3
+    # whatever the gradient's size) can blow up on a near-zero gradient element to ~1e-5; a tenth of a step allowed
     for key, value in lora_of(live).items():
-        torch.testing.assert_close(lora_of(cached)[key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lora_of(cached)[key], value, rtol=1e-4, atol=1e-4)
 
 
 def test_a_partial_slice_of_training_keeps_going_to_the_end_without_a_checkpoint_in_between(tmp_path):

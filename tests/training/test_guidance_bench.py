@@ -1,6 +1,7 @@
 """The goals of `make bench-guidance` (training/digits/guidance.py) on made-up rows: the negative prompt's effect as
-the fraction of each method's own images of the digit it removes, the dial's distances and accuracies (the closeness
-of the accuracy reported beside the goal), and the DMD ablation's checks on its own rows."""
+the fraction of each method's own images of the digit it removes (the drop in points reported beside it), the
+dial's distances and accuracies (the closeness of the accuracy reported beside the goal), and the DMD ablation's
+checks on its own rows."""
 
 from __future__ import annotations
 
@@ -35,33 +36,46 @@ def dial_rows(student_fd: float = 10.0, baseline_fd: float = 20.0, student_accur
     return rows
 
 
-def test_a_student_that_removes_its_own_negated_digit_meets_the_goal_whatever_its_unconditional_share():
-    checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows())
+def test_the_negative_goal_is_the_fraction_of_its_own_digit_removed_with_the_points_beside():
+    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows())
     result = checks["negative"][f"{NEGATIVE} @4"]
     assert result["teacher_removed_fraction"] == pytest.approx(0.064 / 0.066)
-    assert result["student_removed_fraction"] == 1.0 and result["student_removed_points"] == pytest.approx(0.036)
+    assert result["student_removed_fraction"] == pytest.approx(0.058 / 0.06)
     assert result["met"] and checks["met"]
+    beside = result["beside_the_goal"]
+    assert beside["teacher_removed_points"] == pytest.approx(0.064) and beside["student_removed_points"] == pytest.approx(0.058)
+    assert beside["points_ratio"] == pytest.approx(0.058 / 0.064) and beside["points_ratio_at_least_80_percent"]
+    assert (beside["teacher_share_without"], beside["student_share_without"]) == (0.066, 0.06)
 
 
-@pytest.mark.parametrize("with_,without", [(0.018, 0.036), (0.026, 0.026), (0.0, 0.0)])
+def test_a_student_with_fewer_of_the_digit_to_begin_with_meets_the_goal_and_shows_it_in_points():
+    """It removes all of its own sevens, but only 3.6 of the teacher's 6.4 points: reported beside the goal."""
+    result = guidance.goals(negative_rows(0.0, 0.036) + dial_rows())["negative"][f"{NEGATIVE} @4"]
+    assert result["met"] and result["student_removed_fraction"] == 1.0
+    assert result["beside_the_goal"]["points_ratio"] == pytest.approx(0.036 / 0.064)
+    assert not result["beside_the_goal"]["points_ratio_at_least_80_percent"]
+
+
+@pytest.mark.parametrize("with_,without", [(0.03, 0.066), (0.026, 0.026), (0.0, 0.0)])
 def test_a_weak_or_absent_effect_misses_the_goal(with_, without):
     checks = guidance.goals(negative_rows(with_, without) + dial_rows())
-    assert not checks["negative"][f"{NEGATIVE} @2"]["met"] and not checks["met"]
+    result = checks["negative"][f"{NEGATIVE} @2"]
+    assert not result["met"] and not checks["met"] and not result["beside_the_goal"]["points_ratio_at_least_80_percent"]
 
 
 def test_the_dial_needs_the_student_nearer_than_the_baseline_and_accuracy_moving_the_teachers_way():
-    assert guidance.goals(negative_rows(0.0, 0.036) + dial_rows())["dial"]["@4"]["met"]
-    farther = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_fd=25.0))["dial"]["@4"]
+    assert guidance.goals(negative_rows(0.002, 0.06) + dial_rows())["dial"]["@4"]["met"]
+    farther = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_fd=25.0))["dial"]["@4"]
     assert not farther["met"] and farther["nearer_than_baseline"] == {str(w): False for w in guidance.DIAL}
     flat = dict(zip(guidance.DIAL, (0.97, 0.97, 0.97, 0.97)))  # does not move with w as the teacher's does
-    checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_accuracy=flat))["dial"]["@2"]
+    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_accuracy=flat))["dial"]["@2"]
     assert not checks["accuracy_same_direction"] and not checks["met"]
     assert checks["beside_the_goal"]["largest_accuracy_gap"] == pytest.approx(0.30)
 
 
 def test_closeness_to_the_teachers_accuracy_is_reported_beside_the_goal_not_in_it():
     lower = dict(zip(guidance.DIAL, (0.51, 0.78, 0.91, 0.95)))  # rises with w, 16 points under at w 1.5
-    checks = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(student_accuracy=lower))
+    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_accuracy=lower))
     assert checks["met"] and checks["dial"]["@4"]["met"]
     beside = checks["dial"]["@4"]["beside_the_goal"]
     assert not beside["accuracy_within_10_points"] and beside["largest_accuracy_gap"] == pytest.approx(0.16)
