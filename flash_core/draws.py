@@ -30,7 +30,7 @@ TARGET_STREAM, REST_STREAM = "target", "rest"
 # sampling, and an empty positive: unconditional generation pushed away from the negative)
 # positive = the empty prompt, else the sample's own: 0.3, not CFG training's usual 0.1, as the unconditional branch
 # is what a negative prompt under an empty positive samples (digits bench: a 4-step student's unconditional share of
-# zeros 11.5 % at 0.1, 14.3 % at 0.3, the teacher's 14.5 %)
+# zeros 11.5 % at 0.1, 14.2 % at 0.3, the teacher's 14.5 %)
 EMPTY_POSITIVE_SHARE = 0.3
 PROMPT_NEGATIVE_SHARE = 0.5  # negative = the prompt of a random sample of the batch, else the empty prompt
 
