@@ -35,6 +35,12 @@ EMPTY_POSITIVE_SHARE = 0.3
 PROMPT_NEGATIVE_SHARE = 0.5  # negative = the prompt of a random sample of the batch, else the empty prompt
 
 
+def prompt_pair_record(guidance_mode: str) -> dict[str, list[float]]:
+    """What the run settings and a target cache's manifest record of the prompt-pair draws: their shares in guidance
+    mode "cfg" (a checkpoint or cache drawn with others is then a difference), nothing in mode "baked"."""
+    return {"prompt_pair_shares": [EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE]} if guidance_mode == "cfg" else {}
+
+
 def stream_seed(seed: int, process_index: int, step: int, stream: str) -> int:
     """Seed of one stream of one iteration of one process: a hash of the four (counter-based, stateless)."""
     digest = hashlib.sha256(f"flash|{seed}|{process_index}|{step}|{stream}".encode()).digest()

@@ -47,7 +47,7 @@ from flash_core.checkpoints import (
     CheckpointStore,
 )
 from flash_core.distill import DistillConfig, FlashDistiller
-from flash_core.draws import EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE
+from flash_core.draws import prompt_pair_record
 from flash_core.fingerprints import conditioning_tensors, teacher_fingerprint
 from flash_core.preview import Preview, preview_due
 from flash_core.recipes import Recipe
@@ -106,8 +106,7 @@ def run_settings(config: DistillConfig, recipe: Recipe | None = None, **extra) -
         teacher_grid_steps=recipe.teacher_grid_steps, distill_weights=list(recipe.distill_weights),
         adversarial_weights=list(recipe.adversarial_weights), dmd_weights=list(recipe.dmd_weights),
     )
-    if config.guidance_mode == "cfg":  # the shares its prompt pairs are drawn with (flash_core.draws)
-        settings["prompt_pair_shares"] = [EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE]
+    settings.update(prompt_pair_record(config.guidance_mode))
     settings.update({k: _plain(v) for k, v in extra.items()})
     return settings
 

@@ -61,7 +61,7 @@ from flash_core.distill import (
     teacher_target,
     training_grid,
 )
-from flash_core.draws import EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE
+from flash_core.draws import prompt_pair_record
 from flash_core.file_formats import safetensors_header
 from flash_core.files import write_atomic, write_json_atomic
 
@@ -110,8 +110,8 @@ def cache_manifest(config: DistillConfig, teacher_fingerprint: str, data_fingerp
         "phase_mode_weights": [[float(w) for w in phase] for phase in recipe.phase_mode_weights],
         "mixed_precision": config.mixed_precision,
         # guidance mode "cfg" draws each sample's prompt pair (the keys are absent in mode "baked": older caches fit)
-        **({"guidance_mode": config.guidance_mode, "prompt_pair_shares": [EMPTY_POSITIVE_SHARE, PROMPT_NEGATIVE_SHARE]}
-           if config.guidance_mode != "baked" else {}),
+        **({"guidance_mode": config.guidance_mode} if config.guidance_mode != "baked" else {}),
+        **prompt_pair_record(config.guidance_mode),
     }
 
 

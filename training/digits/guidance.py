@@ -135,15 +135,13 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tup
             rows.append(_dial_row("baseline", nfe, w, baseline[(nfe, None)], evaluator, digits, teacher))
             if "dmd_ablation" in students:
                 images = student_generate(students["dmd_ablation"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
-                row = _dial_row("student", nfe, w, images, evaluator, digits, teacher)
-                dmd.append({k: row[k] for k in ("method", "nfe", "w", "accuracy", "frechet_to_teacher")}
+                dmd.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher))
                            | {"dmd_scale": DMD_ABLATION_SCALE})
             other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
                                                  renoise=OTHER_RENOISE["student"]),
                      "baseline": baseline[(nfe, OTHER_RENOISE["baseline"])]}
             for method, images in other.items():
-                row = _dial_row(method, nfe, w, images, evaluator, digits, teacher)
-                ablation.append({k: row[k] for k in ("method", "nfe", "w", "accuracy", "frechet_to_teacher")}
+                ablation.append(_ablation_row(_dial_row(method, nfe, w, images, evaluator, digits, teacher))
                                 | {"renoise": OTHER_RENOISE[method]})
         print("  w " + f"{w:g}: " + "  ".join(f"{r['method']}@{r['nfe']} acc {100 * r['accuracy']:.1f} "
                                              f"FD {r['frechet_to_teacher'] or 0:.1f}" for r in rows[-5:]), flush=True)
@@ -155,6 +153,11 @@ def _dial_row(method, nfe, w, images, evaluator, digits, teacher_images) -> dict
             "accuracy": evaluator.accuracy(images, digits),
             "frechet_to_teacher": None if teacher_images is None else evaluator.frechet_distance(images, teacher_images),
             "calls_per_image": calls_per_image(method, nfe), "images": images}
+
+
+def _ablation_row(row: dict) -> dict:
+    """A dial row as summary.json's ablations keep it: no images, no negative-prompt columns."""
+    return {k: row[k] for k in ("method", "nfe", "w", "accuracy", "frechet_to_teacher")}
 
 
 def _noise(pipe, count: int, seed: int) -> torch.Tensor:
