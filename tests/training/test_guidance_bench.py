@@ -1,15 +1,18 @@
 """The goals of `make bench-guidance` (training/digits/guidance.py) on made-up rows: the negative prompt's effect as
-the fraction of each method's own images of the digit it removes (the drop in points reported beside it), the
-dial's distances and accuracies (the closeness of the accuracy reported beside the goal), and the DMD ablation's
-checks on its own rows."""
+the drop in points of the negated digit's share against the teacher's, with its standard error (the fraction of each
+method's own images of the digit removed beside it), the dial's distances and accuracies (the closeness of the
+accuracy reported beside the goal), the DMD ablation's checks on its own rows, and each method's unconditional mix of
+digits."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from training.digits import guidance
 
 NEGATIVE = "a handwritten digit seven"
+IMAGES = 2000
 
 
 def negative_rows(student_with: float, student_without: float) -> list[dict]:
@@ -36,46 +39,62 @@ def dial_rows(student_fd: float = 10.0, baseline_fd: float = 20.0, student_accur
     return rows
 
 
-def test_the_negative_goal_is_the_fraction_of_its_own_digit_removed_with_the_points_beside():
-    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows())
+def test_the_negative_goal_is_the_drop_in_points_against_the_teachers_with_the_fractions_beside():
+    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(), IMAGES)
     result = checks["negative"][f"{NEGATIVE} @4"]
-    assert result["teacher_removed_fraction"] == pytest.approx(0.064 / 0.066)
-    assert result["student_removed_fraction"] == pytest.approx(0.058 / 0.06)
-    assert result["met"] and checks["met"]
+    assert result["teacher_removed_points"] == pytest.approx(0.064) and result["student_removed_points"] == pytest.approx(0.058)
+    assert result["points_ratio"] == pytest.approx(0.058 / 0.064) and result["met"] and checks["met"]
     beside = result["beside_the_goal"]
-    assert beside["teacher_removed_points"] == pytest.approx(0.064) and beside["student_removed_points"] == pytest.approx(0.058)
-    assert beside["points_ratio"] == pytest.approx(0.058 / 0.064) and beside["points_ratio_at_least_80_percent"]
+    assert beside["teacher_removed_fraction"] == pytest.approx(0.064 / 0.066)
+    assert beside["student_removed_fraction"] == pytest.approx(0.058 / 0.06)
     assert (beside["teacher_share_without"], beside["student_share_without"]) == (0.066, 0.06)
 
 
-def test_a_student_with_fewer_of_the_digit_to_begin_with_meets_the_goal_and_shows_it_in_points():
-    """It removes all of its own sevens, but only 3.6 of the teacher's 6.4 points: reported beside the goal."""
-    result = guidance.goals(negative_rows(0.0, 0.036) + dial_rows())["negative"][f"{NEGATIVE} @4"]
-    assert result["met"] and result["student_removed_fraction"] == 1.0
-    assert result["beside_the_goal"]["points_ratio"] == pytest.approx(0.036 / 0.064)
-    assert not result["beside_the_goal"]["points_ratio_at_least_80_percent"]
+def test_the_points_ratio_carries_its_binomial_standard_error():
+    """Delta method, the four shares independent binomials over IMAGES each; four times the images halve it."""
+    result = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(), IMAGES)["negative"][f"{NEGATIVE} @2"]
+    variance = lambda *shares: sum(p * (1 - p) / IMAGES for p in shares)
+    expected = (variance(0.06, 0.002) + result["points_ratio"] ** 2 * variance(0.066, 0.002)) ** 0.5 / 0.064
+    assert result["points_ratio_standard_error"] == pytest.approx(expected)
+    quadrupled = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(), 4 * IMAGES)["negative"][f"{NEGATIVE} @2"]
+    assert quadrupled["points_ratio_standard_error"] == pytest.approx(expected / 2)
+
+
+def test_a_student_with_fewer_of_the_digit_to_begin_with_misses_the_goal_though_it_removes_all_of_its_own():
+    """It removes all of its own sevens, but only 3.6 of the teacher's 6.4 points."""
+    result = guidance.goals(negative_rows(0.0, 0.036) + dial_rows(), IMAGES)["negative"][f"{NEGATIVE} @4"]
+    assert not result["met"] and result["points_ratio"] == pytest.approx(0.036 / 0.064)
+    assert result["beside_the_goal"]["student_removed_fraction"] == 1.0
+
+
+def test_the_unconditional_mix_gives_every_digits_share_and_the_total_variation_to_the_teacher():
+    mix = guidance.unconditional_mix({"teacher@25": torch.tensor([0, 0, 7, 8]), "student@2": torch.tensor([0, 8, 8, 8])},
+                                     "teacher@25")
+    assert mix["teacher@25"]["digit_shares"] == [0.5, 0, 0, 0, 0, 0, 0, 0.25, 0.25, 0]
+    assert mix["student@2"]["digit_shares"][8] == 0.75 and mix["teacher@25"]["total_variation_to_teacher"] == 0
+    assert mix["student@2"]["total_variation_to_teacher"] == pytest.approx(0.5)  # a quarter of zeros, all the sevens
 
 
 @pytest.mark.parametrize("with_,without", [(0.03, 0.066), (0.026, 0.026), (0.0, 0.0)])
 def test_a_weak_or_absent_effect_misses_the_goal(with_, without):
-    checks = guidance.goals(negative_rows(with_, without) + dial_rows())
+    checks = guidance.goals(negative_rows(with_, without) + dial_rows(), IMAGES)
     result = checks["negative"][f"{NEGATIVE} @2"]
-    assert not result["met"] and not checks["met"] and not result["beside_the_goal"]["points_ratio_at_least_80_percent"]
+    assert not result["met"] and not checks["met"]
 
 
 def test_the_dial_needs_the_student_nearer_than_the_baseline_and_accuracy_moving_the_teachers_way():
-    assert guidance.goals(negative_rows(0.002, 0.06) + dial_rows())["dial"]["@4"]["met"]
-    farther = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_fd=25.0))["dial"]["@4"]
+    assert guidance.goals(negative_rows(0.002, 0.06) + dial_rows(), IMAGES)["dial"]["@4"]["met"]
+    farther = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_fd=25.0), IMAGES)["dial"]["@4"]
     assert not farther["met"] and farther["nearer_than_baseline"] == {str(w): False for w in guidance.DIAL}
     flat = dict(zip(guidance.DIAL, (0.97, 0.97, 0.97, 0.97)))  # does not move with w as the teacher's does
-    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_accuracy=flat))["dial"]["@2"]
+    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_accuracy=flat), IMAGES)["dial"]["@2"]
     assert not checks["accuracy_same_direction"] and not checks["met"]
     assert checks["beside_the_goal"]["largest_accuracy_gap"] == pytest.approx(0.30)
 
 
 def test_closeness_to_the_teachers_accuracy_is_reported_beside_the_goal_not_in_it():
     lower = dict(zip(guidance.DIAL, (0.51, 0.78, 0.91, 0.95)))  # rises with w, 16 points under at w 1.5
-    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_accuracy=lower))
+    checks = guidance.goals(negative_rows(0.002, 0.06) + dial_rows(student_accuracy=lower), IMAGES)
     assert checks["met"] and checks["dial"]["@4"]["met"]
     beside = checks["dial"]["@4"]["beside_the_goal"]
     assert not beside["accuracy_within_10_points"] and beside["largest_accuracy_gap"] == pytest.approx(0.16)
