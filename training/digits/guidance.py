@@ -28,7 +28,8 @@ Writes bench/results/guidance/: results.json (rows: method, nfe, w, negative, ne
 negated_share_without, accuracy, frechet_to_teacher; plus settings and goals), results.md, grid.png (the dial at
 4 steps), negatives.png.
 
-    python -P -m training.digits.guidance [--per-digit N] [--negative-images N] [--total-steps N]
+    python -P -m training.digits.guidance [--per-digit N] [--negative-images N] [--total-steps N] [--seed N]
+                                          [--goals-only] (bench-guidance-seeds: training/digits/guidance_seeds.py)
 """
 
 from __future__ import annotations
@@ -128,17 +129,19 @@ def unconditional_mix(predicted: dict[str, torch.Tensor], teacher: str) -> dict:
             for name, share in shares.items()}
 
 
-def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
+              renoise_ablation: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
     """The guidance dial: every digit's canonical prompt at each w; distances to the teacher's images at that w.
-    Returns (rows, the re-noise ablation's rows: each student with the other re-noise rule, the DMD ablation's rows:
-    the students["dmd_ablation"] student's, when there is one)."""
+    Returns (rows, the re-noise ablation's rows: each student with the other re-noise rule, when `renoise_ablation`,
+    the DMD ablation's rows: the students["dmd_ablation"] student's, when there is one)."""
     digits = torch.arange(10).repeat_interleave(per_digit)
     prompts = [canonical_prompt(int(d)) for d in digits]
     noise = _noise(pipe, len(prompts), seed)
     cond, empty = encode_prompts(pipe, prompts), encode_prompts(pipe, [""] * len(prompts))
     baseline = {(nfe, renoise): student_generate(students["baseline"], pipe, cond, noise, nfe, SAMPLING_SEED,
                                                  renoise=renoise)
-                for nfe in STUDENT_NFES for renoise in (None, OTHER_RENOISE["baseline"])}
+                for nfe in STUDENT_NFES
+                for renoise in (None, OTHER_RENOISE["baseline"]) if renoise is None or renoise_ablation}
     rows, ablation, dmd = [], [], []
     for w in DIAL:
         teacher = teacher_generate(pipe, prompts, noise, TEACHER_STEPS, w)
@@ -151,6 +154,8 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int) -> tup
                 images = student_generate(students["dmd_ablation"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
                 dmd.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher))
                            | {"dmd_scale": DMD_ABLATION_SCALE})
+            if not renoise_ablation:
+                continue
             other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
                                                  renoise=OTHER_RENOISE["student"]),
                      "baseline": baseline[(nfe, OTHER_RENOISE["baseline"])]}
@@ -280,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--negative-images", type=int, default=NEGATIVE_IMAGES, help="negative prompt: images per row")
     add_total_steps_flag(parser, base.total_steps, "distillation iterations of each student")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the students' training draws and the initial noise")
+    parser.add_argument("--goals-only", action="store_true",
+                        help="the goals' rows only: no renoise_ablation, no dmd_ablation student (a seed replicate)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -295,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
                          {"guidance_mode": "cfg",
                           "dmd_weights": tuple(DMD_ABLATION_SCALE * w for w in get_recipe("sd15").dmd_weights)}),
     }
+    if args.goals_only:
+        del settings["dmd_ablation"]
     students, train_s = {}, {}
     for name, (student_settings, config) in settings.items():
         start = time.perf_counter()
@@ -302,20 +311,23 @@ def main(argv: list[str] | None = None) -> dict:
         train_s[name] = time.perf_counter() - start
         print(f"  distilled {name} in {train_s[name]:.0f} s", flush=True)
     rows, unconditional = negative_rows(pipe, evaluator, students, args.negative_images, args.seed)
-    dial, renoise_ablation, dmd_ablation = dial_rows(pipe, evaluator, students, args.per_digit, args.seed)
+    dial, renoise_ablation, dmd_ablation = dial_rows(pipe, evaluator, students, args.per_digit, args.seed,
+                                                         renoise_ablation=not args.goals_only)
     rows += dial
     args.out.mkdir(parents=True, exist_ok=True)
-    write_grids(args.out, rows, args.per_digit)
+    if not args.goals_only:
+        write_grids(args.out, rows, args.per_digit)
     checks = goals(rows, args.negative_images)
     table = markdown(rows)
     plain = [{k: v for k, v in r.items() if k != "images"} for r in rows]
     write_json_atomic(args.out / "results.json", plain)
     write_json_atomic(args.out / "summary.json", {
         "command": "python -P -m training.digits.guidance", "per_digit": args.per_digit,
-        "negative_images": args.negative_images, "teacher_steps": TEACHER_STEPS, "negative_w": NEGATIVE_W,
+        "negative_images": args.negative_images, "seed": args.seed, "goals_only": args.goals_only,
+        "teacher_steps": TEACHER_STEPS, "negative_w": NEGATIVE_W,
         "students": {name: {**asdict(s), **config} for name, (s, config) in settings.items()},
         "train_s": train_s, "goals": checks, "unconditional": unconditional, "renoise_ablation": renoise_ablation,
-        "dmd_ablation": {"rows": dmd_ablation, "checks": dial_checks(dial, dmd_ablation)},
+        "dmd_ablation": {"rows": dmd_ablation, "checks": dial_checks(dial, dmd_ablation)} if dmd_ablation else None,
         "total_s": time.perf_counter() - started})
     write_text_atomic(args.out / "results.md", table + "\n")
     print(table)
