@@ -1,8 +1,8 @@
 """The goals of `make bench-guidance` (training/digits/guidance.py) on made-up rows: the negative prompt's effect as
 the drop in points of the negated digit's share against the teacher's, with its standard error (the fraction of each
 method's own images of the digit removed beside it), the dial's distances and accuracies (the closeness of the
-accuracy reported beside the goal), the DMD ablation's checks on its own rows, and each method's unconditional mix of
-digits."""
+accuracy reported beside the goal), the DMD ablation's checks on its own rows, each method's unconditional mix of
+digits, and bench-guidance-seeds' table of the goals over training seeds (training/digits/guidance_seeds.py)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def _write_run(folder, seed: int, student_fd: float, rows_negative=(0.002, 0.06)
 def test_the_seed_replicates_report_each_goal_cell_per_seed_and_the_smallest(tmp_path):
     """bench-guidance-seeds: the full run (seed 0) and the replicates under seeds/ read into one table; a replicate
     whose student is farther from the teacher than the baseline shows as a missed cell and a seed not met; the
-negative's own-share fraction stands beside the goals."""
+    negative's own-share fraction stands beside the goals."""
     _write_run(tmp_path, 0, student_fd=10.0)
     _write_run(tmp_path / "seeds" / "seed1", 1, student_fd=16.0)
     _write_run(tmp_path / "seeds" / "seed2", 2, student_fd=25.0)  # the baseline's 20.0 is nearer
