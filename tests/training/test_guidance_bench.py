@@ -112,9 +112,9 @@ def test_the_dmd_ablation_is_checked_on_its_own_rows():
     assert guidance.dial_checks(rows)["@2"]["met"]
 
 
-def _write_run(folder, seed: int, student_fd: float, rows_negative=(0.002, 0.06), per_digit: int = 50) -> None:
+def _write_run(folder, seed: int, student_fd: float, per_digit: int = 50, student_accuracy=None) -> None:
     """One bench-guidance run's summary.json and results.json, as guidance.main writes them, from made-up rows."""
-    rows = negative_rows(*rows_negative) + dial_rows(student_fd=student_fd)
+    rows = negative_rows(0.002, 0.06) + dial_rows(student_fd=student_fd, student_accuracy=student_accuracy)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "results.json", rows)
     students = {"baseline": {"total_steps": 500, "seed": seed}, "student": {"total_steps": 500, "seed": seed}}
@@ -129,7 +129,8 @@ def test_the_seed_replicates_report_each_goal_cell_per_seed_and_the_smallest(tmp
     negative's own-share fraction stands beside the goals."""
     _write_run(tmp_path, 0, student_fd=10.0)
     _write_run(tmp_path / "seeds" / "seed1", 1, student_fd=16.0)
-    _write_run(tmp_path / "seeds" / "seed2", 2, student_fd=25.0)  # the baseline's 20.0 is nearer
+    _write_run(tmp_path / "seeds" / "seed2", 2, student_fd=25.0,  # the baseline's 20.0 is nearer
+               student_accuracy=dict(zip(guidance.DIAL, (0.97, 0.9, 0.8, 0.7))))  # falls as the teacher's rises
     result = guidance_seeds.aggregate(tmp_path)
     assert result["seeds"] == [0, 1, 2] and result["met_per_seed"] == {"0": True, "1": True, "2": False}
     cell = result["cells"]["dial @2 w 3"]
@@ -140,6 +141,7 @@ def test_the_seed_replicates_report_each_goal_cell_per_seed_and_the_smallest(tmp
     assert beside["met_in"] is None and beside["smallest"] == pytest.approx((0.058 / 0.06) / (0.064 / 0.066))
     table = (tmp_path / "seeds.md").read_text()
     assert "| dial @2 w 3 | 2.00 | 1.25 | 0.80 (missed) | 2 of 3 |" in table
+    assert "| dial @4 accuracy direction | +0.300 | +0.300 | -0.270 (missed) | 2 of 3 |" in table
     assert json.loads((tmp_path / "seeds.json").read_text()) == result
 
 

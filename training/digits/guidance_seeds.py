@@ -123,7 +123,7 @@ def markdown(result: dict) -> str:
              "|---|" + "---:|" * (len(seeds) + 1)]
     for name, cell in result["cells"].items():
         values = [cell["values"][s] for s in seeds]
-        shown = [f"{v['value']:+.3f}" if "direction" in name else f"{v['value']:.2f}"
+        shown = [(f"{v['value']:+.3f}" if "direction" in name else f"{v['value']:.2f}")
                  + (f" ± {v['standard_error']:.2f}" if v.get("standard_error") is not None else "")
                  + ("" if v["met"] in (True, None) else " (missed)") for v in values]
         met_in = "beside the goal" if cell["met_in"] is None else f"{cell['met_in']} of {len(seeds)}"
