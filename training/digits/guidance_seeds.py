@@ -72,14 +72,16 @@ def goal_cells(summary: dict, rows: list[dict]) -> dict[str, dict]:
             "value": beside["student_removed_fraction"] / beside["teacher_removed_fraction"], "met": None}
     for nfe in guidance.STUDENT_NFES:
         of = {(r["method"], r["w"]): r for r in rows if not r["negative"] and r["nfe"] == nfe}
+        checked = summary["goals"]["dial"][f"@{nfe}"]  # guidance.dial_checks: the goal's comparisons
         for w in guidance.DIAL:
             student, baseline = of[("student", w)]["frechet_to_teacher"], of[("baseline", w)]["frechet_to_teacher"]
-            # the dial's goal: the student nearer the teacher than the baseline, i.e. this ratio above 1
+            # the dial's goal (student nearer the teacher than the baseline) as a ratio: above 1 where met
             cells[f"dial @{nfe} w {w:g}"] = {"value": baseline / student, "student_frechet": student,
-                                            "baseline_frechet": baseline, "met": student < baseline}
+                                            "baseline_frechet": baseline,
+                                            "met": checked["nearer_than_baseline"][str(w)]}
         cells[f"dial @{nfe} accuracy direction"] = {
             "value": of[("student", max(guidance.DIAL))]["accuracy"] - of[("student", min(guidance.DIAL))]["accuracy"],
-            "met": summary["goals"]["dial"][f"@{nfe}"]["accuracy_same_direction"]}
+            "met": checked["accuracy_same_direction"]}
     return cells
 
 
