@@ -6,7 +6,7 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
                   lora_alpha=None, lora_targets=None, lr=None, guidance_range=None, teacher_grid_steps=None,
                   distill_weights=None, adversarial_weights=None, dmd_weights=None, distill_loss="l2",
                   grad_checkpointing=False, mixed_precision="no", alternate_updates=False,
-                  guidance_mode="baked")                                 # or "cfg" (below)
+                  guidance_mode="baked", ema_decay=0.0)                  # or "cfg" (below); EMA (below)
                                                                          # None = the recipe's number
         .recipe() -> Recipe                                              # recipe with overrides applied
     Batch(latents, cond, uncond)                                         # uncond may have batch size 1
@@ -34,7 +34,8 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
         .student_sample(noise, cond, num_steps=4, generator=None, negative=None, guidance=None, renoise=None)
                                                       # LoRA merged; CFG with negative; sampling.renoise_rule
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
-        .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA
+        .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA (the EMA's if on)
+        .averaged_lora()                                                # context: the EMA weights in the LoRA
 
 Around it: flash_core.recipes (Recipe, RECIPES, get_recipe), flash_core.denoiser (Conditioning, Denoiser ABC
 with predict / encoder_features / add_lora / lora_parameters / set_lora_enabled / teacher() / lora_state_dict,
@@ -62,6 +63,12 @@ the discriminator's condition (the positive) use the same pair, and its real sam
 student's CFG error grows with w, so its distillation error is measured in units of w (l2: divided by w^2, every w
 weighs alike; on the digits model the student without it followed the teacher at large w only).
 
+EMA (DistillConfig.ema_decay > 0): after every student update, ema <- d_k * ema + (1 - d_k) * lora, with
+d_k = min(ema_decay, (1 + k) / (10 + k)) at iteration k (diffusers EMAModel's warm-up: the first updates are not
+tied to the initial LoRA). Training runs on the LoRA; everything that samples or exports the student (student_sample,
+so the previews; lora_state_dict, so every export and the node's MODEL) uses the average. On the digits model the
+average made the "cfg" student's dial markedly nearer the teacher's (docs/architecture.md).
+
 Randomness is counter-based (flash_core.draws); the teacher's grid and solve are flash_core.teacher_solve.
 
 Mixed precision ("bf16", as accelerate / Lightning "bf16-mixed"): frozen weights may be bf16, the forward
@@ -79,8 +86,9 @@ Everything trainable is reachable: `student_params`, `discriminator`, `student_o
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +109,8 @@ from flash_core.draws import (  # noqa: F401  (re-exported: the trainer's public
     TargetInputs,
     guidance_pair,
     phase_mixture_probs,
-    sample_guidance,
     sample_grid_index,
+    sample_guidance,
     step_generator,
     stream_seed,
     student_input,
@@ -167,6 +175,9 @@ class FlashDistiller:
         denoiser.lora_module.to(self.device)
         denoiser.set_gradient_checkpointing(config.grad_checkpointing)
         self.student_params: list[nn.Parameter] = denoiser.lora_parameters()
+        # The EMA of the LoRA (float32, on the LoRA's device; None: ema_decay 0), starting from its initial weights.
+        self.ema_lora: dict[str, Tensor] | None = None if config.ema_decay == 0 else {
+            name: p.detach().clone() for name, p in denoiser.named_lora_parameters()}
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)  # reproducible discriminator head init
@@ -401,11 +412,40 @@ class FlashDistiller:
         if self.reduce_gradients is not None:
             self.reduce_gradients(self.student_params)
         self.student_optimizer.step()
+        self._update_ema()
         self.student_optimizer.zero_grad(set_to_none=True)
         self.discriminator.zero_grad(set_to_none=True)  # the generator pass also reached the head
         timings["student_s"] += self._sync() - start
         self._student_logs = logs
         return x, fake_features, x0_teacher.float()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- d * ema + (1 - d) * lora, d = min(ema_decay, (1 + k) / (10 + k)) (diffusers EMAModel's warm-up)."""
+        if self.ema_lora is None:
+            return
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        for name, param in self.denoiser.named_lora_parameters():
+            self.ema_lora[name].lerp_(param.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def averaged_lora(self) -> Iterator[FlashDistiller]:
+        """The LoRA holds its EMA for the duration (no grad; the trained weights restored exactly on exit);
+        without EMA (ema_decay 0) the LoRA as trained."""
+        if self.ema_lora is None:
+            yield self
+            return
+        params = dict(self.denoiser.named_lora_parameters())
+        trained = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(self.ema_lora[name])
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(trained[name])
 
     def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning,
                                    student_guidance: float | Tensor | None = None) -> Tensor:
@@ -465,7 +505,7 @@ class FlashDistiller:
         `negative`, each step is the CFG w*s(x, cond) + (1-w)*s(x, negative) at w = `guidance` (two calls).
         renoise: "fresh" or "deterministic"; None = the rule of the student's guidance mode (sampling.renoise_rule).
 
-        The LoRA is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
+        The LoRA (its EMA when ema_decay > 0) is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
         the weights restored exactly afterwards.
         """
         den = self.denoiser
@@ -480,7 +520,7 @@ class FlashDistiller:
 
         noise = noise.to(self.device, torch.float32)
         renoise = renoise or sampling.renoise_rule(self.config.guidance_mode)
-        with den.merged_lora():
+        with self.averaged_lora(), den.merged_lora():
             if den.is_flow:
                 return sampling.sample_flow(model_fn, noise, flow_sigmas(num_steps), generator, renoise=renoise)
             return sampling.sample_discrete(model_fn, noise, trailing_timesteps(num_steps), den.alphas_cumprod,
@@ -488,8 +528,9 @@ class FlashDistiller:
 
     # ---- checkpointing ----
     def lora_state_dict(self) -> dict[str, Tensor]:
-        """peft-named LoRA tensors of the student (`<module>.lora_A.weight`, ...)."""
-        return self.denoiser.lora_state_dict()
+        """peft-named LoRA tensors of the student (`<module>.lora_A.weight`, ...): its EMA when ema_decay > 0."""
+        with self.averaged_lora():
+            return self.denoiser.lora_state_dict()
 
     def state_dict(self) -> dict:
         """Everything for an exact resume (flash_core.trainer_state.trainer_state)."""

@@ -41,6 +41,7 @@ class DistillConfig:
     mixed_precision: str = "no"
     alternate_updates: bool = False
     guidance_mode: str = "baked"  # GUIDANCE_MODES
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.distill_loss == "lpips":
@@ -55,6 +56,8 @@ class DistillConfig:
             raise ValueError(
                 "guidance_mode 'cfg' trains the discriminator on the teacher's guided target, which only a student "
                 "iteration computes: set alternate_updates to false (the default) for guidance_mode 'cfg'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be 0 (off) or between 0 and 1 (e.g. 0.99), got {self.ema_decay!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         self.recipe()  # the overrides make a valid recipe (per-phase weights, K a multiple of the 4-step grid)

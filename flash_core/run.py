@@ -56,6 +56,8 @@ from flash_core.target_cache import TargetCacheError, cache_manifest
 TIMING_KEYS = ("teacher_s", "student_s", "discriminator_s", "dmd_s", "step_s")
 # Run settings that may change on resume: how the run is computed, not what it trains.
 FREE_SETTINGS = ("mixed_precision", "grad_checkpointing")
+# Settings newer than some checkpoints: a checkpoint without one was made with this value (what its run did).
+ADDED_SETTINGS = {"ema_decay": 0.0}
 
 
 class NonFiniteError(RuntimeError):
@@ -255,7 +257,7 @@ class Run:
         return differences
 
     def differences(self, state: Mapping[str, Any]) -> list[str]:
-        saved, now = state.get("settings", {}), self.settings
+        saved, now = {**ADDED_SETTINGS, **state.get("settings", {})}, self.settings
         diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}"
                  for key in sorted(set(saved) | set(now)) if key not in FREE_SETTINGS and saved.get(key) != now.get(key)]
         for key, label in (("teacher", "teacher weights (fingerprint of every tensor)"), ("data", "training data")):

@@ -1,4 +1,4 @@
-"""The exact-resume state of a FlashDistiller (its state_dict / load_state_dict): LoRA and discriminator weights,
+"""The exact-resume state of a FlashDistiller (its state_dict / load_state_dict): LoRA (and its EMA) and discriminator weights,
 both optimisers, the RNG states, the latest losses and the step. weights_only-loadable; the training draws are
 counter-based (flash_core.draws), so the step is all a resume needs of them. The settings are not here:
 flash_core.run stores them beside this state and compares them on resume (Run.differences), their one home.
@@ -28,6 +28,8 @@ def trainer_state(distiller) -> dict:
         "student_logs": dict(distiller._student_logs),
         "discriminator_logs": dict(distiller._discriminator_logs),
     }
+    if distiller.ema_lora is not None:
+        state["ema_lora"] = {n: t.detach().cpu().clone() for n, t in distiller.ema_lora.items()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,6 +44,11 @@ def load_trainer_state(distiller, state: dict) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state["lora"][name])
+    if distiller.ema_lora is not None:  # a checkpoint of ema_decay 0 (a resume that allows changes): EMA starts here
+        averages = state.get("ema_lora") or state["lora"]
+        with torch.no_grad():
+            for name, average in distiller.ema_lora.items():
+                average.copy_(averages[name])
     unwrap(distiller.discriminator).load_state_dict(state["discriminator"])
     distiller.student_optimizer.load_state_dict(state["student_optimizer"])
     distiller.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])

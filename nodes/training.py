@@ -265,6 +265,10 @@ class FlashDistillTrain(io.ComfyNode):
                                "any negative prompt at sampling (its own CFG matched to the teacher's over "
                                "guidance_min-max; two model calls per step). Recorded in the LoRA; Flash Sampler "
                                "follows it."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, optional=True,
+                               tooltip="0 = off. Otherwise the LoRA written (and previewed) is a moving average of the "
+                               "trained one over about 1 / (1 - ema_decay) steps: 0.99 = the last ~100. Steadier "
+                               "students; with guidance_mode cfg, a dial nearer the teacher's (docs/architecture.md)."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="Teacher + trained LoRA: sample it with Flash Sampler."),
@@ -284,7 +288,7 @@ class FlashDistillTrain(io.ComfyNode):
     def execute(cls, model, latents, positive, negative, lora_name, steps, nfe, rank, learning_rate, guidance_min,
                 guidance_max, teacher_steps, distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
                 resume, overwrite, preview_every, gradient_checkpointing, mixed_precision, vae=None,
-                target_cache="", guidance_mode="baked") -> io.NodeOutput:
+                target_cache="", guidance_mode="baked", ema_decay=0.0) -> io.NodeOutput:
         one = lambda v: v[0] if isinstance(v, list) else v
         model, vae = one(model), one(vae)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -299,6 +303,7 @@ class FlashDistillTrain(io.ComfyNode):
             resume=bool(one(resume)), overwrite=bool(one(overwrite)), preview_every=int(one(preview_every)),
             gradient_checkpointing=bool(one(gradient_checkpointing)), mixed_precision=one(mixed_precision),
             target_cache=one(target_cache) or "", guidance_mode=one(guidance_mode) or "baked",
+            ema_decay=float(one(ema_decay) or 0.0),
         )
         with torch.inference_mode(False), torch.enable_grad():
             student, lora, loss_map, grid = train(model, latents, positive, negative, vae=vae, node_id=node_id,
@@ -310,7 +315,8 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
           learning_rate: float, guidance_min: float, guidance_max: float, teacher_grid_steps: int, distill_weights: str,
           adversarial_weights: str, dmd_weights: str, seed: int, batch_size: int, resume: bool, overwrite: bool,
           preview_every: int, gradient_checkpointing: bool, mixed_precision: str, vae=None, node_id=None,
-          target_cache: str = "", trained_for: dict | None = None, guidance_mode: str = "baked"):
+          target_cache: str = "", trained_for: dict | None = None, guidance_mode: str = "baked",
+          ema_decay: float = 0.0):
     """The whole node run (in ComfyUI's grad mode). Returns (student MODEL, LORA_MODEL, LOSS_MAP, IMAGE).
     `trained_for` (nodes.stack.describe_stack of the MODEL input) goes into the LoRA's metadata."""
     # ---- validate everything before any work -------------------------------------------------------
@@ -322,7 +328,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
     device = comfy.model_management.get_torch_device()
     config = distill_config(backbone, total_steps, rank, learning_rate, guidance_min, guidance_max, teacher_grid_steps,
                             distill_weights, adversarial_weights, dmd_weights, seed, batch_size,
-                            gradient_checkpointing, mixed_precision, device, guidance_mode)
+                            gradient_checkpointing, mixed_precision, device, guidance_mode, ema_decay)
     data = gather_latents(latents)
     count = data.shape[0]
     latent_channels = model.model.latent_format.latent_channels

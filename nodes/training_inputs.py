@@ -87,7 +87,8 @@ def parse_phase_weights(text: str, name: str, num_phases: int) -> tuple[float, .
 def distill_config(backbone: str, total_steps: int, rank: int, learning_rate: float, guidance_min: float,
                    guidance_max: float, teacher_grid_steps: int, distill_weights: str, adversarial_weights: str,
                    dmd_weights: str, seed: int, batch_size: int, gradient_checkpointing: bool,
-                   mixed_precision: str, device: torch.device, guidance_mode: str = "baked") -> DistillConfig:
+                   mixed_precision: str, device: torch.device, guidance_mode: str = "baked",
+                   ema_decay: float = 0.0) -> DistillConfig:
     """The node's inputs as a flash_core DistillConfig (0 / '' = the backbone's published recipe)."""
     recipe = get_recipe(backbone)
     if guidance_max < guidance_min:
@@ -103,7 +104,7 @@ def distill_config(backbone: str, total_steps: int, rank: int, learning_rate: fl
     try:  # flash_core checks the settings (K a multiple of the student grid, ...), as for flash-distill's config
         return DistillConfig(
             backbone=backbone, total_steps=total_steps, seed=seed, grad_checkpointing=gradient_checkpointing,
-            guidance_mode=guidance_mode,
+            guidance_mode=guidance_mode, ema_decay=ema_decay,
             mixed_precision="bf16" if mixed_precision == "bf16" and device.type == "cuda" else "no", **overrides,
         )
     except ValueError as err:

@@ -205,6 +205,7 @@ def lora_metadata(distiller, settings: Mapping[str, Any], history: Sequence[Mapp
         "flash.guidance_mode": mode,
         "flash.trained_for": json.dumps(dict(trained_for)) if trained_for else "",
         "flash.teacher_grid_steps": str(recipe.teacher_grid_steps),
+        "flash.ema_decay": f"{getattr(distiller.config, 'ema_decay', 0.0):g}",  # 0: the LoRA as trained, else its EMA
         "flash.guidance_range": json.dumps(list(recipe.guidance_range)),
         "flash.loss_weights": json.dumps({"distill": list(recipe.distill_weights), "adversarial": list(recipe.adversarial_weights),
                                           "dmd": list(recipe.dmd_weights)}),

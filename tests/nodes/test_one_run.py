@@ -63,6 +63,9 @@ def make_dataset(folder: Path) -> Path:
     return folder
 
 
+EMA_DECAY = {"baked": 0.0, "cfg": 0.9}  # the cfg run also exports the LoRA's moving average (DistillConfig.ema_decay)
+
+
 @pytest.fixture(scope="module", params=["baked", "cfg"])
 def cli_run(tmp_path_factory, request):
     """flash-distill on the tiny model (in-process), in one guidance mode: its output folder, cache folder, teacher
@@ -76,7 +79,8 @@ def cli_run(tmp_path_factory, request):
         rank=SETTINGS["rank"], seed=SETTINGS["seed"], checkpoint_every=0, sample_every=0,
         log_every=1, export=["comfyui"], export_name="cli",
         distill={"teacher_grid_steps": SETTINGS["teacher_grid_steps"], "guidance_range": list(SETTINGS["guidance"]),
-                 **({"guidance_mode": request.param} if request.param != "baked" else {})},
+                 **({"guidance_mode": request.param, "ema_decay": EMA_DECAY[request.param]}
+                    if request.param != "baked" else {})},
     )
     config.pop("alpha")  # tiny_sd15.yaml's explicit alpha: here the rank -> alpha rule must make node and CLI agree
     config["data"].update(path=str(make_dataset(root / "data")), cache_dir=str(root / "cache"), resolution=IMAGE)
@@ -119,7 +123,7 @@ def node_run(cli_run, tmp_path, monkeypatch, request):
             teacher_grid_steps=SETTINGS["teacher_grid_steps"], distill_weights="", adversarial_weights="", dmd_weights="",
             seed=SETTINGS["seed"], batch_size=SETTINGS["batch_size"], resume=False, overwrite=True, preview_every=0,
             gradient_checkpointing=False, mixed_precision="fp32", target_cache="students" if cached else "",
-            guidance_mode=guidance_mode,
+            guidance_mode=guidance_mode, ema_decay=EMA_DECAY[guidance_mode],
         )
     cache = tmp_path / "output" / training.TARGET_CACHE_SUBFOLDER / "students"
     assert (cache / "manifest.json").is_file() == cached and len(list(cache.glob("targets-*.safetensors"))) == cached
@@ -158,7 +162,9 @@ def test_node_and_cli_give_the_same_loss_log_and_lora(cli_run, node_run):
     assert schema == {k for k in node_meta if k.startswith(("ss_", "flash."))}  # one metadata schema
     assert node_meta["flash.alpha"] == "4" and node_meta["flash.rank"] == "4"  # SD1.5's scale 1.0 at rank 4
     for key in ("flash.rank", "flash.alpha", "flash.trained_steps", "flash.recommended_steps", "flash.student_steps",
-                "flash.timesteps", "flash.dtype", "ss_network_dim", "flash.guidance_mode", "flash.recommended_cfg"):
+                "flash.timesteps", "flash.dtype", "ss_network_dim", "flash.guidance_mode", "flash.recommended_cfg",
+                "flash.ema_decay"):
         assert node_meta[key] == cli_meta[key], key
     assert node_meta["flash.guidance_mode"] == cli_run[3]  # the one setting reached both front ends
+    assert node_meta["flash.ema_decay"] == f"{EMA_DECAY[cli_run[3]]:g}"  # and the EMA's
     assert node_meta["flash.recommended_cfg"] == ("3" if cli_run[3] == "cfg" else "1")  # the middle of 2-4

@@ -103,7 +103,7 @@ def test_closeness_to_the_teachers_accuracy_is_reported_beside_the_goal_not_in_i
     assert not beside["accuracy_within_10_points"] and beside["largest_accuracy_gap"] == pytest.approx(0.16)
 
 
-def test_the_dmd_ablation_is_checked_on_its_own_rows():
+def test_the_ema_ablation_is_checked_on_its_own_rows():
     rows = dial_rows()
     other = [{**r, "frechet_to_teacher": 30.0} for r in rows if r["method"] == "student" and r["nfe"] == 2]
     other += [r for r in rows if r["method"] == "student" and r["nfe"] == 4]
