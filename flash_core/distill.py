@@ -505,8 +505,8 @@ class FlashDistiller:
         `negative`, each step is the CFG w*s(x, cond) + (1-w)*s(x, negative) at w = `guidance` (two calls).
         renoise: "fresh" or "deterministic"; None = the rule of the student's guidance mode (sampling.renoise_rule).
 
-        The LoRA (its EMA when ema_decay > 0) is merged into the weights for the duration (Denoiser.merged_lora): no per-call adapter cost,
-        the weights restored exactly afterwards.
+        The LoRA (its EMA when ema_decay > 0) is merged into the weights for the duration (Denoiser.merged_lora): no
+        per-call adapter cost, the weights restored exactly afterwards.
         """
         den = self.denoiser
         cond = cond.to(self.device)

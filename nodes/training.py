@@ -267,8 +267,9 @@ class FlashDistillTrain(io.ComfyNode):
                                "follows it."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, optional=True,
                                tooltip="0 = off. Otherwise the LoRA written (and previewed) is a moving average of the "
-                               "trained one over about 1 / (1 - ema_decay) steps: 0.99 = the last ~100. Steadier "
-                               "students; with guidance_mode cfg, a dial nearer the teacher's (docs/architecture.md)."),
+                               "trained one over about 1 / (1 - ema_decay) steps: 0.99 = the last ~100. Measured "
+                               "with guidance_mode cfg on the digits model: a dial nearer the teacher's, but a mix of "
+                               "images without a prompt farther from it (README, make bench-guidance-ema)."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="Teacher + trained LoRA: sample it with Flash Sampler."),

@@ -114,7 +114,6 @@ def test_guidance_workflow_trains_a_cfg_student_that_samples_at_its_cfg_with_the
     with safe_open(str(lora_file(models_root, "e2e_guidance")), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["flash.guidance_mode"] == "cfg" and metadata["flash.recommended_cfg"] == "8"
-    assert metadata["flash.ema_decay"] == "0.99"  # the workflow's moving average of the LoRA (the bench's)
     images = {p.parent.name + "/" + p.name.split("_")[0]: np.asarray(Image.open(p)) for p in server.output_images(entry)}
     recommended, dial, by_hand = images["e2e_guidance/12"], images["e2e_guidance/15"], images["e2e_guidance/22"]
     assert np.array_equal(recommended, by_hand)  # cfg 0 took the LoRA's cfg 8

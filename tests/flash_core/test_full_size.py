@@ -43,13 +43,14 @@ def sd15_unet_bf16() -> torch.nn.Module:
 
 @pytest.mark.parametrize("guidance_mode", ["baked", "cfg"])
 def test_full_size_sd15_bf16_mixed_precision_step(guidance_mode):
-    """Both guidance modes: "cfg" runs the student's own CFG (a batch of 2 through the LoRA with gradients)."""
+    """Both guidance modes: "cfg" runs the student's own CFG (a batch of 2 through the LoRA with gradients), here with
+    the moving average of the LoRA (ema_decay 0.99, `make bench-guidance-ema`'s): a float32 copy of the full LoRA."""
     started = time.perf_counter()
     unet = sd15_unet_bf16()
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's UNet
     denoiser = UNetDenoiser(unet)
     config = DistillConfig(backbone="sd15", total_steps=8, teacher_grid_steps=4, batch_size=1, mixed_precision="bf16",
-                           guidance_mode=guidance_mode)
+                           guidance_mode=guidance_mode, ema_decay=0.99 if guidance_mode == "cfg" else 0.0)
     distiller = FlashDistiller(denoiser, config)  # the recipe's rank 128, alpha 128, lr 1e-5
     distiller.sample_grid_index = lambda phase=None, generator=None: 3  # the last of K = 4: one teacher CFG evaluation
 
@@ -75,6 +76,12 @@ def test_full_size_sd15_bf16_mixed_precision_step(guidance_mode):
     assert sum(v.numel() for v in states) == 2 * SD15_LORA_PARAMETERS  # AdamW exp_avg + exp_avg_sq
     assert all(v.dtype == torch.float32 for v in states)
     assert all(p.dtype == torch.float32 for p in lora.values())  # still float32 after the update
+    if guidance_mode == "cfg":  # the average: float32 beside the LoRA, after update 0 at the warm-up's d = 1/10
+        ema = distiller.ema_lora
+        assert sum(v.numel() for v in ema.values()) == SD15_LORA_PARAMETERS
+        assert all(v.dtype == torch.float32 for v in ema.values())
+        for name, before in lora_b.items():
+            torch.testing.assert_close(ema[name], 0.1 * before + 0.9 * lora[name].detach())
 
     logs = distiller.train_step(batch)  # iteration 1: the discriminator head on the real mid block
     assert logs["discriminator_update"] == 1.0 and torch.isfinite(torch.tensor(logs["loss_discriminator"]))

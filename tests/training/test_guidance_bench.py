@@ -103,7 +103,7 @@ def test_closeness_to_the_teachers_accuracy_is_reported_beside_the_goal_not_in_i
     assert not beside["accuracy_within_10_points"] and beside["largest_accuracy_gap"] == pytest.approx(0.16)
 
 
-def test_the_ema_ablation_is_checked_on_its_own_rows():
+def test_the_dmd_ablation_is_checked_on_its_own_rows():
     rows = dial_rows()
     other = [{**r, "frechet_to_teacher": 30.0} for r in rows if r["method"] == "student" and r["nfe"] == 2]
     other += [r for r in rows if r["method"] == "student" and r["nfe"] == 4]
@@ -150,3 +150,14 @@ def test_seed_replicates_run_with_other_settings_are_refused_naming_the_file(tmp
     _write_run(tmp_path / "seeds" / "seed1", 1, student_fd=10.0, per_digit=20)
     with pytest.raises(SystemExit, match=r"seed1/summary.json \(seed 1\) was run with other settings \(per_digit\)"):
         guidance_seeds.aggregate(tmp_path)
+
+
+def test_the_students_of_a_run_with_and_without_the_lora_average():
+    base = guidance.StudentSettings()
+    plain = guidance.students_of_run(base)
+    assert plain["student"][1] == {"guidance_mode": "cfg"}  # what the committed default run trained
+    assert list(plain) == ["baseline", "student", "dmd_ablation"] and plain["dmd_ablation"][1]["dmd_weights"]
+    averaged = guidance.students_of_run(base, ema_decay=0.99)
+    assert averaged["student"][1] == {"guidance_mode": "cfg", "ema_decay": 0.99}
+    assert averaged["ema_ablation"] == (averaged["student"][0], {"guidance_mode": "cfg"})  # the same, unaveraged
+    assert list(guidance.students_of_run(base, 0.99, goals_only=True)) == ["baseline", "student"]

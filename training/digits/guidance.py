@@ -3,9 +3,8 @@ negative prompt and a guidance dial at few steps, as the teacher does with CFG?
 
 Three methods, the same prompts and initial noise for all (flash_core.distill_config.GUIDANCE_MODES):
   * teacher:  DPM-Solver++ 25 steps with CFG at w (2 UNet calls per step);
-  * student:  a Flash student distilled with guidance_mode "cfg" over w ~ U[1, 8], its LoRA's moving average
-              (ema_decay STUDENT_EMA_DECAY) sampled as FlashSampler samples it: its own CFG at the same w and negative
-              (2 UNet calls per step), deterministic re-noise;
+  * student:  a Flash student distilled with guidance_mode "cfg" over w ~ U[1, 8], sampled as FlashSampler samples
+              it: its own CFG at the same w and negative (2 UNet calls per step), deterministic re-noise;
   * baseline: today's student (guidance_mode "baked", w ~ U[2, 4] baked in), sampled at cfg 1 as FlashSampler
               samples it: the negative prompt and w do nothing (1 UNet call per step), fresh re-noise (LCM).
 Two experiments (classifier: training/digits/evaluator.py):
@@ -20,8 +19,11 @@ Two experiments (classifier: training/digits/evaluator.py):
     beside them, not a goal: whether the accuracy is within 10 points of the teacher's at every w.
     Beside the dial (summary.json, not goals): "renoise_ablation", each student with the other one's re-noise rule
     (flash_core.sampling.RENOISE_OF_GUIDANCE_MODE), to tell the guidance mode's share from the sampler's; and
-    "ema_ablation", the same cfg student without the moving average (ema_decay 0: the trained LoRA, this
-    benchmark's student before the average), its dial rows and the same checks. And "unconditional", each method's
+    "dmd_ablation", a cfg student with the recipe's DMD weights x DMD_ABLATION_SCALE (the change that closed the
+    accuracy gap at small w in exploration), its dial rows and the same checks. With --ema-decay D (> 0) the cfg
+    student exports and samples the moving average of its LoRA (DistillConfig.ema_decay; `make bench-guidance-ema`
+    writes bench/results/guidance/ema/), and the ablation beside it is "ema_ablation" instead: the same student
+    without the average (ema_decay 0), its dial rows and the same checks. And "unconditional", each method's
     samples without a negative (positive and negative ""): the share of every digit and the total variation distance
     to the teacher's, the fidelity a ratio in points also carries.
 
@@ -30,7 +32,8 @@ negated_share_without, accuracy, frechet_to_teacher; plus settings and goals), r
 4 steps), negatives.png.
 
     python -P -m training.digits.guidance [--per-digit N] [--negative-images N] [--total-steps N] [--seed N]
-                                          [--goals-only] (bench-guidance-seeds: training/digits/guidance_seeds.py)
+                                          [--goals-only] [--ema-decay D]
+                                          (bench-guidance-seeds: training/digits/guidance_seeds.py)
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 
 from flash_core.files import write_json_atomic, write_text_atomic
+from flash_core.recipes import get_recipe
 from training.digits.benchmark import (
     DEFAULT_OUT,
     StudentSettings,
@@ -77,7 +81,7 @@ SAMPLING_SEED = 1  # the few-step samplers' re-noising (make bench-quality's)
 OTHER_RENOISE = {"student": "fresh", "baseline": "deterministic"}
 REMOVED_SHARE_GOAL = 0.8
 ACCURACY_TOLERANCE = 0.10  # reported beside the goals: |student - teacher| accuracy at every w
-STUDENT_EMA_DECAY = 0.99  # the cfg student's LoRA average: about its last 100 of 500 updates (DistillConfig.ema_decay)
+DMD_ABLATION_SCALE = 3.0  # the dmd_ablation student: the recipe's DMD weights per phase x 3
 
 
 def calls_per_image(method: str, nfe: int) -> int:
@@ -137,7 +141,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
               renoise_ablation: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
     """The guidance dial: every digit's canonical prompt at each w; distances to the teacher's images at that w.
     Returns (rows, the re-noise ablation's rows: each student with the other re-noise rule, when `renoise_ablation`,
-    the EMA ablation's rows: the students["ema_ablation"] student's, when there is one)."""
+    the ablation student's rows: students["dmd_ablation"] or students["ema_ablation"], when there is one)."""
     digits = torch.arange(10).repeat_interleave(per_digit)
     prompts = [canonical_prompt(int(d)) for d in digits]
     noise = _noise(pipe, len(prompts), seed)
@@ -146,7 +150,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
                                                  renoise=renoise)
                 for nfe in STUDENT_NFES
                 for renoise in (None, OTHER_RENOISE["baseline"]) if renoise is None or renoise_ablation}
-    rows, ablation, ema = [], [], []
+    rows, ablation, dmd = [], [], []  # dmd: the ablation student's rows (dmd_ablation or ema_ablation)
     for w in DIAL:
         teacher = teacher_generate(pipe, prompts, noise, TEACHER_STEPS, w)
         rows.append(_dial_row("teacher", TEACHER_STEPS, w, teacher, evaluator, digits, None))
@@ -154,10 +158,10 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
             student = student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
             rows.append(_dial_row("student", nfe, w, student, evaluator, digits, teacher))
             rows.append(_dial_row("baseline", nfe, w, baseline[(nfe, None)], evaluator, digits, teacher))
-            if "ema_ablation" in students:
-                images = student_generate(students["ema_ablation"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
-                ema.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher))
-                           | {"ema_decay": 0.0})
+            for name, marks in (("dmd_ablation", {"dmd_scale": DMD_ABLATION_SCALE}), ("ema_ablation", {"ema_decay": 0.0})):
+                if name in students:
+                    images = student_generate(students[name], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
+                    dmd.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher)) | marks)
             if not renoise_ablation:
                 continue
             other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
@@ -168,7 +172,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
                                 | {"renoise": OTHER_RENOISE[method]})
         print("  w " + f"{w:g}: " + "  ".join(f"{r['method']}@{r['nfe']} acc {100 * r['accuracy']:.1f} "
                                              f"FD {r['frechet_to_teacher'] or 0:.1f}" for r in rows[-5:]), flush=True)
-    return rows, ablation, ema
+    return rows, ablation, dmd
 
 
 def _dial_row(method, nfe, w, images, evaluator, digits, teacher_images) -> dict:
@@ -282,6 +286,23 @@ def write_grids(out: Path, rows: list[dict], per_digit: int) -> None:
     write_grid(out / "negatives.png", negatives, torch.arange(10).repeat_interleave(2), 2, digit_labels=False)
 
 
+def students_of_run(base: StudentSettings, ema_decay: float = 0.0, goals_only: bool = False) -> dict:
+    """name -> (StudentSettings, more DistillConfig settings) of the students a run trains: the baseline, the cfg
+    student (with its LoRA average when ema_decay > 0) and, unless goals_only, the ablation beside it: without the
+    average when there is one ("ema_ablation"), else with the DMD weights x DMD_ABLATION_SCALE ("dmd_ablation")."""
+    cfg = replace(base, guidance_range=STUDENT_GUIDANCE_RANGE)
+    settings = {"baseline": (base, {}),
+                "student": (cfg, {"guidance_mode": "cfg", **({"ema_decay": ema_decay} if ema_decay else {})})}
+    if goals_only:
+        return settings
+    if ema_decay:
+        settings["ema_ablation"] = (cfg, {"guidance_mode": "cfg"})
+    else:
+        settings["dmd_ablation"] = (cfg, {"guidance_mode": "cfg", "dmd_weights": tuple(
+            DMD_ABLATION_SCALE * w for w in get_recipe("sd15").dmd_weights)})
+    return settings
+
+
 def main(argv: list[str] | None = None) -> dict:
     base = StudentSettings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -291,22 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0, help="the students' training draws and the initial noise")
     parser.add_argument("--goals-only", action="store_true",
-                        help="the goals' rows only: no renoise_ablation, no ema_ablation student (a seed replicate)")
+                        help="the goals' rows only: no renoise_ablation, no ablation student (a seed replicate)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="the cfg student's LoRA average (DistillConfig.ema_decay; 0: none, the default)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     pipe = load_teacher_pipeline(train_teacher(default_teacher_dir()))
     evaluator, (train, _) = load_evaluator(), load_splits()
-    settings = {
-        "baseline": (replace(base, total_steps=args.total_steps, seed=args.seed), {}),
-        "student": (replace(base, total_steps=args.total_steps, seed=args.seed, guidance_range=STUDENT_GUIDANCE_RANGE),
-                    {"guidance_mode": "cfg", "ema_decay": STUDENT_EMA_DECAY}),
-        "ema_ablation": (replace(base, total_steps=args.total_steps, seed=args.seed,
-                                 guidance_range=STUDENT_GUIDANCE_RANGE),
-                         {"guidance_mode": "cfg"}),
-    }
-    if args.goals_only:
-        del settings["ema_ablation"]
+    settings = students_of_run(replace(base, total_steps=args.total_steps, seed=args.seed), args.ema_decay,
+                                args.goals_only)
     students, train_s = {}, {}
     for name, (student_settings, config) in settings.items():
         start = time.perf_counter()
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_s[name] = time.perf_counter() - start
         print(f"  distilled {name} in {train_s[name]:.0f} s", flush=True)
     rows, unconditional = negative_rows(pipe, evaluator, students, args.negative_images, args.seed)
-    dial, renoise_ablation, ema_ablation = dial_rows(pipe, evaluator, students, args.per_digit, args.seed,
+    dial, renoise_ablation, ablation_rows = dial_rows(pipe, evaluator, students, args.per_digit, args.seed,
                                                          renoise_ablation=not args.goals_only)
     rows += dial
     args.out.mkdir(parents=True, exist_ok=True)
@@ -330,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher_steps": TEACHER_STEPS, "negative_w": NEGATIVE_W,
         "students": {name: {**asdict(s), **config} for name, (s, config) in settings.items()},
         "train_s": train_s, "goals": checks, "unconditional": unconditional, "renoise_ablation": renoise_ablation,
-        "ema_ablation": {"rows": ema_ablation, "checks": dial_checks(dial, ema_ablation)} if ema_ablation else None,
+        "ema_ablation" if args.ema_decay else "dmd_ablation":
+            {"rows": ablation_rows, "checks": dial_checks(dial, ablation_rows)} if ablation_rows else None,
         "total_s": time.perf_counter() - started})
     write_text_atomic(args.out / "results.md", table + "\n")
     print(table)

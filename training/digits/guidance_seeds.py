@@ -10,7 +10,10 @@ goal compares (the negative prompt's points ratio, goal >= 0.8; the dial's basel
 smallest value over the seeds; beside the negative's goal, the fraction of the student's own images of the negated digit
 the negative removes over the teacher's fraction (the negative's effect apart from how many of the digit each draws).
 
-    python -P -m training.digits.guidance_seeds [--seeds 1 2] [--aggregate-only]
+    python -P -m training.digits.guidance_seeds [--seeds 1 2] [--aggregate-only] [--ema-decay D --out FOLDER]
+
+--ema-decay D passes on to each replicate (the cfg student's LoRA average); with it, --out names the folder of the
+full run of the same setting (`make bench-guidance-ema`: bench/results/guidance/ema/).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SEEDS = (1, 2)
 SAME_SETTINGS = ("per_digit", "negative_images", "teacher_steps", "negative_w")
 
 
-def run_seeds(seeds: list[int], out: Path) -> dict[int, float]:
+def run_seeds(seeds: list[int], out: Path, ema_decay: float = 0.0) -> dict[int, float]:
     """One goals-only bench per seed, side by side; returns each one's wall seconds. A failed run stops here, naming
     its log."""
     from training.digits.teacher import default_teacher_dir, train_teacher
@@ -47,7 +50,7 @@ def run_seeds(seeds: list[int], out: Path) -> dict[int, float]:
             folder.mkdir(parents=True, exist_ok=True)
             log = logs.enter_context(open(folder / "log.txt", "ab"))  # a log, appended run after run
             command = [sys.executable, "-P", "-m", "training.digits.guidance", "--goals-only", "--seed", str(seed),
-                       "--out", str(folder)]
+                       "--out", str(folder), *(["--ema-decay", str(ema_decay)] if ema_decay else [])]
             running[seed] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                               env=os.environ | {"OMP_NUM_THREADS": str(threads)}), log.name)
         for seed, (process, log_name) in running.items():
@@ -138,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--aggregate-only", action="store_true", help="only read the runs already under --out")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="each replicate's --ema-decay (guidance.py)")
     args = parser.parse_args(argv)
     if not args.aggregate_only:
-        seconds = run_seeds(args.seeds, args.out)
+        seconds = run_seeds(args.seeds, args.out, args.ema_decay)
         print("replicates' wall time:", {seed: round(s) for seed, s in seconds.items()})
     result = aggregate(args.out)
     print(markdown(result))
