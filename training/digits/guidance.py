@@ -150,7 +150,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
                                                  renoise=renoise)
                 for nfe in STUDENT_NFES
                 for renoise in (None, OTHER_RENOISE["baseline"]) if renoise is None or renoise_ablation}
-    rows, ablation, dmd = [], [], []  # dmd: the ablation student's rows (dmd_ablation or ema_ablation)
+    rows, ablation, ablated = [], [], []  # ablated: the ablation student's rows (dmd_ablation or ema_ablation)
     for w in DIAL:
         teacher = teacher_generate(pipe, prompts, noise, TEACHER_STEPS, w)
         rows.append(_dial_row("teacher", TEACHER_STEPS, w, teacher, evaluator, digits, None))
@@ -161,7 +161,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
             for name, marks in (("dmd_ablation", {"dmd_scale": DMD_ABLATION_SCALE}), ("ema_ablation", {"ema_decay": 0.0})):
                 if name in students:
                     images = student_generate(students[name], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
-                    dmd.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher)) | marks)
+                    ablated.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher)) | marks)
             if not renoise_ablation:
                 continue
             other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
@@ -172,7 +172,7 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
                                 | {"renoise": OTHER_RENOISE[method]})
         print("  w " + f"{w:g}: " + "  ".join(f"{r['method']}@{r['nfe']} acc {100 * r['accuracy']:.1f} "
                                              f"FD {r['frechet_to_teacher'] or 0:.1f}" for r in rows[-5:]), flush=True)
-    return rows, ablation, dmd
+    return rows, ablation, ablated
 
 
 def _dial_row(method, nfe, w, images, evaluator, digits, teacher_images) -> dict:
