@@ -2,12 +2,7 @@
 
 Public API (used by training/cli/, training/digits/ and the ComfyUI training node):
 
-    DistillConfig(backbone="sd15", total_steps=10_000, seed=0, batch_size=None, lora_rank=None,
-                  lora_alpha=None, lora_targets=None, lr=None, guidance_range=None, teacher_grid_steps=None,
-                  distill_weights=None, adversarial_weights=None, dmd_weights=None, distill_loss="l2",
-                  grad_checkpointing=False, mixed_precision="no", alternate_updates=False,
-                  guidance_mode="baked", ema_decay=0.0)                  # or "cfg" (below); EMA (below)
-                                                                         # None = the recipe's number
+    DistillConfig(backbone="sd15", total_steps=10_000, ...)             # flash_core.distill_config; None = recipe's
         .recipe() -> Recipe                                              # recipe with overrides applied
     Batch(latents, cond, uncond)                                         # uncond may have batch size 1
     teacher_target(denoiser, z_t, grid_index, cond, uncond, guidance, grid_steps, student_steps=None) -> x0
@@ -35,20 +30,15 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
                                                       # LoRA merged; CFG with negative; sampling.renoise_rule
         .state_dict() -> dict / .load_state_dict(d)                     # exact resume
         .lora_state_dict() -> dict[str, Tensor]                         # peft-named student LoRA (the EMA's if on)
-        .averaged_lora()                                                # context: the EMA weights in the LoRA
+        .averaged_lora()                                  # context: the EMA weights in the LoRA (lora_average)
 
-Around it: flash_core.recipes (Recipe, RECIPES, get_recipe), flash_core.denoiser (Conditioning, Denoiser ABC
-with predict / encoder_features / add_lora / lora_parameters / set_lora_enabled / teacher() / lora_state_dict,
-zero_conditioning, noise_coefficients, add_noise, output_to_x0_eps), flash_core.losses (distillation_loss,
-DiscriminatorHead, discriminator_loss, generator_adversarial_loss, dmd_gradient, dmd_loss) and
-flash_core.backends.diffusers (UNetDenoiser, PixArtDenoiser, SD3Denoiser, make_diffusers_denoiser).
+Around it: flash_core.recipes, flash_core.denoiser (Conditioning, the Denoiser ABC, the noise algebra),
+flash_core.losses, flash_core.lora_average (EMA) and flash_core.backends.diffusers (the Denoisers of diffusers models).
 
 The recipe as implemented: `step` / `total_steps` count iterations = batches. As in the reference, every batch
 runs both optimisers, the student's step and then the discriminator's on the same batch (Lightning counts each as
-a step, hence the paper's "20k steps" = 10k batches = 10k student updates). Measured on the digits benchmark with
-only this changed (500 student updates each), both-every-batch gives a better student than alternating batches
-(Frechet distance 1 / 2 / 4 NFE 83.9 / 82.5 / 106.9 against 101.1 / 88.6 / 109.4; docs/benchmarks.md).
-alternate_updates=True keeps the older order (even iterations update the student, odd ones the head, on different
+a step, hence the paper's "20k steps" = 10k batches = 10k student updates); on the digits benchmark it gives a
+better student than alternating batches (docs/architecture.md). alternate_updates=True keeps the older order (even iterations update the student, odd ones the head, on different
 batches). The four phases split the iterations. Every sample of a batch draws its own adversarial re-noising level (t in {10, 250, 500, 750})
 and its own DMD timestep; the student's grid index and the teacher guidance w are drawn once per batch (w: per
 sample in guidance mode "cfg").
@@ -63,12 +53,6 @@ the discriminator's condition (the positive) use the same pair, and its real sam
 student's CFG error grows with w, so its distillation error is measured in units of w (l2: divided by w^2, every w
 weighs alike; on the digits model the student without it followed the teacher at large w only).
 
-EMA (DistillConfig.ema_decay > 0): after every student update, ema <- d_k * ema + (1 - d_k) * lora, with
-d_k = min(ema_decay, (1 + k) / (10 + k)) at iteration k (diffusers EMAModel's warm-up: the first updates are not
-tied to the initial LoRA). Training runs on the LoRA; everything that samples or exports the student (student_sample,
-so the previews; lora_state_dict, so every export and the node's MODEL) uses the average. On the digits model the
-average made the "cfg" student's dial markedly nearer the teacher's (docs/architecture.md).
-
 Randomness is counter-based (flash_core.draws); the teacher's grid and solve are flash_core.teacher_solve.
 
 Mixed precision ("bf16", as accelerate / Lightning "bf16-mixed"): frozen weights may be bf16, the forward
@@ -80,21 +64,19 @@ noise per process) and `reduce_gradients=` a callable that all-reduces (averages
 parameters — the student runs through the plain network (teacher and student share it), so gradients of
 `student_params` and of the discriminator head are synchronised explicitly, not by a DDP wrapper.
 Optimisers may be wrapped with `accelerator.prepare`. Defaults: single process, `loss.backward()`.
-Everything trainable is reachable: `student_params`, `discriminator`, `student_optimizer`,
-`discriminator_optimizer`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from flash_core import sampling
+from flash_core import lora_average, sampling
 from flash_core.denoiser import (
     Conditioning,
     Denoiser,
@@ -175,9 +157,8 @@ class FlashDistiller:
         denoiser.lora_module.to(self.device)
         denoiser.set_gradient_checkpointing(config.grad_checkpointing)
         self.student_params: list[nn.Parameter] = denoiser.lora_parameters()
-        # The EMA of the LoRA (float32, on the LoRA's device; None: ema_decay 0), starting from its initial weights.
-        self.ema_lora: dict[str, Tensor] | None = None if config.ema_decay == 0 else {
-            name: p.detach().clone() for name, p in denoiser.named_lora_parameters()}
+        # The EMA of the LoRA (flash_core.lora_average; None: ema_decay 0), starting from its initial weights.
+        self.ema_lora: dict[str, Tensor] | None = lora_average.initial_average(denoiser) if config.ema_decay else None
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)  # reproducible discriminator head init
@@ -412,40 +393,17 @@ class FlashDistiller:
         if self.reduce_gradients is not None:
             self.reduce_gradients(self.student_params)
         self.student_optimizer.step()
-        self._update_ema()
+        if self.ema_lora is not None:
+            lora_average.update_average(self.ema_lora, self.denoiser, self.config.ema_decay, self.step)
         self.student_optimizer.zero_grad(set_to_none=True)
         self.discriminator.zero_grad(set_to_none=True)  # the generator pass also reached the head
         timings["student_s"] += self._sync() - start
         self._student_logs = logs
         return x, fake_features, x0_teacher.float()
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        """ema <- d * ema + (1 - d) * lora, d = min(ema_decay, (1 + k) / (10 + k)) (diffusers EMAModel's warm-up)."""
-        if self.ema_lora is None:
-            return
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        for name, param in self.denoiser.named_lora_parameters():
-            self.ema_lora[name].lerp_(param.detach(), 1.0 - decay)
-
-    @contextlib.contextmanager
-    def averaged_lora(self) -> Iterator[FlashDistiller]:
-        """The LoRA holds its EMA for the duration (no grad; the trained weights restored exactly on exit);
-        without EMA (ema_decay 0) the LoRA as trained."""
-        if self.ema_lora is None:
-            yield self
-            return
-        params = dict(self.denoiser.named_lora_parameters())
-        trained = {name: p.detach().clone() for name, p in params.items()}
-        try:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(self.ema_lora[name])
-            yield self
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(trained[name])
+    def averaged_lora(self) -> contextlib.AbstractContextManager:
+        """Context: the LoRA holds its EMA (lora_average.swapped_in); without EMA the LoRA as trained."""
+        return lora_average.swapped_in(self.denoiser, self.ema_lora)
 
     def distribution_matching_loss(self, x: Tensor, cond: Conditioning, uncond: Conditioning,
                                    student_guidance: float | Tensor | None = None) -> Tensor:

@@ -15,6 +15,7 @@ from flash_core.run import RunHooks
 from flash_core.session import TrainingSession
 from tests.flash_core.test_backends import tiny_config, tiny_sd15_unet
 from tests.flash_core.test_run import TEXT_DIM, tiny_dataset
+from tests.flash_core.test_session import StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -85,17 +86,6 @@ def test_without_ema_the_export_is_the_trained_lora():
     trained = dict(session.denoiser.named_lora_parameters())
     for key, value in session.distiller.lora_state_dict().items():
         assert torch.equal(value, trained[_param_name(key, trained)].detach().cpu())
-
-
-class StopAt(RunHooks):
-    def __init__(self, step: int):
-        self.step, self.at = 0, step
-
-    def on_step(self, report) -> None:
-        self.step = report.step
-
-    def should_stop(self) -> bool:
-        return self.step == self.at
 
 
 def test_a_resume_continues_the_average_exactly(tmp_path):
