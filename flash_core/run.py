@@ -125,6 +125,7 @@ class StepReport:
     logs: dict[str, float]  # losses, phase, timings of this step (this process)
     seconds_per_step: float  # mean over this session's steps
     preview: np.ndarray | None = None  # uint8 [H, W, 3] when a preview was due
+    num_phases: int = 1  # the recipe's training phases (logs["phase"] counts from 0)
 
 
 class RunHooks:
@@ -329,7 +330,7 @@ class Run:
             try:  # the step is finished: a Cancel (or any exception) in its preview or its report keeps it
                 due = self.preview is not None and preview_due(done, total, self.preview_every)
                 image = self.preview.image() if due else None  # teacher solve, student samples, decode: any may raise
-                self.hooks.on_step(StepReport(done, total, logs, rate, image))  # log line before the checkpoint
+                self.hooks.on_step(StepReport(done, total, logs, rate, image, distiller.recipe.num_phases))  # before the checkpoint
             except BaseException:
                 if self.num_processes == 1:  # (a collective save cannot run on one process alone)
                     self._checkpoint()  # a cancel: the state after the last finished step

@@ -369,7 +369,7 @@ def train(model, latents, positive, negative, *, lora_name: str, total_steps: in
         clean=[(os.path.dirname(lora_path), False, f"{name}.safetensors")],
         checkpoints=checkpoint_dir, keep_checkpoints=1, checkpoint_every=CHECKPOINT_EVERY,
         preview=preview, preview_every=preview_every,
-        hooks=NodeHooks(Progress(total_steps, node_id), config.recipe().num_phases),
+        hooks=NodeHooks(Progress(total_steps, node_id)),
         settings={"base_model": type(model.model.model_config).__name__},
         fresh_hint=f"Set resume off (or use another lora_name) to start over; '{checkpoint_dir}' holds the old run.",
         rollback_on=(comfy.model_management.InterruptProcessingException,),  # Cancel fires inside ComfyUI's ops

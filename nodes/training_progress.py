@@ -84,12 +84,12 @@ class NodeHooks(RunHooks):
     """flash_core.run's hooks on ComfyUI: progress bar + loss text + preview; Cancel raises from on_step (the run
     then checkpoints the finished step and re-raises)."""
 
-    def __init__(self, progress: Progress, num_phases: int):
-        self.progress, self.num_phases = progress, num_phases
+    def __init__(self, progress: Progress):
+        self.progress = progress
 
     def on_step(self, report: StepReport) -> None:
         logs = report.logs
         text = (f"step {report.step}/{report.total}  loss {logs['loss']:.4f}  distill {logs['loss_distill']:.4f}  "
-                f"phase {int(logs['phase']) + 1}/{self.num_phases}  {report.seconds_per_step:.2f} s/step")
+                f"phase {int(logs['phase']) + 1}/{report.num_phases}  {report.seconds_per_step:.2f} s/step")
         preview = progress_preview(report.preview) if report.preview is not None else None
         self.progress.update(report.step, report.total, text, preview)

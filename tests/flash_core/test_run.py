@@ -67,6 +67,7 @@ class StopAt(run.RunHooks):
 
     def on_step(self, report):
         self.reports.append(report.step)
+        self.num_phases = report.num_phases
 
     def should_stop(self):
         return self.reports[-1] == self.step
@@ -84,6 +85,7 @@ def test_stop_checkpoint_and_resume_reproduce_the_uninterrupted_run(tmp_path):
 
     stopped = make_run(tmp_path / "b", hooks=StopAt(2))
     assert stopped.train() == "stopped" and stopped.distiller.step == 2
+    assert stopped.hooks.num_phases == stopped.distiller.recipe.num_phases == 4  # the report names the recipe's phases
     resumed = make_run(tmp_path / "b")
     assert resumed.resume(resumed.store.latest()) == []
     assert resumed.distiller.step == 2 and len(resumed.history) == 2
