@@ -35,13 +35,13 @@ Public API (used by training/cli/, training/digits/ and the ComfyUI training nod
 Around it: flash_core.recipes, flash_core.denoiser (Conditioning, the Denoiser ABC, the noise algebra),
 flash_core.losses, flash_core.lora_average (EMA) and flash_core.backends.diffusers (the Denoisers of diffusers models).
 
-The recipe as implemented: `step` / `total_steps` count iterations = batches. As in the reference, every batch
-runs both optimisers, the student's step and then the discriminator's on the same batch (Lightning counts each as
-a step, hence the paper's "20k steps" = 10k batches = 10k student updates); on the digits benchmark it gives a
-better student than alternating batches (docs/architecture.md). alternate_updates=True keeps the older order (even iterations update the student, odd ones the head, on different
-batches). The four phases split the iterations. Every sample of a batch draws its own adversarial re-noising level (t in {10, 250, 500, 750})
-and its own DMD timestep; the student's grid index and the teacher guidance w are drawn once per batch (w: per
-sample in guidance mode "cfg").
+The recipe as implemented: `step` / `total_steps` count iterations = batches. As in the reference, every batch runs
+both optimisers, the student's step and then the discriminator's on the same batch (Lightning counts each as a step,
+hence the paper's "20k steps" = 10k batches = 10k student updates); on the digits benchmark it gives a better
+student than alternating batches (docs/architecture.md). alternate_updates=True keeps the older order (even
+iterations update the student, odd ones the head, on different batches). The four phases split the iterations. Every
+sample of a batch draws its own adversarial re-noising level (t in {10, 250, 500, 750}) and its own DMD timestep;
+the student's grid index and the teacher guidance w are drawn once per batch (w: per sample in guidance mode "cfg").
 
 Guidance modes (DistillConfig.guidance_mode). "baked" (the paper's): the student s(x, c) is one model call and
 learns the teacher's CFG output at the batch's w. "cfg" (CFG-aware): the student's output is its own CFG, w*s(x,

@@ -330,7 +330,8 @@ class Run:
             try:  # the step is finished: a Cancel (or any exception) in its preview or its report keeps it
                 due = self.preview is not None and preview_due(done, total, self.preview_every)
                 image = self.preview.image() if due else None  # teacher solve, student samples, decode: any may raise
-                self.hooks.on_step(StepReport(done, total, logs, rate, image, distiller.recipe.num_phases))  # before the checkpoint
+                report = StepReport(done, total, logs, rate, image, distiller.recipe.num_phases)
+                self.hooks.on_step(report)  # log line before the checkpoint
             except BaseException:
                 if self.num_processes == 1:  # (a collective save cannot run on one process alone)
                     self._checkpoint()  # a cancel: the state after the last finished step

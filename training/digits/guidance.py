@@ -82,6 +82,8 @@ OTHER_RENOISE = {"student": "fresh", "baseline": "deterministic"}
 REMOVED_SHARE_GOAL = 0.8
 ACCURACY_TOLERANCE = 0.10  # reported beside the goals: |student - teacher| accuracy at every w
 DMD_ABLATION_SCALE = 3.0  # the dmd_ablation student: the recipe's DMD weights per phase x 3
+# what marks each ablation student's rows in summary.json: the one setting it changes
+ABLATION_MARKS = {"dmd_ablation": {"dmd_scale": DMD_ABLATION_SCALE}, "ema_ablation": {"ema_decay": 0.0}}
 
 
 def calls_per_image(method: str, nfe: int) -> int:
@@ -158,10 +160,11 @@ def dial_rows(pipe, evaluator, students: dict, per_digit: int, seed: int,
             student = student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
             rows.append(_dial_row("student", nfe, w, student, evaluator, digits, teacher))
             rows.append(_dial_row("baseline", nfe, w, baseline[(nfe, None)], evaluator, digits, teacher))
-            for name, marks in (("dmd_ablation", {"dmd_scale": DMD_ABLATION_SCALE}), ("ema_ablation", {"ema_decay": 0.0})):
+            for name, marks in ABLATION_MARKS.items():
                 if name in students:
                     images = student_generate(students[name], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w)
-                    ablated.append(_ablation_row(_dial_row("student", nfe, w, images, evaluator, digits, teacher)) | marks)
+                    row = _dial_row("student", nfe, w, images, evaluator, digits, teacher)
+                    ablated.append(_ablation_row(row) | marks)
             if not renoise_ablation:
                 continue
             other = {"student": student_generate(students["student"], pipe, cond, noise, nfe, SAMPLING_SEED, empty, w,
